@@ -1,0 +1,512 @@
+"""simulate(): the gradient flow dθ/dt = -∇L(θ; data), solved by diffrax under JIT."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Literal
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optimistix as optx
+
+from ._compile import CompileTimer
+from ._errors import SimulationError
+from ._model import LossFn, initial_params, resolve_loss
+from ._solvers import (
+    grad_evals_per_step,
+    initial_grad_evals,
+    is_adaptive,
+    resolve_solver,
+)
+from ._times import check_t_max, check_ts, save_times
+from ._trajectory import Trajectory
+from ._tree import tree_norm
+
+try:
+    __version__ = version("gflow")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0+unknown"
+
+# Saved states are evaluated (loss, gradient, metrics) this many at a time: vmapped
+# within a chunk, scanned across chunks, so memory stays bounded for long saves.
+_SAVE_CHUNK = 32
+
+
+class _Config(eqx.Module):
+    """Everything the compiled solve depends on besides params0, data and ts.
+
+    Python values (solver, flags, counts, functions) are static: changing them
+    recompiles. Tolerances and thresholds are arrays, so sweeping them does not.
+    """
+
+    solver: diffrax.AbstractSolver
+    adaptive: bool = eqx.field(static=True)
+    rtol: jax.Array
+    atol: jax.Array
+    dt0: jax.Array | None
+    max_steps: int = eqx.field(static=True)
+    stop_at_loss: jax.Array | None
+    stop_at_grad_norm: jax.Array | None
+    metrics: tuple[tuple[str, Callable], ...] = eqx.field(static=True)
+    progress: bool = eqx.field(static=True)
+
+
+def simulate(
+    model: Any,
+    data: Any,
+    t_max: float,
+    *,
+    params0: Any = None,
+    key: Any = None,
+    ts: Any = None,
+    n_save: int = 101,
+    spacing: Literal["log", "linear"] = "log",
+    solver: str | diffrax.AbstractSolver = "tsit5",
+    rtol: float = 1e-6,
+    atol: float = 1e-8,
+    dt0: float | None = None,
+    max_steps: int = 100_000,
+    metrics: Mapping[str, Callable[[Any, Any], Any]] | None = None,
+    stop_at_loss: float | None = None,
+    stop_at_grad_norm: float | None = None,
+    throw: bool = True,
+    progress: bool = False,
+) -> Trajectory:
+    """Solve the gradient flow `dθ/dt = -∇θ L(θ; data)` from `t = 0` to `t_max`.
+
+    The whole solve (the adaptive time loop, the interpolation at the save times, and
+    the loss, gradient norm and metrics of every saved state) is one compiled
+    program. `data` is an argument of that program, never a constant inside it:
+    calling again with new data or new initial parameters of the same shapes and
+    dtypes reuses the compiled program (`stats["compiled"]` is then False).
+
+    Precision follows JAX: float32 by default, float64 after
+    `jax.config.update("jax_enable_x64", True)` (and float64 parameters). Relative
+    tolerances below about 1e-7 need float64.
+
+    Args:
+        model: an object with `loss(params, data) -> scalar` (and `init(key) ->
+            params` when `params0` is not given), or a plain function
+            `loss(params, data)` together with `params0`.
+        data: the data, passed to the loss unchanged (any pytree, or None).
+        t_max: the final gradient-flow time (positive). Gradient descent with
+            learning rate `lr` reaches time `t = k * lr` after `k` steps.
+        params0: initial parameters, a pytree of floating-point arrays.
+        key: an int seed or `jax.random.key`, for `model.init` when `params0` is None.
+        ts: explicit save times: a strictly increasing 1-D array from 0 to `t_max`.
+        n_save: number of save times when `ts` is not given (default 101).
+        spacing: `"log"` (default: 0, then geometrically spaced from `t_max * 1e-4`
+            to `t_max`; see `gflow.save_times`) or `"linear"`.
+        solver: `"tsit5"` (default), `"dopri5"`, `"dopri8"`, `"bosh3"`, `"heun"`,
+            `"kvaerno5"` (implicit, for stiff flows; far slower on large models),
+            `"euler"` (fixed step `dt0`: exactly gradient descent with learning rate
+            `dt0`), or any diffrax solver instance.
+        rtol, atol: tolerances of the adaptive step-size (PID) controller.
+        dt0: the first step for adaptive solvers (default: chosen automatically);
+            the fixed step for fixed-step solvers such as `"euler"` (required).
+        max_steps: the most solver steps allowed before giving up.
+        metrics: `{name: fn(params, data)}`, each evaluated on every saved state;
+            results in `traj.metrics[name]` with a leading time axis. Define the
+            functions once and reuse them: a new function object recompiles.
+        stop_at_loss: stop where the loss first falls to this value (located to
+            round-off within the step by a Newton root find on the solver's dense
+            output). Costs one loss evaluation per step.
+        stop_at_grad_norm: stop at the end of the first step where the gradient
+            norm is at most this value. Costs one gradient per step (counted in
+            `num_grad_evals`).
+        throw: raise `gflow.SimulationError` when the solve fails (max_steps
+            reached, divergence to inf/NaN, step size collapse). With False the
+            trajectory up to the failure is returned and `traj.result` says why.
+        progress: show a progress bar (tqdm if installed, else text).
+
+    Returns:
+        A [`gflow.Trajectory`][]: `ts`, `params` (leading time axis), `loss`,
+        `grad_norm`, `velocity`, `metrics`, `result`, `stats`, `meta`.
+        `stats["num_grad_evals"]` counts every gradient the call evaluated: solver
+        stages, the save-time post-pass and stopping checks (not counted for implicit
+        solvers, whose Newton iterations vary: then None).
+
+    Raises:
+        ValueError, TypeError: bad arguments (the message names the argument).
+        SimulationError: the solve failed and `throw=True`.
+
+    Example:
+        >>> import jax.numpy as jnp, gflow
+        >>> def loss(params, data):
+        ...     return 0.5 * jnp.sum((params["w"] - data) ** 2)
+        >>> traj = gflow.simulate(loss, jnp.ones(3), 5.0, params0={"w": jnp.zeros(3)})
+        >>> traj.final["w"]  # 1 - exp(-5)
+        Array([0.99326205, 0.99326205, 0.99326205], dtype=float32)
+    """
+    loss_fn = resolve_loss(model)
+    t_max = check_t_max(t_max)
+    if ts is None:
+        ts_np = save_times(t_max, n_save, spacing)
+    else:
+        ts_np, ts_end = check_ts(ts)
+        if not math.isclose(ts_end, t_max, rel_tol=1e-12):
+            raise ValueError(
+                f"`ts` must end at t_max = {t_max}; got ts[-1] = {ts_end}. Pass "
+                "t_max=ts[-1], or append t_max to ts."
+            )
+        ts_np[-1] = t_max
+    params0, seed = initial_params(model, params0, key)
+    dtype = jnp.result_type(*jax.tree.leaves(params0))
+    solver_obj = resolve_solver(solver)
+    config = _make_config(
+        solver_obj,
+        dtype,
+        rtol,
+        atol,
+        dt0,
+        max_steps,
+        metrics,
+        stop_at_loss,
+        stop_at_grad_norm,
+        progress,
+    )
+    ts_arr = jnp.asarray(ts_np, dtype=dtype)
+
+    with CompileTimer() as timer:
+        out = jax.block_until_ready(_solve(loss_fn, params0, data, ts_arr, config))
+
+    meta = {
+        "gflow_version": __version__,
+        "kind": "flow",
+        "solver": type(solver_obj).__name__,
+        "rtol": float(rtol) if config.adaptive else None,
+        "atol": float(atol) if config.adaptive else None,
+        "dt0": None if dt0 is None else float(dt0),
+        "max_steps": int(max_steps),
+        "seed": seed,
+        "dtype": str(dtype),
+        "t_max": t_max,
+        "backend": jax.default_backend(),
+    }
+    traj = _assemble(out, ts_np, config, solver_obj, timer, meta)
+    if throw and not traj.succeeded:
+        raise SimulationError(_failure_message(traj, t_max), traj.result, traj)
+    return traj
+
+
+def _make_config(
+    solver,
+    dtype,
+    rtol,
+    atol,
+    dt0,
+    max_steps,
+    metrics,
+    stop_at_loss,
+    stop_at_grad_norm,
+    progress,
+) -> _Config:
+    """Validate the solver options and pack them for the compiled solve."""
+    adaptive = is_adaptive(solver)
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if not _positive_finite(value):
+            raise ValueError(
+                f"`{name}` must be a positive finite number; got {value!r}."
+            )
+    if adaptive and rtol < 1e-7 and dtype == jnp.float32:
+        warnings.warn(
+            f"rtol={rtol} is below float32 resolution (~1e-7): the solver may take "
+            "tiny steps or stall. Enable float64 (jax.config.update("
+            "'jax_enable_x64', True) and float64 parameters) or raise rtol.",
+            stacklevel=3,
+        )
+    if dt0 is not None and not _positive_finite(dt0):
+        raise ValueError(f"`dt0` must be a positive finite number; got {dt0!r}.")
+    if not adaptive and dt0 is None:
+        raise ValueError(
+            f"solver {type(solver).__name__} has a fixed step size: pass `dt0=` "
+            "(for 'euler', the learning rate of the gradient descent it equals)."
+        )
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int | np.integer):
+        raise TypeError(f"`max_steps` must be an int; got {type(max_steps).__name__}.")
+    if max_steps < 1:
+        raise ValueError(f"`max_steps` must be at least 1; got {max_steps}.")
+    for name, value in (
+        ("stop_at_loss", stop_at_loss),
+        ("stop_at_grad_norm", stop_at_grad_norm),
+    ):
+        if value is not None and not math.isfinite(float(value)):
+            raise ValueError(
+                f"`{name}` must be a finite number or None; got {value!r}."
+            )
+    if stop_at_grad_norm is not None and stop_at_grad_norm <= 0:
+        raise ValueError(
+            f"`stop_at_grad_norm` must be positive; got {stop_at_grad_norm!r}."
+        )
+    metrics = {} if metrics is None else metrics
+    if not isinstance(metrics, Mapping) or not all(
+        isinstance(k, str) and callable(f) for k, f in metrics.items()
+    ):
+        raise TypeError(
+            "`metrics` must be a dict {name: fn(params, data)} with string names and "
+            "callable values."
+        )
+
+    def array(x):
+        return None if x is None else jnp.asarray(x, dtype=dtype)
+
+    return _Config(
+        solver=solver,
+        adaptive=adaptive,
+        rtol=array(rtol),
+        atol=array(atol),
+        dt0=array(dt0),
+        max_steps=int(max_steps),
+        stop_at_loss=array(stop_at_loss),
+        stop_at_grad_norm=array(stop_at_grad_norm),
+        metrics=tuple(metrics.items()),
+        progress=bool(progress),
+    )
+
+
+def _positive_finite(x: Any) -> bool:
+    try:
+        return math.isfinite(float(x)) and float(x) > 0
+    except (TypeError, ValueError):
+        return False
+
+
+def checked_loss(loss_fn: LossFn, params: Any, data: Any) -> jax.ShapeDtypeStruct:
+    """Trace the loss once abstractly, turning shape errors into clear ones.
+
+    This runs while JAX traces the solve (`jax.eval_shape` adds nothing to the
+    compiled program), so it costs nothing when the compiled program is reused.
+    """
+    try:
+        value = jax.eval_shape(loss_fn, params, data)
+    except Exception as e:  # noqa: BLE001 - re-raised with context below
+        raise ValueError(
+            f"loss(params, data) failed on the given parameters and data: "
+            f"{type(e).__name__}: {e}\nCheck that `data` has the shapes the loss "
+            "expects and that `params0` (or model.init) matches the model."
+        ) from e
+    if not isinstance(value, jax.ShapeDtypeStruct) or value.shape != ():
+        shape = getattr(value, "shape", type(value).__name__)
+        raise ValueError(
+            f"loss(params, data) must return a scalar; it returned {shape}. "
+            "Reduce it, e.g. with jnp.mean over the examples."
+        )
+    if not jnp.issubdtype(value.dtype, jnp.floating):
+        raise TypeError(
+            f"loss(params, data) must be floating-point; got {value.dtype}."
+        )
+    return value
+
+
+def evaluate_saves(
+    loss_fn: LossFn, metrics: tuple, ys: Any, data: Any
+) -> tuple[jax.Array, Any, dict[str, Any]]:
+    """Loss, velocity -∇L and metrics of every saved state (leading axis of `ys`)."""
+
+    def one(y):
+        loss, grad = jax.value_and_grad(loss_fn)(y, data)
+        values = {name: fn(y, data) for name, fn in metrics}
+        return loss, jax.tree.map(jnp.negative, grad), values
+
+    return jax.lax.map(one, ys, batch_size=_SAVE_CHUNK)
+
+
+@eqx.filter_jit
+def _solve(loss_fn: LossFn, params0: Any, data: Any, ts: jax.Array, config: _Config):
+    checked_loss(loss_fn, params0, data)
+    grad_fn = jax.grad(loss_fn)
+
+    def vector_field(t, y, args):
+        return jax.tree.map(jnp.negative, grad_fn(y, args))
+
+    conds = {}
+    if config.stop_at_loss is not None:
+
+        def loss_cond(t, y, args, **kwargs):
+            return loss_fn(y, args) - config.stop_at_loss
+
+        conds["loss"] = loss_cond
+    if config.stop_at_grad_norm is not None:
+
+        def grad_cond(t, y, args, **kwargs):
+            return tree_norm(grad_fn(y, args)) <= config.stop_at_grad_norm
+
+        conds["grad_norm"] = grad_cond
+    event = None
+    if conds:
+        tol = 1e-10 if ts.dtype == jnp.float64 else 1e-5
+        event = diffrax.Event(conds, root_finder=optx.Newton(rtol=tol, atol=tol))
+
+    if config.adaptive:
+        controller = diffrax.PIDController(rtol=config.rtol, atol=config.atol)
+    else:
+        controller = diffrax.ConstantStepSize()
+    if config.progress:
+        try:
+            meter = diffrax.TqdmProgressMeter()
+        except ImportError:
+            meter = diffrax.TextProgressMeter()
+    else:
+        meter = diffrax.NoProgressMeter()
+
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(vector_field),
+        config.solver,
+        t0=ts[0],
+        t1=ts[-1],
+        dt0=config.dt0,
+        y0=params0,
+        args=data,
+        saveat=diffrax.SaveAt(ts=ts, t1=True),
+        stepsize_controller=controller,
+        event=event,
+        max_steps=config.max_steps,
+        throw=False,
+        progress_meter=meter,
+    )
+    # diffrax packs the saves: the save times reached, then the time the solve
+    # ended (t_max, an event time, or where it failed), then inf padding. Give the
+    # padding the final state, so the post-pass sees finite values; the host drops it.
+    n_filled = jnp.sum(jnp.isfinite(sol.ts))
+    filled = jnp.arange(sol.ts.shape[0]) < n_filled
+    ys = jax.tree.map(
+        lambda y: jnp.where(
+            filled.reshape((-1,) + (1,) * (y.ndim - 1)), y, y[n_filled - 1]
+        ),
+        sol.ys,
+    )
+    loss, velocity, metric_values = evaluate_saves(loss_fn, config.metrics, ys, data)
+    event_mask = {} if event is None else sol.event_mask
+    return dict(
+        ts=sol.ts,
+        params=ys,
+        velocity=velocity,
+        loss=loss,
+        grad_norm=jax.vmap(tree_norm)(velocity),
+        metrics=metric_values,
+        result=sol.result,
+        event_mask=event_mask,
+        stats=sol.stats,
+    )
+
+
+def _assemble(out, ts_np, config, solver, timer, meta) -> Trajectory:
+    """Host side: keep the valid rows, name the outcome, count the work."""
+    saved_ts = np.asarray(out["ts"])
+    n_filled = int(np.sum(np.isfinite(saved_ts)))
+    # Rows: the save times reached, then the end time unless it is the last of them.
+    rows = list(range(n_filled - 1))
+    if not rows or saved_ts[n_filled - 1] > saved_ts[rows[-1]]:
+        rows.append(n_filled - 1)
+
+    result = _result_name(out["result"], out["event_mask"])
+    loss = np.asarray(out["loss"])[rows]
+    finite = np.isfinite(loss) & np.all(
+        [
+            np.all(np.isfinite(np.asarray(leaf)[rows]).reshape(len(rows), -1), axis=1)
+            for leaf in jax.tree.leaves(out["params"])
+        ],
+        axis=0,
+    )
+    if not finite.all():
+        result = "diverged"
+        rows = rows[: int(np.argmin(finite))]
+    index = np.asarray(rows, dtype=np.int64)
+
+    def take(x):
+        return x[index]
+
+    stats = _stats(out["stats"], config, solver, len(ts_np) + 1)
+    stats.update(
+        wall_time_s=timer.wall_time_s,
+        compile_time_s=timer.compile_time_s,
+        run_time_s=timer.run_time_s,
+        compiled=timer.num_compilations > 0,
+    )
+    return Trajectory(
+        ts=take(out["ts"]),
+        params=jax.tree.map(take, out["params"]),
+        velocity=jax.tree.map(take, out["velocity"]),
+        loss=take(out["loss"]),
+        grad_norm=take(out["grad_norm"]),
+        metrics=jax.tree.map(take, out["metrics"]),
+        result=result,
+        stats=stats,
+        meta=meta,
+    )
+
+
+def _result_name(result, event_mask) -> str:
+    if result == diffrax.RESULTS.successful:
+        return "successful"
+    if result == diffrax.RESULTS.event_occurred:
+        if bool(event_mask.get("loss", False)):
+            return "stopped_at_loss"
+        return "stopped_at_grad_norm"
+    if result == diffrax.RESULTS.max_steps_reached:
+        return "max_steps_reached"
+    if result == diffrax.RESULTS.dt_min_reached:
+        return "dt_min_reached"
+    if result == diffrax.RESULTS.nonfinite:
+        return "diverged"
+    return "solver_failed"
+
+
+def _stats(solver_stats, config, solver, n_saved) -> dict[str, Any]:
+    num_steps = int(solver_stats["num_steps"])
+    per_step = grad_evals_per_step(solver)
+    stats = {
+        "num_steps": num_steps,
+        "num_accepted_steps": int(solver_stats["num_accepted_steps"]),
+        "num_rejected_steps": int(solver_stats["num_rejected_steps"]),
+        "num_save_grad_evals": n_saved,
+    }
+    if per_step is None:
+        stats["num_solver_grad_evals"] = None
+        stats["num_grad_evals"] = None
+        return stats
+    solver_evals = per_step * num_steps + initial_grad_evals(solver)
+    # The grad-norm stopping check runs once at the start and after every step.
+    event_evals = num_steps + 1 if config.stop_at_grad_norm is not None else 0
+    stats["num_solver_grad_evals"] = solver_evals
+    stats["num_grad_evals"] = solver_evals + n_saved + event_evals
+    return stats
+
+
+def _failure_message(traj: Trajectory, t_max: float) -> str:
+    t_end = float(traj.ts[-1]) if len(traj) else 0.0
+    where = (
+        f"at t = {t_end:.8g} of t_max = {t_max:g} (loss {float(traj.loss[-1]):.6g}, "
+        f"|grad| {float(traj.grad_norm[-1]):.3g})"
+        if len(traj)
+        else "before the first save"
+    )
+    hints = {
+        "max_steps_reached": (
+            f"the solver used all max_steps={traj.meta['max_steps']} steps {where}. "
+            "Raise `max_steps`, loosen rtol/atol, or, if the step size collapsed "
+            "because the flow is stiff, try solver='kvaerno5'. If the loss or "
+            "|grad| is exploding, the flow itself may blow up in finite time."
+        ),
+        "diverged": (
+            f"the flow diverged: the loss or the parameters became inf/NaN after the "
+            f"last finite save {where}. Check the loss for overflow (use float64: "
+            "jax.config.update('jax_enable_x64', True)), tighten rtol/atol, or "
+            "shorten t_max."
+        ),
+        "dt_min_reached": (
+            f"the step size fell below its minimum {where}. Use float64 or a stiff "
+            "solver (solver='kvaerno5')."
+        ),
+    }
+    reason = hints.get(traj.result, f"the solver failed ({traj.result}) {where}.")
+    return (
+        f"gflow.simulate: {reason} Pass throw=False to get the trajectory up to "
+        "this point."
+    )

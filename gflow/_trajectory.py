@@ -1,0 +1,236 @@
+"""The Trajectory: a flow (or a discrete run) sampled at its save times."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._tree import structure_from_json, structure_to_json
+
+#: `Trajectory.result` values that mean the run ended where it was asked to.
+SUCCESS_RESULTS = ("successful", "stopped_at_loss", "stopped_at_grad_norm")
+_FORMAT_VERSION = 1
+
+
+class Trajectory(eqx.Module):
+    """Parameters, loss and metrics of a run, saved at times `ts`.
+
+    Every array field has a leading time axis of length `T = len(ts)`. Only valid
+    rows are kept: when a run stops early (an event, a failure with `throw=False`)
+    the trajectory ends at the time it reached.
+
+    Attributes:
+        ts: `(T,)` save times; `ts[0] == 0`, and `ts[-1] == t_max` unless the run
+            stopped early.
+        params: the parameter pytree, each leaf with a leading axis of length `T`.
+        velocity: `dθ/dt = -∇L(θ)` at the saved states, same structure as `params`
+            (used by `at` for cubic Hermite interpolation).
+        loss: `(T,)` loss at the saved states.
+        grad_norm: `(T,)` Euclidean norm of the gradient at the saved states.
+        metrics: `{name: values}`, each value with a leading axis of length `T`.
+        result: why the run ended: `"successful"`, `"stopped_at_loss"`,
+            `"stopped_at_grad_norm"`, `"max_steps_reached"`, `"diverged"`,
+            `"dt_min_reached"` or `"solver_failed"`.
+        stats: counters and timings (`num_steps`, `num_accepted_steps`,
+            `num_rejected_steps`, `num_grad_evals`, `wall_time_s`,
+            `compile_time_s`, ...).
+        meta: how it was made (gflow version, solver, tolerances, seed, dtype, ...).
+
+    Example:
+        >>> traj = gflow.simulate(loss, None, 10.0, params0={"w": jnp.ones(3)})
+        >>> traj.final["w"], traj.loss[-1]
+        >>> traj.at(2.5)          # parameters at t = 2.5
+        >>> traj[10:]             # the saves from index 10 on
+        >>> traj.save("run.npz"); gflow.Trajectory.load("run.npz")
+    """
+
+    ts: jax.Array
+    params: Any
+    velocity: Any
+    loss: jax.Array
+    grad_norm: jax.Array
+    metrics: dict[str, Any]
+    result: str
+    stats: dict[str, Any]
+    meta: dict[str, Any]
+
+    @property
+    def final(self) -> Any:
+        """The parameters at the last save time."""
+        return jax.tree.map(lambda x: x[-1], self.params)
+
+    @property
+    def succeeded(self) -> bool:
+        """Whether the run reached `t_max` or a stop it was asked for."""
+        return self.result in SUCCESS_RESULTS
+
+    def __len__(self) -> int:
+        return int(self.ts.shape[0])
+
+    def __getitem__(self, index: slice | Any) -> Trajectory:
+        """The trajectory restricted to some save indices (a slice or index array)."""
+        if isinstance(index, int | np.integer):
+            raise TypeError(
+                "index a Trajectory with a slice (traj[i:i+1]) or an index array; "
+                "for the parameters at one save use jax.tree.map(lambda x: x[i], "
+                "traj.params)."
+            )
+
+        def take(x):
+            return x[index]
+
+        return eqx.tree_at(
+            lambda t: (t.ts, t.params, t.velocity, t.loss, t.grad_norm, t.metrics),
+            self,
+            jax.tree.map(
+                take,
+                (
+                    self.ts,
+                    self.params,
+                    self.velocity,
+                    self.loss,
+                    self.grad_norm,
+                    self.metrics,
+                ),
+            ),
+        )
+
+    def at(self, t: Any) -> Any:
+        """Parameters at any time(s) `t` in `[ts[0], ts[-1]]`.
+
+        Interpolated between the two neighbouring saves with a cubic Hermite
+        polynomial that matches the saved states and their velocities `-∇L`: third
+        order in the gap between saves, and exact at the save times. It is an
+        interpolation of the saved states, not the solver's dense output: save more
+        densely (`n_save`, `ts`) where you need more accuracy in between.
+
+        Args:
+            t: a time, or an array of times (the result then has their shape as
+                leading axes).
+
+        Returns:
+            A parameter pytree like `final`.
+        """
+        t = jnp.asarray(t, dtype=self.ts.dtype)
+        if not isinstance(t, jax.core.Tracer):
+            lo, hi = float(self.ts[0]), float(self.ts[-1])
+            if np.any(np.asarray(t) < lo) or np.any(np.asarray(t) > hi):
+                raise ValueError(
+                    f"`t` must lie within the saved times [{lo}, {hi}]; got {t}."
+                )
+        i = jnp.clip(jnp.searchsorted(self.ts, t, side="right") - 1, 0, len(self) - 2)
+        h = self.ts[i + 1] - self.ts[i]
+        s = (t - self.ts[i]) / h
+        h00 = 2 * s**3 - 3 * s**2 + 1
+        h10 = s**3 - 2 * s**2 + s
+        h01 = -2 * s**3 + 3 * s**2
+        h11 = s**3 - s**2
+
+        def hermite(y, v):
+            def bc(c):  # broadcast the time-shaped weights against one leaf
+                return c.reshape(c.shape + (1,) * (y.ndim - 1)).astype(y.dtype)
+
+            return (
+                bc(h00) * y[i]
+                + bc(h10 * h) * v[i]
+                + bc(h01) * y[i + 1]
+                + bc(h11 * h) * v[i + 1]
+            )
+
+        return jax.tree.map(hermite, self.params, self.velocity)
+
+    def summary(self) -> str:
+        """A few human-readable lines: time span, loss, solver work, outcome."""
+        s = self.stats
+        lines = [
+            f"Trajectory: {len(self)} saves over t in [{float(self.ts[0]):g}, "
+            f"{float(self.ts[-1]):g}], result: {self.result}",
+            f"  loss {float(self.loss[0]):.6g} -> {float(self.loss[-1]):.6g}, "
+            f"|grad| {float(self.grad_norm[0]):.3g} -> "
+            f"{float(self.grad_norm[-1]):.3g}",
+        ]
+        if "num_steps" in s:
+            lines.append(
+                f"  {self.meta.get('solver', '?')}: {s['num_steps']} steps "
+                f"({s.get('num_rejected_steps', 0)} rejected), "
+                f"{s.get('num_grad_evals')} gradient evaluations"
+            )
+        if "wall_time_s" in s:
+            lines.append(
+                f"  wall time {s['wall_time_s']:.3f} s "
+                f"(compile {s.get('compile_time_s', 0.0):.3f} s)"
+            )
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"<{self.summary()}>"
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the trajectory to a portable `.npz` file (no pickling).
+
+        Arrays keep their dtypes, so `Trajectory.load` returns an identical
+        trajectory. The metadata (gflow version, solver, tolerances, seed, stats,
+        result) is stored as JSON inside the file. Parameters must be dicts, lists
+        and tuples of arrays.
+        """
+        arrays: dict[str, np.ndarray] = {}
+        layout = {}
+        for name in ("ts", "loss", "grad_norm"):
+            arrays[name] = np.asarray(getattr(self, name))
+        for name in ("params", "velocity", "metrics"):
+            tree = getattr(self, name)
+            layout[name] = structure_to_json(tree)
+            for i, leaf in enumerate(jax.tree.leaves(tree)):
+                arrays[f"{name}/{i}"] = np.asarray(leaf)
+        header = {
+            "format": _FORMAT_VERSION,
+            "layout": layout,
+            "result": self.result,
+            "stats": _jsonable(self.stats),
+            "meta": _jsonable(self.meta),
+        }
+        arrays["__gflow__"] = np.array(json.dumps(header))
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Trajectory:
+        """Read a trajectory written by `save`."""
+        with np.load(path, allow_pickle=False) as npz:
+            if "__gflow__" not in npz:
+                raise ValueError(f"{os.fspath(path)!r} is not a gflow trajectory file.")
+            header = json.loads(str(npz["__gflow__"]))
+            fields = {n: _as_array(npz[n]) for n in ("ts", "loss", "grad_norm")}
+            for name, description in header["layout"].items():
+                count = sum(1 for k in npz.files if k.startswith(name + "/"))
+                leaves = [_as_array(npz[f"{name}/{i}"]) for i in range(count)]
+                fields[name] = structure_from_json(description, leaves)
+        return cls(
+            result=header["result"],
+            stats=header["stats"],
+            meta=header["meta"],
+            **fields,
+        )
+
+
+def _as_array(array: np.ndarray) -> jax.Array | np.ndarray:
+    """A JAX array, unless JAX would change its dtype (float64 without x64 enabled):
+    then the NumPy array itself, so that loading never loses precision."""
+    converted = jnp.asarray(array)
+    return converted if converted.dtype == array.dtype else array
+
+
+def _jsonable(mapping: dict[str, Any]) -> dict[str, Any]:
+    """Plain Python numbers and strings, for JSON."""
+    out = {}
+    for key, value in mapping.items():
+        if isinstance(value, np.generic | jax.Array | np.ndarray):
+            value = np.asarray(value).tolist()
+        out[key] = value
+    return out

@@ -1,0 +1,105 @@
+"""Each bad input raises a clear error that names the argument."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gflow
+
+
+def loss(params, data):
+    return 0.5 * jnp.sum((params["w"] @ data["x"] - data["y"]) ** 2)
+
+
+PARAMS0 = {"w": jnp.ones((2, 3))}
+DATA = {"x": jnp.ones((3, 4)), "y": jnp.zeros((2, 4))}
+
+
+def run(**kwargs):
+    args = dict(model=loss, data=DATA, t_max=1.0, params0=PARAMS0)
+    args.update(kwargs)
+    return gflow.simulate(
+        args.pop("model"), args.pop("data"), args.pop("t_max"), **args
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(t_max=0.0), ValueError, "`t_max` must be positive and finite"),
+        (dict(t_max=-1.0), ValueError, "`t_max` must be positive"),
+        (dict(t_max=float("inf")), ValueError, "`t_max` must be positive and finite"),
+        (dict(t_max=float("nan")), ValueError, "`t_max`"),
+        (dict(t_max="soon"), TypeError, "`t_max` must be a positive real number"),
+        (dict(ts=np.zeros((2, 2))), ValueError, "`ts` must be a 1-D array"),
+        (dict(ts=[0.0, 0.5, 0.5, 1.0]), ValueError, "strictly increasing"),
+        (dict(ts=[0.1, 0.5, 1.0]), ValueError, "`ts` must start at 0"),
+        (dict(ts=[0.0, 0.5, 2.0]), ValueError, "`ts` must end at t_max"),
+        (dict(ts=[0.0]), ValueError, "at least two times"),
+        (dict(n_save=1), ValueError, "`n_save` must be an integer >= 2"),
+        (dict(spacing="cubic"), ValueError, "`spacing` must be 'log' or 'linear'"),
+        (dict(params0=None), ValueError, "`params0` is required"),
+        (dict(params0={"w": jnp.ones((2, 3), jnp.int32)}), TypeError, r"leaf \['w'\]"),
+        (dict(params0={"w": "weights"}), TypeError, "every leaf must be a floating"),
+        (dict(params0={}), ValueError, "no array leaves"),
+        (
+            dict(data={"x": jnp.ones((5, 4)), "y": jnp.zeros((2, 4))}),
+            ValueError,
+            r"loss\(params, data\) failed on the given parameters and data",
+        ),
+        (
+            dict(model=lambda p, d: p["w"] * 2),
+            ValueError,
+            r"must return a scalar; it returned \(2, 3\)",
+        ),
+        (dict(model=42), TypeError, "`model` must be an object with a `loss"),
+        (dict(solver="rk99"), ValueError, "`solver` must be one of"),
+        (dict(solver="euler"), ValueError, "pass `dt0=`"),
+        (dict(rtol=0.0), ValueError, "`rtol` must be a positive finite number"),
+        (dict(atol=-1.0), ValueError, "`atol` must be a positive finite number"),
+        (dict(dt0=-0.1), ValueError, "`dt0` must be a positive finite number"),
+        (dict(max_steps=0), ValueError, "`max_steps` must be at least 1"),
+        (dict(max_steps=1.5), TypeError, "`max_steps` must be an int"),
+        (
+            dict(stop_at_grad_norm=0.0),
+            ValueError,
+            "`stop_at_grad_norm` must be positive",
+        ),
+        (
+            dict(stop_at_loss=float("nan")),
+            ValueError,
+            "`stop_at_loss` must be a finite number",
+        ),
+        (dict(metrics={"m": 3}), TypeError, "`metrics` must be a dict"),
+        (dict(metrics=[loss]), TypeError, "`metrics` must be a dict"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        run(**kwargs)
+
+
+def test_model_without_key():
+    class Model:
+        def init(self, key):
+            return PARAMS0
+
+        def loss(self, params, data):
+            return loss(params, data)
+
+    with pytest.raises(ValueError, match="pass `key=`"):
+        gflow.simulate(Model(), DATA, 1.0)
+    with pytest.raises(TypeError, match="`key` must be an int seed"):
+        gflow.simulate(Model(), DATA, 1.0, key="seed")
+    assert gflow.simulate(Model(), DATA, 1.0, key=0).result == "successful"
+
+
+def test_at_outside_the_saved_times():
+    traj = run()
+    with pytest.raises(ValueError, match="within the saved times"):
+        traj.at(2.0)
+
+
+def test_integer_index_is_refused():
+    with pytest.raises(TypeError, match="slice"):
+        run()[3]
