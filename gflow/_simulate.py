@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Mapping
@@ -36,6 +37,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 # Saved states are evaluated (loss, gradient, metrics) this many at a time: vmapped
 # within a chunk, scanned across chunks, so memory stays bounded for long saves.
 _SAVE_CHUNK = 32
+_MATMUL_PRECISIONS = (None, "highest", "high", "default", "float32", "tensorfloat32")
 
 
 class _Config(eqx.Module):
@@ -77,6 +79,7 @@ def simulate(
     stop_at_grad_norm: float | None = None,
     throw: bool = True,
     progress: bool = False,
+    matmul_precision: str | None = "highest",
 ) -> Trajectory:
     """Solve the gradient flow `dθ/dt = -∇θ L(θ; data)` from `t = 0` to `t_max`.
 
@@ -124,6 +127,12 @@ def simulate(
             reached, divergence to inf/NaN, step size collapse). With False the
             trajectory up to the failure is returned and `traj.result` says why.
         progress: show a progress bar (tqdm if installed, else text).
+        matmul_precision: the precision of float32 matrix products inside the solve
+            (`jax.default_matmul_precision`). The default `"highest"` computes them
+            in full float32: on GPUs JAX otherwise uses TF32 (about 1e-3 relative
+            error), whose noise makes the adaptive step control reject step after
+            step (measured on an H100: 3,890 steps instead of 93 for the
+            quickstart). None keeps JAX's default. No effect on CPUs.
 
     Returns:
         A [`gflow.Trajectory`][]: `ts`, `params` (leading time axis), `loss`,
@@ -173,7 +182,17 @@ def simulate(
     )
     ts_arr = jnp.asarray(ts_np, dtype=dtype)
 
-    with CompileTimer() as timer:
+    if matmul_precision not in _MATMUL_PRECISIONS:
+        raise ValueError(
+            f"`matmul_precision` must be one of {_MATMUL_PRECISIONS}; "
+            f"got {matmul_precision!r}."
+        )
+    precision = (
+        contextlib.nullcontext()
+        if matmul_precision is None
+        else jax.default_matmul_precision(matmul_precision)
+    )
+    with CompileTimer() as timer, precision:
         out = jax.block_until_ready(_solve(loss_fn, params0, data, ts_arr, config))
 
     meta = {
@@ -187,6 +206,7 @@ def simulate(
         "seed": seed,
         "dtype": str(dtype),
         "t_max": t_max,
+        "matmul_precision": matmul_precision,
         "backend": jax.default_backend(),
     }
     traj = _assemble(out, ts_np, config, solver_obj, timer, meta)

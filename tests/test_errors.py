@@ -72,6 +72,7 @@ def run(**kwargs):
         ),
         (dict(metrics={"m": 3}), TypeError, "`metrics` must be a dict"),
         (dict(metrics=[loss]), TypeError, "`metrics` must be a dict"),
+        (dict(matmul_precision="max"), ValueError, "`matmul_precision` must be one"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
