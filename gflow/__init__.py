@@ -4,6 +4,7 @@
 Diffrax solver in one compiled JAX program and returns a `gflow.Trajectory`.
 """
 
+from . import models as models
 from ._errors import SimulationError as SimulationError
 from ._simulate import __version__ as __version__
 from ._simulate import simulate as simulate

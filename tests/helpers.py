@@ -103,6 +103,7 @@ def stage2_problem(d: int = 4, seed: int = 1):
 
 
 # --- Makkuva et al. canonical (e, w) model with the optimal bias --------------------
+# Written out literally from papers.md, as an oracle for gflow.models.MarkovCanonical.
 
 
 def markov_reduced_loss(p: float, q: float):
@@ -124,19 +125,3 @@ def markov_reduced_loss(p: float, q: float):
         )
 
     return loss
-
-
-def markov_energy(params, data):
-    """E(e, w) = e² − w² − sign(w) log|w|, conserved by the reduced flow."""
-    e, w = params["e"], params["w"]
-    return e**2 - w**2 - jnp.sign(w) * jnp.log(jnp.abs(w))
-
-
-def markov_reference_losses(p: float, q: float) -> tuple[float, float]:
-    """(unigram entropy H(π), entropy rate) in nats."""
-    pi1, pi0 = p / (p + q), q / (p + q)
-
-    def h(x):
-        return -x * np.log(x) - (1 - x) * np.log(1 - x)
-
-    return float(h(pi1)), float(pi0 * h(p) + pi1 * h(q))

@@ -6,14 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import (
-    markov_energy,
-    markov_reduced_loss,
-    markov_reference_losses,
-    quadratic_problem,
-    stage2_problem,
-    tree_max_abs_diff,
-)
+from helpers import quadratic_problem, stage2_problem, tree_max_abs_diff
 
 import gflow
 
@@ -74,28 +67,6 @@ def test_chen_luo_stage2_cosh_sinh():
     ]
     ratios = np.array([s2 / s1 for s1, s2 in ratios])
     assert ratios[-1] < 0.1 * ratios[0]
-
-
-@pytest.mark.parametrize(
-    "e0, w0, limit",
-    [(0.1, 0.1, "unigram"), (0.1, -1.0, "entropy_rate"), (1.5, -0.3, "entropy_rate")],
-)
-def test_markov_canonical_energy_and_limits(e0, w0, limit):
-    p, q = 0.5, 0.8
-    unigram, entropy_rate = markov_reference_losses(p, q)
-    traj = gflow.simulate(
-        markov_reduced_loss(p, q),
-        None,
-        2000.0,
-        params0={"e": jnp.array(e0), "w": jnp.array(w0)},
-        rtol=1e-10,
-        atol=1e-12,
-        metrics={"energy": markov_energy},
-    )
-    energy = np.asarray(traj.metrics["energy"])
-    assert np.max(np.abs(energy - energy[0])) < 1e-8
-    target = unigram if limit == "unigram" else entropy_rate
-    assert abs(float(traj.loss[-1]) - target) < 1e-5
 
 
 def test_euler_is_gradient_descent():
