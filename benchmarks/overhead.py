@@ -101,8 +101,11 @@ def main(argv=None):
     }
     width = max(map(len, rows))
     for key, value in rows.items():
-        print(f"{key:<{width}}  {value:.4g}" if isinstance(value, float)
-              else f"{key:<{width}}  {value}")  # fmt: skip
+        print(
+            f"{key:<{width}}  {value:.4g}"
+            if isinstance(value, float)
+            else f"{key:<{width}}  {value}"
+        )
     path = write_results("overhead", {"repeats": args.repeats, "results": rows})
     print(f"wrote {path}")
 

@@ -79,9 +79,15 @@ def main(argv=None):
         loss, data, t_max, params0=params0, n_save=400, metrics=metrics
     )
     gd = gflow.simulate(
-        loss, data, t_max, params0=params0, solver="euler", dt0=lr,
-        ts=np.arange(0.0, t_max + lr / 2, lr), metrics=metrics,
-    )  # fmt: skip
+        loss,
+        data,
+        t_max,
+        params0=params0,
+        solver="euler",
+        dt0=lr,
+        ts=np.arange(0.0, t_max + lr / 2, lr),
+        metrics=metrics,
+    )
     print(flow.summary())
     print(
         f"gradient descent, lr = {lr}: {gd.stats['num_steps']} steps, "
@@ -99,8 +105,13 @@ def main(argv=None):
     ax_loss.legend()
     colors = plt.cm.viridis(np.linspace(0, 0.85, len(TARGET_SINGULAR_VALUES)))
     for i, (s, c) in enumerate(zip(TARGET_SINGULAR_VALUES, colors, strict=True)):
-        ax_sv.plot(flow.ts, flow.metrics["singular_values"][:, i], color=c, lw=2.5,
-                   label=f"mode {i + 1} (target {s:g})")  # fmt: skip
+        ax_sv.plot(
+            flow.ts,
+            flow.metrics["singular_values"][:, i],
+            color=c,
+            lw=2.5,
+            label=f"mode {i + 1} (target {s:g})",
+        )
         ax_sv.plot(gd.ts, gd.metrics["singular_values"][:, i], "--", color=c, lw=1)
         ax_sv.axhline(s, color=c, ls=":", lw=1)
     ax_sv.set(

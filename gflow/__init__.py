@@ -4,7 +4,9 @@
 Diffrax solver in one compiled JAX program and returns a `gflow.Trajectory`.
 """
 
+from . import metrics as metrics
 from . import models as models
+from . import plot as plot
 from ._errors import SimulationError as SimulationError
 from ._simulate import __version__ as __version__
 from ._simulate import simulate as simulate

@@ -59,9 +59,14 @@ def test_deep_linear_network_conserves_imbalance_and_fits():
     data = {"x": jnp.asarray(x), "y": jnp.asarray(x @ target.T)}
     model = DeepLinearNetwork((4, 6, 5, 3), init_scale=0.3)
     traj = gflow.simulate(
-        model, data, 200.0, key=2, rtol=1e-10, atol=1e-12,
+        model,
+        data,
+        200.0,
+        key=2,
+        rtol=1e-10,
+        atol=1e-12,
         metrics={"imbalance": lambda p, d: model.imbalances(p)},
-    )  # fmt: skip
+    )
     for imbalance in traj.metrics["imbalance"]:
         assert float(jnp.max(jnp.abs(imbalance - imbalance[0]))) < 1e-8
     np.testing.assert_allclose(model.product(traj.final), target, atol=1e-5)
@@ -82,10 +87,14 @@ def test_markov_reference_losses():
 def test_markov_canonical_flow(e0, w0, basin):
     model = MarkovCanonical(P, Q)
     traj = gflow.simulate(
-        model, None, 2000.0, rtol=1e-10, atol=1e-12,
+        model,
+        None,
+        2000.0,
+        rtol=1e-10,
+        atol=1e-12,
         params0={"e": jnp.array(e0), "w": jnp.array(w0)},
         metrics={"energy": energy_metric},
-    )  # fmt: skip
+    )
     unigram, entropy_rate = markov_reference_losses(P, Q)
     target = unigram if basin == "local" else entropy_rate
     assert abs(float(traj.loss[-1]) - target) < 1e-5

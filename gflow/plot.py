@@ -1,0 +1,151 @@
+"""Matplotlib figures of trajectories.
+
+Every function draws on an `ax` you may pass (or a new figure) and returns the Axes,
+so the result can be restyled. Time axes are logarithmic by default, because
+training dynamics live on log time scales; `t = 0` cannot sit on a log axis, so the
+first save is left out there (it is drawn on linear axes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from ._trajectory import Trajectory
+
+
+def _axes(ax):
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 4))
+    return ax
+
+
+def _time(ts, log_time: bool) -> tuple[np.ndarray, slice]:
+    ts = np.asarray(ts)
+    keep = slice(1, None) if log_time and ts[0] <= 0 else slice(None)
+    return ts[keep], keep
+
+
+def series(
+    ts,
+    values,
+    *,
+    label: str | Sequence[str] | None = None,
+    ax=None,
+    log_time: bool = True,
+    log_y: bool = False,
+    **style,
+):
+    """Values over time: `values` has a leading time axis (and may have one more).
+
+    Args:
+        ts: the save times.
+        values: `(T,)` or `(T, k)`; with k columns, `label` may name each.
+        label: legend label(s).
+        ax: the Axes to draw on (default: a new figure).
+        log_time, log_y: logarithmic axes.
+        **style: passed to `ax.plot`.
+
+    Returns:
+        The Axes.
+
+    Example:
+        >>> gflow.plot.series(traj.ts, traj.metrics["norm"], label="|θ|")
+    """
+    ax = _axes(ax)
+    t, keep = _time(ts, log_time)
+    values = np.asarray(values)[keep]
+    lines = ax.plot(t, values, **style)
+    if label is not None:
+        labels = [label] if isinstance(label, str) else list(label)
+        for line, name in zip(lines, labels, strict=True):
+            line.set_label(name)
+    ax.set_xscale("log" if log_time else "linear")
+    ax.set_yscale("log" if log_y else "linear")
+    ax.set_xlabel("gradient-flow time t")
+    return ax
+
+
+def loss(
+    trajectories: Trajectory | Sequence[Trajectory],
+    labels: str | Sequence[str] | None = None,
+    *,
+    ax=None,
+    log_time: bool = True,
+    log_y: bool = True,
+    **style,
+):
+    """Loss curves of one or several trajectories on a common time axis.
+
+    Example:
+        >>> ax = gflow.plot.loss([flow, gd], ["gradient flow", "GD, lr=0.1"])
+    """
+    if isinstance(trajectories, Trajectory):
+        trajectories = [trajectories]
+        labels = [labels] if isinstance(labels, str) else labels
+    labels = labels or [None] * len(trajectories)
+    ax = _axes(ax)
+    for traj, label in zip(trajectories, labels, strict=True):
+        series(
+            traj.ts,
+            traj.loss,
+            label=label,
+            ax=ax,
+            log_time=log_time,
+            log_y=log_y,
+            **style,
+        )
+    ax.set_ylabel("loss")
+    if any(label is not None for label in labels):
+        ax.legend()
+    return ax
+
+
+def mark_time(ax, t: float, label: str | None = None, *, shade_before: bool = False):
+    """A vertical line at time `t` (e.g. a phase boundary), optionally shading the
+    region before it."""
+    ax.axvline(t, color="0.3", ls="--", lw=1)
+    if shade_before:
+        left = ax.get_xlim()[0]
+        ax.axvspan(left, t, color="0.85", zorder=0)
+        ax.set_xlim(left=left)
+    if label:
+        ax.annotate(
+            label,
+            (t, 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(3, -12),
+            textcoords="offset points",
+            fontsize=9,
+        )
+    return ax
+
+
+def reorder_by_top_eigenvector(similarity: np.ndarray) -> np.ndarray:
+    """Row order that sorts a symmetric similarity matrix by its top eigenvector,
+    so that condensed groups of rows appear as blocks."""
+    _, vectors = np.linalg.eigh(np.asarray(similarity))
+    return np.argsort(vectors[:, -1])
+
+
+def row_similarity(matrix, *, ax=None, title: str | None = None, reorder: bool = True):
+    """Heat map of the cosine similarity between the rows of `matrix`.
+
+    Rows are reordered by the top eigenvector of the similarity matrix (Chen & Luo's
+    convention), so rows condensed onto ± one direction form two blocks.
+    """
+    ax = _axes(ax)
+    m = np.asarray(matrix)
+    unit = m / np.linalg.norm(m, axis=1, keepdims=True)
+    sim = unit @ unit.T
+    if reorder:
+        order = reorder_by_top_eigenvector(sim)
+        sim = sim[np.ix_(order, order)]
+    image = ax.imshow(sim, vmin=-1, vmax=1, cmap="RdBu_r")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=10)
+    return ax, image
