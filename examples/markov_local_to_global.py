@@ -14,10 +14,10 @@ Binary Markov chain with p = P(0→1) = 0.5 and q = P(1→0) = 0.8 (p + q > 1).
     the unigram loss, from their proposed initialisation at the bigram loss
     (held-out losses printed).
 
-Run:  python examples/markov_local_to_global.py [--full] [--out DIR]
+Run:  python examples/markov_local_to_global.py [--full | --quick] [--out DIR]
 (--full: 1,024 training sequences of length 32 and t = 2000 instead of 256 of
-length 16 and t = 600.) Writes DIR/markov_local_to_global.png and
-DIR/markov_summary.json.
+length 16 and t = 600; --quick: a smoke run whose full model is not converged.)
+Writes DIR/markov_local_to_global.png and DIR/markov_summary.json.
 """
 
 from __future__ import annotations
@@ -174,6 +174,9 @@ def figure(model, flows, runs):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="larger full-model run")
+    parser.add_argument(
+        "--quick", action="store_true", help="a few-second smoke run (not converged)"
+    )
     parser.add_argument("--out", default="out/markov")
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out)
@@ -181,6 +184,8 @@ def main(argv=None):
 
     model, flows = canonical_flows()
     n_seqs, seq_len, t_max = (1024, 32, 2000.0) if args.full else (256, 16, 600.0)
+    if args.quick:
+        n_seqs, seq_len, t_max = 32, 8, 20.0
     runs = full_model_flows(n_seqs, seq_len, t_max)
     unigram, entropy_rate = markov_reference_losses(P, Q)
     result = {

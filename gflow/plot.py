@@ -103,9 +103,11 @@ def loss(
     return ax
 
 
-def mark_time(ax, t: float, label: str | None = None, *, shade_before: bool = False):
+def mark_time(
+    ax, t: float, label: str | None = None, *, shade_before: bool = False, y=1.0
+):
     """A vertical line at time `t` (e.g. a phase boundary), optionally shading the
-    region before it."""
+    region before it; the label sits at height `y` (axes fraction) beside the line."""
     ax.axvline(t, color="0.3", ls="--", lw=1)
     if shade_before:
         left = ax.get_xlim()[0]
@@ -114,7 +116,7 @@ def mark_time(ax, t: float, label: str | None = None, *, shade_before: bool = Fa
     if label:
         ax.annotate(
             label,
-            (t, 1.0),
+            (t, y),
             xycoords=("data", "axes fraction"),
             xytext=(3, -12),
             textcoords="offset points",

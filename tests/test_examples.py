@@ -1,0 +1,45 @@
+"""Each example runs end to end (in a fast setting) and writes its figures."""
+
+import importlib.util
+import json
+import pathlib
+
+EXAMPLES = pathlib.Path(__file__).parent.parent / "examples"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quickstart(tmp_path):
+    flow, gd = load("quickstart").main(["--out", str(tmp_path)])
+    assert (tmp_path / "quickstart.png").stat().st_size > 10_000
+    assert flow.result == "successful" and float(flow.loss[-1]) < 1e-5
+    assert gd.stats["num_steps"] == 80
+
+
+def test_cooccurrence_phases(tmp_path):
+    result = load("cooccurrence_phases").main(["--t-max", "5", "--out", str(tmp_path)])
+    assert (tmp_path / "cooccurrence_phases.png").stat().st_size > 10_000
+    saved = json.loads((tmp_path / "cooccurrence_summary.json").read_text())
+    assert saved["t1"] == result["t1"] < 1.0
+    assert result["key_query_drift_at_t1"] < 0.01
+
+
+def test_markov_local_to_global(tmp_path):
+    result = load("markov_local_to_global").main(["--quick", "--out", str(tmp_path)])
+    assert (tmp_path / "markov_local_to_global.png").stat().st_size > 10_000
+    canonical = result["canonical"]
+    entropy_rate = result["reference"]["entropy_rate"]
+    assert abs(canonical["(1.5, -0.3)"]["final_loss"] - entropy_rate) < 1e-5
+
+
+def test_condensation_rank_collapse(tmp_path):
+    result = load("condensation_rank_collapse").main(["--out", str(tmp_path)])
+    for name in ("condensation_dynamics.png", "condensation_heatmaps.png"):
+        assert (tmp_path / name).stat().st_size > 10_000
+    assert result["condensed_at"] < result["rank_collapse_at"]
+    assert result["W_Q_effective_rank"]["at_collapse"] < 1.6
