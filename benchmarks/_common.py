@@ -38,10 +38,11 @@ def machine() -> dict:
     }
 
 
-def write_results(name: str, payload: dict) -> pathlib.Path:
-    """Write `payload` and the machine description to results/<name>_<backend>.json."""
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{name}_{jax.default_backend()}.json"
+def write_results(name: str, payload: dict, folder=RESULTS) -> pathlib.Path:
+    """Write `payload` and the machine description to <folder>/<name>_<backend>.json."""
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}_{jax.default_backend()}.json"
     payload = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), **payload}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

@@ -7,9 +7,14 @@ Diffrax solver in one compiled JAX program and returns a `gflow.Trajectory`.
 from . import metrics as metrics
 from . import models as models
 from . import plot as plot
+from ._discrete import Comparison as Comparison
+from ._discrete import compare as compare
+from ._discrete import gradient_descent as gradient_descent
 from ._errors import SimulationError as SimulationError
-from ._simulate import __version__ as __version__
+from ._run import gflow_version as _gflow_version
 from ._simulate import simulate as simulate
 from ._solvers import SOLVERS as SOLVERS
 from ._times import save_times as save_times
 from ._trajectory import Trajectory as Trajectory
+
+__version__ = _gflow_version()

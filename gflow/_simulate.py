@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from collections.abc import Callable, Mapping
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Literal
 
 import diffrax
@@ -19,25 +17,23 @@ import optimistix as optx
 from ._compile import CompileTimer
 from ._errors import SimulationError
 from ._model import LossFn, initial_params, resolve_loss
+from ._run import (
+    check_metrics,
+    checked_loss,
+    evaluate_saves,
+    gflow_version,
+    make_trajectory,
+    matmul_precision_context,
+)
 from ._solvers import (
     grad_evals_per_step,
     initial_grad_evals,
     is_adaptive,
     resolve_solver,
 )
-from ._times import check_t_max, check_ts, save_times
+from ._times import check_t_max, resolve_save_times
 from ._trajectory import Trajectory
 from ._tree import tree_norm
-
-try:
-    __version__ = version("gflow")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0+unknown"
-
-# Saved states are evaluated (loss, gradient, metrics) this many at a time: vmapped
-# within a chunk, scanned across chunks, so memory stays bounded for long saves.
-_SAVE_CHUNK = 32
-_MATMUL_PRECISIONS = (None, "highest", "high", "default", "float32", "tensorfloat32")
 
 
 class _Config(eqx.Module):
@@ -155,16 +151,7 @@ def simulate(
     """
     loss_fn = resolve_loss(model)
     t_max = check_t_max(t_max)
-    if ts is None:
-        ts_np = save_times(t_max, n_save, spacing)
-    else:
-        ts_np, ts_end = check_ts(ts)
-        if not math.isclose(ts_end, t_max, rel_tol=1e-12):
-            raise ValueError(
-                f"`ts` must end at t_max = {t_max}; got ts[-1] = {ts_end}. Pass "
-                "t_max=ts[-1], or append t_max to ts."
-            )
-        ts_np[-1] = t_max
+    ts_np = resolve_save_times(t_max, ts, n_save, spacing)
     params0, seed = initial_params(model, params0, key)
     dtype = jnp.result_type(*jax.tree.leaves(params0))
     solver_obj = resolve_solver(solver)
@@ -182,21 +169,12 @@ def simulate(
     )
     ts_arr = jnp.asarray(ts_np, dtype=dtype)
 
-    if matmul_precision not in _MATMUL_PRECISIONS:
-        raise ValueError(
-            f"`matmul_precision` must be one of {_MATMUL_PRECISIONS}; "
-            f"got {matmul_precision!r}."
-        )
-    precision = (
-        contextlib.nullcontext()
-        if matmul_precision is None
-        else jax.default_matmul_precision(matmul_precision)
-    )
+    precision = matmul_precision_context(matmul_precision)
     with CompileTimer() as timer, precision:
         out = jax.block_until_ready(_solve(loss_fn, params0, data, ts_arr, config))
 
     meta = {
-        "gflow_version": __version__,
+        "gflow_version": gflow_version(),
         "kind": "flow",
         "solver": type(solver_obj).__name__,
         "rtol": float(rtol) if config.adaptive else None,
@@ -264,14 +242,7 @@ def _make_config(
         raise ValueError(
             f"`stop_at_grad_norm` must be positive; got {stop_at_grad_norm!r}."
         )
-    metrics = {} if metrics is None else metrics
-    if not isinstance(metrics, Mapping) or not all(
-        isinstance(k, str) and callable(f) for k, f in metrics.items()
-    ):
-        raise TypeError(
-            "`metrics` must be a dict {name: fn(params, data)} with string names and "
-            "callable values."
-        )
+    metrics = check_metrics(metrics)
 
     def array(x):
         return None if x is None else jnp.asarray(x, dtype=dtype)
@@ -285,7 +256,7 @@ def _make_config(
         max_steps=int(max_steps),
         stop_at_loss=array(stop_at_loss),
         stop_at_grad_norm=array(stop_at_grad_norm),
-        metrics=tuple(metrics.items()),
+        metrics=metrics,
         progress=bool(progress),
     )
 
@@ -295,46 +266,6 @@ def _positive_finite(x: Any) -> bool:
         return math.isfinite(float(x)) and float(x) > 0
     except (TypeError, ValueError):
         return False
-
-
-def checked_loss(loss_fn: LossFn, params: Any, data: Any) -> jax.ShapeDtypeStruct:
-    """Trace the loss once abstractly, turning shape errors into clear ones.
-
-    This runs while JAX traces the solve (`jax.eval_shape` adds nothing to the
-    compiled program), so it costs nothing when the compiled program is reused.
-    """
-    try:
-        value = jax.eval_shape(loss_fn, params, data)
-    except Exception as e:  # noqa: BLE001 - re-raised with context below
-        raise ValueError(
-            f"loss(params, data) failed on the given parameters and data: "
-            f"{type(e).__name__}: {e}\nCheck that `data` has the shapes the loss "
-            "expects and that `params0` (or model.init) matches the model."
-        ) from e
-    if not isinstance(value, jax.ShapeDtypeStruct) or value.shape != ():
-        shape = getattr(value, "shape", type(value).__name__)
-        raise ValueError(
-            f"loss(params, data) must return a scalar; it returned {shape}. "
-            "Reduce it, e.g. with jnp.mean over the examples."
-        )
-    if not jnp.issubdtype(value.dtype, jnp.floating):
-        raise TypeError(
-            f"loss(params, data) must be floating-point; got {value.dtype}."
-        )
-    return value
-
-
-def evaluate_saves(
-    loss_fn: LossFn, metrics: tuple, ys: Any, data: Any
-) -> tuple[jax.Array, Any, dict[str, Any]]:
-    """Loss, velocity -∇L and metrics of every saved state (leading axis of `ys`)."""
-
-    def one(y):
-        loss, grad = jax.value_and_grad(loss_fn)(y, data)
-        values = {name: fn(y, data) for name, fn in metrics}
-        return loss, jax.tree.map(jnp.negative, grad), values
-
-    return jax.lax.map(one, ys, batch_size=_SAVE_CHUNK)
 
 
 @eqx.filter_jit
@@ -424,42 +355,9 @@ def _assemble(out, ts_np, config, solver, timer, meta) -> Trajectory:
     rows = list(range(n_filled - 1))
     if not rows or saved_ts[n_filled - 1] > saved_ts[rows[-1]]:
         rows.append(n_filled - 1)
-
-    result = _result_name(out["result"], out["event_mask"])
-    loss = np.asarray(out["loss"])[rows]
-    finite = np.isfinite(loss) & np.all(
-        [
-            np.all(np.isfinite(np.asarray(leaf)[rows]).reshape(len(rows), -1), axis=1)
-            for leaf in jax.tree.leaves(out["params"])
-        ],
-        axis=0,
-    )
-    if not finite.all():
-        result = "diverged"
-        rows = rows[: int(np.argmin(finite))]
-    index = np.asarray(rows, dtype=np.int64)
-
-    def take(x):
-        return x[index]
-
     stats = _stats(out["stats"], config, solver, len(ts_np) + 1)
-    stats.update(
-        wall_time_s=timer.wall_time_s,
-        compile_time_s=timer.compile_time_s,
-        run_time_s=timer.run_time_s,
-        compiled=timer.num_compilations > 0,
-    )
-    return Trajectory(
-        ts=take(out["ts"]),
-        params=jax.tree.map(take, out["params"]),
-        velocity=jax.tree.map(take, out["velocity"]),
-        loss=take(out["loss"]),
-        grad_norm=take(out["grad_norm"]),
-        metrics=jax.tree.map(take, out["metrics"]),
-        result=result,
-        stats=stats,
-        meta=meta,
-    )
+    result = _result_name(out["result"], out["event_mask"])
+    return make_trajectory(out, rows, result, stats, timer, meta)
 
 
 def _result_name(result, event_mask) -> str:

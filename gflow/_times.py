@@ -92,3 +92,17 @@ def check_ts(ts: Any) -> tuple[np.ndarray, float]:
             f"ts[{i}] = {array[i]} is followed by ts[{i + 1}] = {array[i + 1]}."
         )
     return array, float(array[-1])
+
+
+def resolve_save_times(t_max: float, ts: Any, n_save: int, spacing: str) -> np.ndarray:
+    """The save times of a run: `ts` checked against `t_max`, or a fresh grid."""
+    if ts is None:
+        return save_times(t_max, n_save, spacing)
+    ts_np, ts_end = check_ts(ts)
+    if not math.isclose(ts_end, t_max, rel_tol=1e-12):
+        raise ValueError(
+            f"`ts` must end at t_max = {t_max}; got ts[-1] = {ts_end}. Pass "
+            "t_max=ts[-1], or append t_max to ts."
+        )
+    ts_np[-1] = t_max
+    return ts_np

@@ -1,0 +1,299 @@
+"""Discrete optimisers on the gradient flow's time axis, and trajectory comparison."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ._compile import CompileTimer
+from ._errors import SimulationError
+from ._model import LossFn, initial_params, resolve_loss
+from ._run import (
+    check_metrics,
+    checked_loss,
+    evaluate_saves,
+    gflow_version,
+    make_trajectory,
+    matmul_precision_context,
+)
+from ._times import check_t_max, resolve_save_times
+from ._trajectory import Trajectory
+from ._tree import tree_norm
+
+
+def gradient_descent(
+    model: Any,
+    data: Any,
+    t_max: float,
+    lr: float,
+    *,
+    params0: Any = None,
+    key: Any = None,
+    ts: Any = None,
+    n_save: int = 101,
+    spacing: Literal["log", "linear"] = "log",
+    optimizer: optax.GradientTransformation | None = None,
+    time_per_step: float | None = None,
+    metrics: Mapping[str, Callable[[Any, Any], Any]] | None = None,
+    throw: bool = True,
+    matmul_precision: str | None = "highest",
+) -> Trajectory:
+    """Gradient descent (or any optax optimiser) on the gradient flow's time axis.
+
+    Step k sits at flow time `t = k * time_per_step`, by default `k * lr`: plain
+    gradient descent with learning rate `lr` is the Euler discretisation of the flow
+    with step `lr`. All steps run in one compiled program (`lax.scan` over the save
+    intervals); `data` and `lr` are arguments of it, so new data, initial parameters
+    or learning rates of the same shapes do not recompile.
+
+    Time conventions for other optimisers (pass them as `time_per_step`):
+    heavy-ball momentum μ with learning rate α moves about α / (1 − μ) of flow time
+    per step once its velocity has built up; Adam and other adaptive methods have no
+    flow-time mapping, and `k * lr` is then only a convention.
+
+    Args:
+        model, data, params0, key, metrics, throw, matmul_precision: as in
+            [`gflow.simulate`][].
+        t_max: the final time; the run takes `round(t_max / time_per_step)` steps.
+        lr: the learning rate of plain gradient descent (and the default time per
+            step). Ignored for the update when `optimizer` is given.
+        ts, n_save, spacing: save times as in `simulate`, each rounded to the
+            nearest whole step (duplicates dropped), so `traj.ts` are exact
+            multiples of `time_per_step`.
+        optimizer: an optax `GradientTransformation` to use instead of plain
+            gradient descent. Reuse the same object across calls to avoid
+            recompiling.
+        time_per_step: flow time per step (default `lr`).
+
+    Returns:
+        A [`gflow.Trajectory`][] with `stats["num_steps"]` steps and
+        `stats["num_grad_evals"]` = steps + saved states. If the iterates become
+        inf/NaN (a learning rate above 2 / sharpness), `result` is `"diverged"`
+        and the trajectory ends at the last finite save.
+
+    Example:
+        >>> gd = gflow.gradient_descent(model, data, 300.0, lr=0.01, key=0)
+        >>> flow = gflow.simulate(model, data, 300.0, key=0, ts=gd.ts)
+        >>> gflow.compare(flow, gd).max_param_distance
+    """
+    loss_fn = resolve_loss(model)
+    t_max = check_t_max(t_max)
+    if not _positive_finite(lr):
+        raise ValueError(f"`lr` must be a positive finite number; got {lr!r}.")
+    tau = float(lr) if time_per_step is None else time_per_step
+    if not _positive_finite(tau):
+        raise ValueError(
+            f"`time_per_step` must be a positive finite number; got {time_per_step!r}."
+        )
+    n_steps = round(t_max / tau)
+    if n_steps < 1:
+        raise ValueError(
+            f"t_max = {t_max} is less than one step of {tau}: raise t_max or lower lr."
+        )
+    if optimizer is not None and not isinstance(
+        optimizer, optax.GradientTransformation
+    ):
+        raise TypeError(
+            "`optimizer` must be an optax.GradientTransformation (e.g. optax.sgd(0.1, "
+            f"momentum=0.9)); got {type(optimizer).__name__}."
+        )
+    ts_np = resolve_save_times(t_max, ts, n_save, spacing)
+    save_steps = np.unique(np.clip(np.rint(ts_np / tau), 0, n_steps).astype(np.int64))
+    save_steps[-1] = n_steps  # the last save is the last step, even if t_max rounds
+    params0, seed = initial_params(model, params0, key)
+    dtype = jnp.result_type(*jax.tree.leaves(params0))
+    metrics = check_metrics(metrics)
+
+    with CompileTimer() as timer, matmul_precision_context(matmul_precision):
+        out = jax.block_until_ready(
+            _descend(
+                loss_fn,
+                params0,
+                data,
+                jnp.asarray(save_steps, dtype=jnp.int32),
+                jnp.asarray(lr, dtype=dtype),
+                optimizer,
+                metrics,
+            )
+        )
+    out["ts"] = jnp.asarray(save_steps * tau, dtype=dtype)
+    n_saves = len(save_steps)
+    stats = {
+        "num_steps": n_steps,
+        "num_solver_grad_evals": n_steps,
+        "num_save_grad_evals": n_saves,
+        "num_grad_evals": n_steps + n_saves,
+    }
+    meta = {
+        "gflow_version": gflow_version(),
+        "kind": "discrete",
+        "solver": "gradient_descent" if optimizer is None else "optax",
+        "lr": float(lr),
+        "time_per_step": tau,
+        "seed": seed,
+        "dtype": str(dtype),
+        "t_max": n_steps * tau,
+        "matmul_precision": matmul_precision,
+        "backend": jax.default_backend(),
+    }
+    traj = make_trajectory(out, list(range(n_saves)), "successful", stats, timer, meta)
+    if throw and not traj.succeeded:
+        last = float(traj.ts[-1]) if len(traj) else 0.0
+        raise SimulationError(
+            f"gflow.gradient_descent: the iterates diverged (inf/NaN) after t = "
+            f"{last:g} (step {round(last / tau)}) with lr = {lr:g}. The learning rate "
+            "is probably above 2 / (top Hessian eigenvalue) somewhere on the path: "
+            "lower it, or use gflow.simulate for the flow itself. Pass throw=False to "
+            "get the trajectory up to that point.",
+            traj.result,
+            traj,
+        )
+    return traj
+
+
+def _positive_finite(x: Any) -> bool:
+    try:
+        return math.isfinite(float(x)) and float(x) > 0
+    except (TypeError, ValueError):
+        return False
+
+
+@eqx.filter_jit
+def _descend(
+    loss_fn: LossFn,
+    params0: Any,
+    data: Any,
+    save_steps: jax.Array,
+    lr: jax.Array,
+    optimizer: optax.GradientTransformation | None,
+    metrics: tuple,
+):
+    checked_loss(loss_fn, params0, data)
+    grad_fn = jax.grad(loss_fn)
+    opt_state0 = None if optimizer is None else optimizer.init(params0)
+
+    def step(_, carry):
+        params, opt_state = carry
+        grads = grad_fn(params, data)
+        if optimizer is None:
+            return jax.tree.map(lambda p, g: p - lr * g, params, grads), opt_state
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    def segment(carry, n):
+        carry = jax.lax.fori_loop(0, n, step, carry)
+        return carry, carry[0]
+
+    _, saved = jax.lax.scan(segment, (params0, opt_state0), jnp.diff(save_steps))
+    ys = jax.tree.map(lambda p0, s: jnp.concatenate([p0[None], s]), params0, saved)
+    loss, velocity, metric_values = evaluate_saves(loss_fn, metrics, ys, data)
+    return dict(
+        params=ys,
+        velocity=velocity,
+        loss=loss,
+        grad_norm=jax.vmap(tree_norm)(velocity),
+        metrics=metric_values,
+    )
+
+
+class Comparison(eqx.Module):
+    """Two trajectories compared at their common save times (see `gflow.compare`).
+
+    Attributes:
+        ts: the common save times.
+        param_distance: `‖θ_b(t) − θ_a(t)‖ / ‖θ_a(t)‖` over all parameters.
+        loss_gap: `L_b(t) − L_a(t)`.
+        tol: the tolerance used for `first_difference_time`.
+        first_difference_time: the first common time at which `param_distance`
+            exceeds `tol`, or None if it never does.
+    """
+
+    ts: np.ndarray
+    param_distance: np.ndarray
+    loss_gap: np.ndarray
+    tol: float
+    first_difference_time: float | None
+
+    @property
+    def max_param_distance(self) -> float:
+        return float(np.max(self.param_distance))
+
+    @property
+    def max_loss_gap(self) -> float:
+        return float(np.max(np.abs(self.loss_gap)))
+
+
+def compare(a: Trajectory, b: Trajectory, *, tol: float = 1e-2) -> Comparison:
+    """Compare trajectory `b` with the reference `a` at their common save times.
+
+    Times are matched to a relative 1e-9, so run both with the same `ts` (gradient
+    descent rounds its save times to whole steps: pass its `gd.ts` to `simulate`).
+
+    Args:
+        a: the reference (e.g. the flow).
+        b: the other run (e.g. gradient descent).
+        tol: the relative parameter distance that counts as "differing".
+
+    Returns:
+        A `Comparison` with `ts`, `param_distance`, `loss_gap` and
+        `first_difference_time`.
+
+    Raises:
+        ValueError: different parameter structures or shapes, or fewer than two
+            common save times.
+
+    Example:
+        >>> gd = gflow.gradient_descent(model, data, 100.0, lr=0.1, key=0)
+        >>> flow = gflow.simulate(model, data, 100.0, key=0, ts=gd.ts)
+        >>> c = gflow.compare(flow, gd, tol=1e-3)
+        >>> c.first_difference_time, c.max_param_distance
+    """
+    if not isinstance(a, Trajectory) or not isinstance(b, Trajectory):
+        raise TypeError("compare(a, b) takes two gflow.Trajectory objects.")
+    if not _positive_finite(tol):
+        raise ValueError(f"`tol` must be a positive finite number; got {tol!r}.")
+    shapes_a = jax.tree.map(lambda x: x.shape[1:], a.params)
+    shapes_b = jax.tree.map(lambda x: x.shape[1:], b.params)
+    if jax.tree.structure(a.params) != jax.tree.structure(b.params) or jax.tree.leaves(
+        shapes_a
+    ) != jax.tree.leaves(shapes_b):
+        raise ValueError("the two trajectories have different parameter structures.")
+    ts_a, ts_b = np.asarray(a.ts, dtype=np.float64), np.asarray(b.ts, dtype=np.float64)
+    j = np.clip(np.searchsorted(ts_b, ts_a), 0, len(ts_b) - 1)
+    j_left = np.clip(j - 1, 0, len(ts_b) - 1)
+    j = np.where(np.abs(ts_b[j_left] - ts_a) < np.abs(ts_b[j] - ts_a), j_left, j)
+    match = np.isclose(ts_b[j], ts_a, rtol=1e-9, atol=1e-12)
+    if match.sum() < 2:
+        raise ValueError(
+            "the trajectories share fewer than two save times; run both with the "
+            "same `ts` (e.g. simulate(..., ts=gd.ts))."
+        )
+    i, j = np.nonzero(match)[0], j[match]
+
+    def flat(traj, rows):
+        leaves = [
+            np.asarray(x)[rows].reshape(len(rows), -1)
+            for x in jax.tree.leaves(traj.params)
+        ]
+        return np.concatenate(leaves, axis=1).astype(np.float64)
+
+    theta_a, theta_b = flat(a, i), flat(b, j)
+    distance = np.linalg.norm(theta_b - theta_a, axis=1) / np.linalg.norm(
+        theta_a, axis=1
+    )
+    loss_gap = np.asarray(b.loss, np.float64)[j] - np.asarray(a.loss, np.float64)[i]
+    over = np.nonzero(distance > tol)[0]
+    return Comparison(
+        ts=ts_a[i],
+        param_distance=distance,
+        loss_gap=loss_gap,
+        tol=float(tol),
+        first_difference_time=float(ts_a[i][over[0]]) if len(over) else None,
+    )

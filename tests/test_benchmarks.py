@@ -1,0 +1,77 @@
+"""Small versions of the benchmark scripts: they run and their peers are correct.
+
+Timing is not asserted here (that is what the benchmarks measure); only that the
+scripts work and that the peer stepping rules integrate the flow they claim to.
+"""
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.linalg
+
+BENCHMARKS = pathlib.Path(__file__).parent.parent / "benchmarks"
+
+
+def load(name):
+    sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_peer_stepping_rules_follow_the_flow():
+    flow_vs_gd = load("flow_vs_gd")
+    a = jnp.diag(jnp.array([0.5, 1.0, 4.0]))
+    x0 = jnp.array([1.0, -1.0, 0.5])
+    ts = jnp.array([0.0, 0.3, 0.6, 1.2, 2.4])
+
+    def grad(x):
+        return a @ x
+
+    exact = np.stack([scipy.linalg.expm(-float(t) * np.asarray(a)) @ x0 for t in ts])
+    saved, evals = jax.jit(lambda x: flow_vs_gd.rk4_sharpness(grad, x, ts))(x0)
+    # dt = 1/λ_max = 0.25, so hλ = 1 on the fastest mode: one RK4 step multiplies
+    # it by 1 − 1 + 1/2 − 1/6 + 1/24 = 0.375 instead of e^{−1} = 0.3679, an error
+    # of 0.5 * 0.0071 = 0.0036 on its initial value 0.5 (decaying afterwards).
+    assert np.max(np.abs(np.asarray(saved) - exact)) < 0.0036
+    steps = int(np.ceil(2.4 / 0.25)) + 4  # landing on save times adds short steps
+    assert 4 * 10 <= int(evals) <= 4 * steps + 2 * 11 * 3
+    saved, evals = jax.jit(lambda x: flow_vs_gd.adaptive_euler(grad, x, ts))(x0)
+    assert np.max(np.abs(np.asarray(saved) - exact)) < 5e-2
+    assert int(evals) > 10
+
+
+def test_flow_vs_gd_runs(tmp_path):
+    results = load("flow_vs_gd").main(
+        ["--problems", "quadratic", "--quick", "--results", str(tmp_path)]
+    )
+    rows = {r["method"]: r for r in results["quadratic"]["rows"]}
+    # Tighter tolerances give smaller errors; GD's error shrinks with its rate.
+    assert (
+        rows["gflow tsit5 rtol=1e-08"]["error"]
+        < rows["gflow tsit5 rtol=0.0001"]["error"]
+    )
+    assert rows["GD lr=0.03"]["error"] < rows["GD lr=0.1"]["error"]
+    assert rows["GD lr=0.1"]["grad_evals"] == 300
+    saved = json.loads(
+        (tmp_path / f"flow_vs_gd_{jax.default_backend()}.json").read_text()
+    )
+    assert (
+        saved["problems"]["quadratic"]["rows"][0]["method"] == "gflow tsit5 rtol=0.0001"
+    )
+    assert (
+        tmp_path / f"flow_vs_gd_{jax.default_backend()}.png"
+    ).stat().st_size > 10_000
+
+
+def test_overhead_script_model():
+    overhead = load("overhead")
+    data, params0 = overhead.make_problem()
+    assert sum(x.size for x in jax.tree.leaves(params0)) == 41_473
+    assert float(overhead.loss(params0, data)) > 0
