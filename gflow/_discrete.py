@@ -208,7 +208,8 @@ class Comparison(eqx.Module):
 
     Attributes:
         ts: the common save times.
-        param_distance: `‖θ_b(t) − θ_a(t)‖ / ‖θ_a(t)‖` over all parameters.
+        param_distance: `‖θ_b(t) − θ_a(t)‖ / max(‖θ_a(t)‖, ‖θ_b(t)‖)` over all
+            parameters (0 where both are zero).
         loss_gap: `L_b(t) − L_a(t)`.
         tol: the tolerance used for `first_difference_time`.
         first_difference_time: the first common time at which `param_distance`
@@ -285,9 +286,11 @@ def compare(a: Trajectory, b: Trajectory, *, tol: float = 1e-2) -> Comparison:
         return np.concatenate(leaves, axis=1).astype(np.float64)
 
     theta_a, theta_b = flat(a, i), flat(b, j)
-    distance = np.linalg.norm(theta_b - theta_a, axis=1) / np.linalg.norm(
-        theta_a, axis=1
-    )
+    # Relative to the larger of the two norms, and 0 where both are zero (e.g.
+    # parameters that start at zero), so the measure is always defined.
+    scale = np.maximum(np.linalg.norm(theta_a, axis=1), np.linalg.norm(theta_b, axis=1))
+    gap = np.linalg.norm(theta_b - theta_a, axis=1)
+    distance = np.where(scale > 0, gap / np.where(scale > 0, scale, 1.0), 0.0)
     loss_gap = np.asarray(b.loss, np.float64)[j] - np.asarray(a.loss, np.float64)[i]
     over = np.nonzero(distance > tol)[0]
     return Comparison(

@@ -83,6 +83,12 @@ def test_compare():
     c = gflow.compare(same, same)
     assert c.max_param_distance == 0 and c.max_loss_gap == 0
     assert c.first_difference_time is None
+    # Parameters starting at zero: the distance there is 0, not 0/0.
+    zero = jax.tree.map(jnp.zeros_like, params0)
+    gd0 = gflow.gradient_descent(loss, data, 1.0, 0.1, params0=zero, n_save=5)
+    flow0 = gflow.simulate(loss, data, 1.0, params0=zero, ts=gd0.ts)
+    c0 = gflow.compare(flow0, gd0)
+    assert c0.param_distance[0] == 0 and np.all(np.isfinite(c0.param_distance))
     # GD departs from the flow by O(lr): ten times the rate, ten times the distance.
     distances = []
     for lr in (0.01, 0.001):
