@@ -9,7 +9,9 @@ A 41,473-parameter tanh MLP (32 -> 256 -> 128 -> 1) regresses a random teacher o
 
 and report simulate's run time divided by (number of gradient evaluations x bare
 gradient time). A ratio of 1.0 means the solver costs nothing beyond its gradients.
-Both are measured in the same run. The number of gradient evaluations counts every
+Both are measured in the same run. It also measures the compile time of simulate
+(its first call minus nothing else: JAX's own compile events) for each built-in
+model at the sizes the examples use. The number of gradient evaluations counts every
 gradient simulate evaluated: solver stages plus the loss/gradient of each saved
 state (the latter batched, so cheaper per gradient).
 
@@ -29,6 +31,7 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 from _common import median_time, write_results  # noqa: E402
 
 import gflow  # noqa: E402
+from gflow import models  # noqa: E402
 
 SIZES = (32, 256, 128, 1)
 N_EXAMPLES = 1024
@@ -60,11 +63,42 @@ def make_problem(seed=0):
     return data, init_mlp(k_student)
 
 
+def model_compile_times():
+    """simulate's compile time for each built-in model (float32, default solver)."""
+    key = jax.random.key(0)
+    cases = {
+        "CooccurrenceTransformer (paper scale)": (
+            models.CooccurrenceTransformer(d=64, L=5, m=128, m1=256),
+            models.cooccurrence_data(key, 60, 5, 64),
+        ),
+        "MarkovTransformer (d=8, 256 x 16)": (
+            models.MarkovTransformer(d=8, seq_len=16, init="makkuva"),
+            models.markov_data(key, 0.5, 0.8, 256, 16),
+        ),
+        "MarkovCanonical": (models.MarkovCanonical(0.5, 0.8), None),
+        "CondensationTransformer (d_m=8, 64 x 10)": (
+            models.CondensationTransformer(d_m=8, s=10, eps=1e-3),
+            models.anchor_data(key, 64, 8),
+        ),
+        "DeepLinearNetwork (6-8-6)": (
+            models.DeepLinearNetwork((6, 8, 6)),
+            {"x": jnp.ones((32, 6)), "y": jnp.zeros((32, 6))},
+        ),
+    }
+    times = {}
+    for name, (model, data) in cases.items():
+        traj = gflow.simulate(model, data, 1.0, key=1)
+        times[name] = traj.stats["compile_time_s"]
+        print(f"compile time, {name:<42} {times[name]:.2f} s")
+    return times
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--t-max", type=float, default=50.0)
     parser.add_argument("--x64", action="store_true", help="run in float64")
+    parser.add_argument("--results", default=None, help="output folder")
     args = parser.parse_args(argv)
     if args.x64:
         jax.config.update("jax_enable_x64", True)
@@ -106,7 +140,10 @@ def main(argv=None):
             if isinstance(value, float)
             else f"{key:<{width}}  {value}"
         )
-    path = write_results("overhead", {"repeats": args.repeats, "results": rows})
+    compile_times = model_compile_times()
+    payload = {"repeats": args.repeats, "results": rows, "compile_s": compile_times}
+    folder = [args.results] if args.results else []
+    path = write_results("overhead", payload, *folder)
     print(f"wrote {path}")
 
 

@@ -43,8 +43,8 @@ def torch_flow(model, params0, data, ts, rtol, atol):
     import torchdiffeq
 
     torch.set_default_dtype(torch.float64)
-    tokens = torch.as_tensor(np.asarray(data["tokens"]), dtype=torch.long)
-    y = torch.as_tensor(np.asarray(data["y"]))
+    tokens = torch.as_tensor(np.array(data["tokens"]), dtype=torch.long)
+    y = torch.as_tensor(np.array(data["y"]))
     a = torch.as_tensor(model.readout, dtype=torch.float64)
     names = ("W_Q", "W_K", "W_V", "W")
     shapes = [np.asarray(params0[k]).shape for k in names]
@@ -73,7 +73,7 @@ def torch_flow(model, params0, data, ts, rtol, atol):
         return -grad
 
     theta0 = torch.cat(
-        [torch.as_tensor(np.asarray(params0[k])).reshape(-1) for k in names]
+        [torch.as_tensor(np.array(params0[k])).reshape(-1) for k in names]
     )
     start = time.perf_counter()
     with torch.no_grad():
@@ -91,6 +91,8 @@ def torch_flow(model, params0, data, ts, rtol, atol):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="t = 3, one repeat")
+    parser.add_argument("--results", default=None, help="output folder")
     args = parser.parse_args(argv)
     try:
         import torch
@@ -105,8 +107,9 @@ def main(argv=None):
     model = CooccurrenceTransformer(d=64, L=5, m=128, m1=256)
     data = cooccurrence_data(jax.random.key(0), 60, 5, 64)
     params0 = model.init(jax.random.key(1))
-    t_max = 300.0
-    ts = gflow.save_times(t_max, 31, t_first=0.03)
+    t_max = 3.0 if args.quick else 300.0
+    repeats = 1 if args.quick else args.repeats
+    ts = gflow.save_times(t_max, 31, t_first=t_max * 1e-4)
     names = ("W_Q", "W_K", "W_V", "W")
 
     def flat(traj):
@@ -149,7 +152,7 @@ def main(argv=None):
                 atol=atol,
             )
             times = []
-            for _ in range(args.repeats):
+            for _ in range(repeats):
                 traj = gflow.simulate(
                     model,
                     data,
@@ -171,7 +174,7 @@ def main(argv=None):
                 )
             )
         times = []
-        for _ in range(args.repeats):
+        for _ in range(repeats):
             states, nfev, seconds = torch_flow(model, params0, data, ts, rtol, atol)
             times.append(seconds)
         rows.append(
@@ -201,10 +204,9 @@ def main(argv=None):
         "torchdiffeq": torchdiffeq.__version__,
         "torch_threads": torch.get_num_threads(),
     }
-    path = write_results(
-        "peers_torchdiffeq",
-        {"repeats": args.repeats, "t_max": t_max, "versions": versions, "rows": rows},
-    )
+    payload = {"repeats": repeats, "t_max": t_max, "versions": versions, "rows": rows}
+    folder = [args.results] if args.results else []
+    path = write_results("peers_torchdiffeq", payload, *folder)
     print(f"wrote {path}")
     return rows
 

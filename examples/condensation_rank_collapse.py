@@ -13,9 +13,8 @@ Three stages appear, as in their Fig. 1:
    towards rank one (entropy effective rank of Roy & Vetterli → near 1);
 3. further training: the loss falls and the rank partly recovers.
 
-The stage boundaries here are simple rules (condensation above 0.9 for both W_V and
-W1; the minimum of W_Q's effective rank after it); `gflow.detect_phases` (to come)
-will formalise them.
+The stage boundaries come from `gflow.detect_condensation_stages`: condensation
+above 0.9 for both W_V and W1, then the minimum of W_Q's effective rank.
 
 Run:  python examples/condensation_rank_collapse.py [--full] [--out DIR]
 (--full: d_m = 16, 256 samples, t up to 40,000 instead of d_m = 8, 64 samples,
@@ -40,7 +39,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import gflow  # noqa: E402
-from gflow.metrics import effective_rank, row_condensation  # noqa: E402
+from gflow.metrics import effective_rank  # noqa: E402
 from gflow.models import CondensationTransformer, anchor_data  # noqa: E402
 
 MATRICES = ("W_Q", "W_K", "W_V", "W1")
@@ -51,10 +50,6 @@ def run(d_m, n, eps, t_max, seed=0):
     data = anchor_data(jax.random.key(seed), n, d_m)
     metrics = {
         "effective_rank": lambda p, d: {k: effective_rank(p[k]) for k in MATRICES},
-        "condensation": lambda p, d: {
-            "W_V": row_condensation(p["W_V"]),
-            "W1": row_condensation(p["W1"]),
-        },
         "balances": model.stage1_balances,
     }
     # Log-spaced saves for the slow escape, plus linearly spaced ones for the short
@@ -62,15 +57,6 @@ def run(d_m, n, eps, t_max, seed=0):
     ts = np.union1d(np.geomspace(1.0, t_max, 300), np.linspace(0.0, t_max, 601))
     traj = gflow.simulate(model, data, t_max, ts=ts, key=seed + 1, metrics=metrics)
     return model, traj
-
-
-def stages(traj):
-    cond = traj.metrics["condensation"]
-    condensed = (np.asarray(cond["W_V"]) > 0.9) & (np.asarray(cond["W1"]) > 0.9)
-    end1 = int(condensed.argmax()) if condensed.any() else len(condensed) - 1
-    ranks = np.asarray(traj.metrics["effective_rank"]["W_Q"])
-    collapse = end1 + int(ranks[end1:].argmin())
-    return end1, collapse
 
 
 def relative_change(traj, name):
@@ -170,8 +156,13 @@ def main(argv=None):
     d_m, n, t_max = (16, 256, 40000.0) if args.full else (8, 64, 12000.0)
 
     model, traj = run(d_m, n, args.eps, t_max)
-    end1, collapse = stages(traj)
+    stages = gflow.detect_condensation_stages(traj)
     print(traj.summary())
+    print(stages.summary())
+    if not stages.found:
+        raise SystemExit("no condensation found; see the summary above")
+    ts = np.asarray(traj.ts)
+    end1, collapse = np.searchsorted(ts, stages.t1), np.searchsorted(ts, stages.t2)
     first, second = (np.asarray(b) for b in traj.metrics["balances"])
     result = {
         "setting": {"d_m": d_m, "n": n, "eps": args.eps, "t_max": t_max},

@@ -6,8 +6,10 @@ initialisation, and t = 300 (their 30,000 gradient-descent steps at lr 0.01).
 
 What the flow shows (float64, Tsit5 at rtol 1e-8):
 
-* Phase 1 ends at t ≈ 0.2: every sample is classified correctly and
-  G(µ1), G(µ2) > 0 > G(µ3), while W_Kᵀ W_Q has moved by well under 1% of its norm.
+* Phase 1 ends at t ≈ 0.2 (found by `gflow.detect_phases`): every sample is
+  classified correctly and G(µ1), G(µ2) > 0 > G(µ3), while W_Q, W_K and W_KᵀW_Q
+  have moved by well under 1% of their norms (the value matrix W_V, part of the
+  MLP's path G(µ) = aᵀ W W_V µ, moves by 8%).
 * Phase 2: µ2ᵀW_KᵀW_Qµ1 and µ1ᵀW_KᵀW_Qµ2 rise, µ3ᵀW_KᵀW_Qµ1 and µ3ᵀW_KᵀW_Qµ2 fall,
   steadily; the loss falls below 1e-4 by t = 300; the gradient weights of the
   one-target groups I2 and I3 stay balanced (their Lemma 4.4).
@@ -65,14 +67,11 @@ def run(t_max=300.0, init="paper", seed=0, n_save=301):
     data = cooccurrence_data(jax.random.key(seed), 60, 5, 64)
     words = jnp.array([TARGET_1, TARGET_2, COMMON])
 
-    def balance(params, data):
+    def balance(params, data):  # Lemma 4.4: groups I2 (µ1 only) and I3 (µ2 only)
         g = model.gradient_weights(params, data)
-        s2 = jnp.sum(jnp.where(data["group"] == 1, g, 0.0))
-        s3 = jnp.sum(jnp.where(data["group"] == 2, g, 0.0))
-        return jnp.abs(s2 - s3) / jnp.minimum(s2, s3)
+        return gflow.metrics.gradient_balance(g, data["group"], 1, 2)
 
     metrics = {
-        "margin_min": lambda p, d: jnp.min(model.margins(p, d)),
         "G": lambda p, d: model.mlp_value(p, words),
         "key_query": lambda p, d: model.key_query(p),
         "group_losses": model.group_losses,
@@ -90,14 +89,7 @@ def run(t_max=300.0, init="paper", seed=0, n_save=301):
         rtol=1e-8,
         atol=1e-10,
     )
-    return model, traj
-
-
-def phase_one_end(traj) -> int:
-    g = np.asarray(traj.metrics["G"])
-    aligned = (np.asarray(traj.metrics["margin_min"]) > 0) & (g[:, 0] > 0)
-    aligned &= (g[:, 1] > 0) & (g[:, 2] < 0)
-    return int(aligned.argmax()) if aligned.any() else len(aligned) - 1
+    return model, data, traj
 
 
 def figure(traj, t1_index):
@@ -190,9 +182,13 @@ def main(argv=None):
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    _, traj = run(args.t_max, args.init, args.seed)
-    t1_index = phase_one_end(traj)
+    model, data, traj = run(args.t_max, args.init, args.seed)
+    phases = gflow.detect_phases(traj, model, data)
     print(traj.summary())
+    print(phases.summary())
+    if not phases.found:
+        raise SystemExit("no Phase 1 / Phase 2 structure found; see the summary above")
+    t1_index = int(np.searchsorted(np.asarray(traj.ts), phases.t1))
     result = summary(traj, t1_index)
     print(json.dumps({k: v for k, v in result.items() if k != "solver"}, indent=2))
     figure(traj, t1_index).savefig(out / "cooccurrence_phases.png", dpi=110)

@@ -11,6 +11,10 @@ from ._discrete import Comparison as Comparison
 from ._discrete import compare as compare
 from ._discrete import gradient_descent as gradient_descent
 from ._errors import SimulationError as SimulationError
+from ._phases import Phases as Phases
+from ._phases import PhaseSpec as PhaseSpec
+from ._phases import detect_condensation_stages as detect_condensation_stages
+from ._phases import detect_phases as detect_phases
 from ._run import gflow_version as _gflow_version
 from ._simulate import simulate as simulate
 from ._solvers import SOLVERS as SOLVERS

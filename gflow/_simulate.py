@@ -51,6 +51,7 @@ class _Config(eqx.Module):
     max_steps: int = eqx.field(static=True)
     stop_at_loss: jax.Array | None
     stop_at_grad_norm: jax.Array | None
+    stop_when: Callable | None = eqx.field(static=True)
     metrics: tuple[tuple[str, Callable], ...] = eqx.field(static=True)
     progress: bool = eqx.field(static=True)
 
@@ -73,6 +74,7 @@ def simulate(
     metrics: Mapping[str, Callable[[Any, Any], Any]] | None = None,
     stop_at_loss: float | None = None,
     stop_at_grad_norm: float | None = None,
+    stop_when: Callable[[Any, Any], Any] | None = None,
     throw: bool = True,
     progress: bool = False,
     matmul_precision: str | None = "highest",
@@ -119,6 +121,9 @@ def simulate(
         stop_at_grad_norm: stop at the end of the first step where the gradient
             norm is at most this value. Costs one gradient per step (counted in
             `num_grad_evals`).
+        stop_when: `fn(params, data) -> bool`: stop at the end of the first step
+            where it holds (e.g. a model's `phase_spec.alignment`, to stop at the
+            end of Phase 1). Evaluated once per step.
         throw: raise `gflow.SimulationError` when the solve fails (max_steps
             reached, divergence to inf/NaN, step size collapse). With False the
             trajectory up to the failure is returned and `traj.result` says why.
@@ -165,6 +170,7 @@ def simulate(
         metrics,
         stop_at_loss,
         stop_at_grad_norm,
+        stop_when,
         progress,
     )
     ts_arr = jnp.asarray(ts_np, dtype=dtype)
@@ -203,6 +209,7 @@ def _make_config(
     metrics,
     stop_at_loss,
     stop_at_grad_norm,
+    stop_when,
     progress,
 ) -> _Config:
     """Validate the solver options and pack them for the compiled solve."""
@@ -243,6 +250,8 @@ def _make_config(
             f"`stop_at_grad_norm` must be positive; got {stop_at_grad_norm!r}."
         )
     metrics = check_metrics(metrics)
+    if stop_when is not None and not callable(stop_when):
+        raise TypeError("`stop_when` must be a function fn(params, data) -> bool.")
 
     def array(x):
         return None if x is None else jnp.asarray(x, dtype=dtype)
@@ -256,6 +265,7 @@ def _make_config(
         max_steps=int(max_steps),
         stop_at_loss=array(stop_at_loss),
         stop_at_grad_norm=array(stop_at_grad_norm),
+        stop_when=stop_when,
         metrics=metrics,
         progress=bool(progress),
     )
@@ -289,6 +299,12 @@ def _solve(loss_fn: LossFn, params0: Any, data: Any, ts: jax.Array, config: _Con
             return tree_norm(grad_fn(y, args)) <= config.stop_at_grad_norm
 
         conds["grad_norm"] = grad_cond
+    if config.stop_when is not None:
+
+        def user_cond(t, y, args, **kwargs):
+            return jnp.asarray(config.stop_when(y, args), dtype=bool)
+
+        conds["condition"] = user_cond
     event = None
     if conds:
         tol = 1e-10 if ts.dtype == jnp.float64 else 1e-5
@@ -364,9 +380,13 @@ def _result_name(result, event_mask) -> str:
     if result == diffrax.RESULTS.successful:
         return "successful"
     if result == diffrax.RESULTS.event_occurred:
-        if bool(event_mask.get("loss", False)):
-            return "stopped_at_loss"
-        return "stopped_at_grad_norm"
+        for name, result_name in (
+            ("loss", "stopped_at_loss"),
+            ("grad_norm", "stopped_at_grad_norm"),
+            ("condition", "stopped_by_condition"),
+        ):
+            if bool(event_mask.get(name, False)):
+                return result_name
     if result == diffrax.RESULTS.max_steps_reached:
         return "max_steps_reached"
     if result == diffrax.RESULTS.dt_min_reached:

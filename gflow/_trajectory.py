@@ -14,7 +14,12 @@ import numpy as np
 from ._tree import structure_from_json, structure_to_json
 
 #: `Trajectory.result` values that mean the run ended where it was asked to.
-SUCCESS_RESULTS = ("successful", "stopped_at_loss", "stopped_at_grad_norm")
+SUCCESS_RESULTS = (
+    "successful",
+    "stopped_at_loss",
+    "stopped_at_grad_norm",
+    "stopped_by_condition",
+)
 _FORMAT_VERSION = 1
 
 
@@ -35,8 +40,9 @@ class Trajectory(eqx.Module):
         grad_norm: `(T,)` Euclidean norm of the gradient at the saved states.
         metrics: `{name: values}`, each value with a leading axis of length `T`.
         result: why the run ended: `"successful"`, `"stopped_at_loss"`,
-            `"stopped_at_grad_norm"`, `"max_steps_reached"`, `"diverged"`,
-            `"dt_min_reached"` or `"solver_failed"`.
+            `"stopped_at_grad_norm"`, `"stopped_by_condition"`,
+            `"max_steps_reached"`, `"diverged"`, `"dt_min_reached"` or
+            `"solver_failed"`.
         stats: counters and timings (`num_steps`, `num_accepted_steps`,
             `num_rejected_steps`, `num_grad_evals`, `wall_time_s`,
             `compile_time_s`, ...).

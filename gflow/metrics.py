@@ -7,6 +7,8 @@ as `lambda params, data: effective_rank(params["W_Q"])`) or on a saved trajector
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -59,3 +61,140 @@ def relative_drift(x, x0) -> jax.Array:
     diff = jax.tree.map(lambda a, b: jnp.sum((a - b) ** 2), x, x0)
     base = jax.tree.map(lambda b: jnp.sum(b**2), x0)
     return jnp.sqrt(sum(jax.tree.leaves(diff)) / sum(jax.tree.leaves(base)))
+
+
+def cosine(u, v) -> jax.Array:
+    """Cosine between two pytrees (or arrays) taken as flat vectors."""
+    dot = sum(jax.tree.leaves(jax.tree.map(lambda a, b: jnp.sum(a * b), u, v)))
+    norm_u = jnp.sqrt(sum(jax.tree.leaves(jax.tree.map(lambda a: jnp.sum(a**2), u))))
+    norm_v = jnp.sqrt(sum(jax.tree.leaves(jax.tree.map(lambda a: jnp.sum(a**2), v))))
+    return dot / (norm_u * norm_v)
+
+
+def norms_by_key(tree: dict) -> dict[str, jax.Array]:
+    """The Euclidean norm of each top-level entry of a parameter dict.
+
+    Example:
+        >>> gflow.metrics.norms_by_key({"W": jnp.ones((2, 2)), "b": jnp.zeros(3)})
+        {'W': Array(2., dtype=float32), 'b': Array(0., dtype=float32)}
+    """
+    return {
+        key: jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(value)))
+        for key, value in tree.items()
+    }
+
+
+def grad_norms_by_key(loss: Callable) -> Callable:
+    """A metric `fn(params, data)`: the gradient norm of each top-level entry."""
+
+    def metric(params, data):
+        return norms_by_key(jax.grad(loss)(params, data))
+
+    return metric
+
+
+def group_means(values: jax.Array, groups: jax.Array, n_groups: int) -> jax.Array:
+    """Mean of `values` within each group `0..n_groups−1` (NaN for an empty group)."""
+    onehot = jax.nn.one_hot(groups, n_groups, dtype=values.dtype)
+    return (onehot.T @ values) / jnp.sum(onehot, axis=0)
+
+
+def gradient_balance(weights: jax.Array, groups: jax.Array, a: int, b: int):
+    """Yang et al.'s Lemma 4.4 ratio `|Σ_a g − Σ_b g| / min(Σ_a g, Σ_b g)`.
+
+    `weights` are per-sample gradient weights g_i (e.g.
+    `CooccurrenceTransformer.gradient_weights`), `groups` their groups; for their
+    one-target groups I2 and I3 use a = 1, b = 2. Small values mean the two groups'
+    losses fall at the same rate.
+    """
+    sum_a = jnp.sum(jnp.where(groups == a, weights, 0))
+    sum_b = jnp.sum(jnp.where(groups == b, weights, 0))
+    return jnp.abs(sum_a - sum_b) / jnp.minimum(sum_a, sum_b)
+
+
+def _hvp(loss, params, data, v):
+    return jax.jvp(lambda p: jax.grad(loss)(p, data), (params,), (v,))[1]
+
+
+def _power_iteration(apply, v, iters):
+    def unit(x):
+        n = jnp.sqrt(sum(jnp.sum(leaf**2) for leaf in jax.tree.leaves(x)))
+        return jax.tree.map(lambda leaf: leaf / n, x)
+
+    v = jax.lax.fori_loop(0, iters, lambda _, v: unit(apply(v)), unit(v))
+    hv = apply(v)
+    value = sum(jax.tree.leaves(jax.tree.map(lambda a, b: jnp.sum(a * b), v, hv)))
+    return value, v
+
+
+def sharpness(loss, params, data, *, v0=None, iters: int = 50, key=None):
+    """The top (algebraically largest) Hessian eigenvalue λ_max by power iteration.
+
+    Uses Hessian-vector products only (forward-over-reverse), never the Hessian.
+    Power iteration finds the eigenvalue of largest magnitude μ; if μ < 0 a second
+    iteration on H − μI finds λ_max = μ + (top eigenvalue of H − μI). Pass the
+    previous eigenvector as `v0` to warm-start along a trajectory.
+
+    Gradient descent with learning rate η stays close to the flow only while
+    λ_max < 2/η (see `gd_is_stable`).
+
+    Args:
+        loss: `loss(params, data)`.
+        params, data: where to evaluate the Hessian.
+        v0: starting vector (a pytree like params); default random from `key`.
+        iters: power iterations (each one HVP).
+        key: PRNG key for the default `v0` (default key 0).
+
+    Returns:
+        `(λ_max, eigenvector)`.
+    """
+    if v0 is None:
+        leaves, treedef = jax.tree.flatten(params)
+        keys = jax.random.split(jax.random.key(0) if key is None else key, len(leaves))
+        v0 = jax.tree.unflatten(
+            treedef,
+            [
+                jax.random.normal(k, x.shape, x.dtype)
+                for k, x in zip(keys, leaves, strict=True)
+            ],
+        )
+
+    def apply(v):
+        return _hvp(loss, params, data, v)
+
+    mu, v = _power_iteration(apply, v0, iters)
+
+    def shifted(_):
+        def apply_shifted(w):
+            return jax.tree.map(lambda hw, x: hw - mu * x, apply(w), w)
+
+        nu, w = _power_iteration(apply_shifted, v0, iters)
+        return mu + nu, w
+
+    return jax.lax.cond(mu < 0, shifted, lambda _: (mu, v), None)
+
+
+def gd_is_stable(top_eigenvalue, lr) -> jax.Array:
+    """Whether GD with learning rate `lr` is locally stable there: λ_max < 2 / lr."""
+    return top_eigenvalue < 2.0 / lr
+
+
+def sharpness_along(traj, loss, data, *, iters: int = 30):
+    """λ_max at every save of a trajectory, each power iteration warm-started from
+    the previous save's eigenvector (so few iterations suffice). Shape `(T,)`."""
+    first = jax.tree.map(lambda x: x[0], traj.params)
+    _, v0 = sharpness(loss, first, data, iters=iters)
+
+    def step(v, params):
+        value, v = sharpness(loss, params, data, v0=v, iters=iters)
+        return v, value
+
+    _, values = jax.lax.scan(step, v0, traj.params)
+    return values
+
+
+def drift(values) -> jax.Array:
+    """max_t |q(t) − q(0)| of a conserved quantity saved along a trajectory
+    (leading time axis; any trailing shape)."""
+    values = jnp.asarray(values)
+    return jnp.max(jnp.abs(values - values[0]))

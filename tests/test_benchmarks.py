@@ -70,8 +70,27 @@ def test_flow_vs_gd_runs(tmp_path):
     ).stat().st_size > 10_000
 
 
-def test_overhead_script_model():
+def test_overhead_runs(tmp_path):
     overhead = load("overhead")
     data, params0 = overhead.make_problem()
     assert sum(x.size for x in jax.tree.leaves(params0)) == 41_473
-    assert float(overhead.loss(params0, data)) > 0
+    overhead.main(["--t-max", "1", "--repeats", "1", "--results", str(tmp_path)])
+    saved = json.loads(
+        (tmp_path / f"overhead_{jax.default_backend()}.json").read_text()
+    )
+    assert saved["results"]["parameters"] == 41_473
+    assert saved["results"]["overhead_ratio"] > 0
+    assert len(saved["compile_s"]) == 5
+
+
+def test_peers_torchdiffeq_runs_or_says_why(tmp_path, capsys):
+    rows = load("peers_torchdiffeq").main(["--quick", "--results", str(tmp_path)])
+    if rows is None:  # torch or torchdiffeq not installed (the 'peers' extra)
+        assert "skipped: this benchmark needs torch and torchdiffeq" in (
+            capsys.readouterr().out
+        )
+        return
+    by_method = {(r["method"], r["rtol"]): r for r in rows}
+    # All three solve the same flow: errors at the solvers' tolerance level.
+    for (method, rtol), row in by_method.items():
+        assert row["error"] < 1e3 * rtol, method

