@@ -4,8 +4,9 @@ For each problem a tight float64 flow (Dopri8, rtol 1e-12) is the reference. Eve
 method produces the parameters at the same save times (multiples of 0.3, so that
 every GD learning rate below lands on them exactly); its trajectory error is the
 largest relative parameter distance to the reference over those times. We report
-that error, the gradient evaluations spent stepping, and the run time (compile
-excluded: each JAX method runs once to compile, then is timed), all in one run.
+that error, the gradient evaluations spent stepping, and the run time: each method
+runs once first (compiling), then the median of three timed runs (one timed run
+for those over 10 s), all in one run.
 
 Methods:
 * gflow.simulate with Tsit5, Dopri5, Dopri8 at rtol 1e-4, 1e-6 (default), 1e-8;
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import functools
 import pathlib
+import statistics
 import sys
 import time
 
@@ -83,13 +85,26 @@ def save_grid(t_max, n=31):
     return np.concatenate([[0.0], steps * SAVE_UNIT])
 
 
-def timed(run):
-    """Run once (compiling), then time a second run; returns (result, seconds)."""
-    run()
-    start = time.perf_counter()
-    result = run()
-    jax.block_until_ready(result)
-    return result, time.perf_counter() - start
+def timed(run, seconds_of=None, repeats=3, slow_s=10.0):
+    """Warm up (compile) with one call, then the median time of `repeats` calls.
+
+    Runs slower than `slow_s` are timed once (GD at lr 0.003 takes minutes on the
+    CPU). `seconds_of(result)` reads the time from the result (a Trajectory's own
+    wall time); by default the call is timed from outside. Returns
+    (first result, last result, median seconds).
+    """
+    first = run()
+    times = []
+    while len(times) < repeats and not (times and times[0] > slow_s):
+        start = time.perf_counter()
+        result = jax.block_until_ready(run())
+        elapsed = time.perf_counter() - start
+        times.append(elapsed if seconds_of is None else seconds_of(result))
+    return first, result, statistics.median(times)
+
+
+def trajectory_seconds(traj):
+    return traj.stats["wall_time_s"]
 
 
 def flat_trajectory(traj):
@@ -260,19 +275,19 @@ def run_problem(name, quick):
             run = functools.partial(gflow.simulate, model, data, t_max,
                                     params0=params0, ts=ts, solver=solver,
                                     rtol=rtol, atol=rtol * 1e-2)  # fmt: skip
-            first, traj = run(), run()  # the second reuses the compiled program
+            first, traj, seconds = timed(run, trajectory_seconds)
             add(
                 f"gflow {solver} rtol={rtol:g}",
                 f"gflow {solver}",
                 flat_trajectory(traj),
                 traj.stats["num_solver_grad_evals"],
-                traj.stats["wall_time_s"],
+                seconds,
                 first.stats["compile_time_s"],
             )
     for lr in (0.1, 0.03) if quick else (0.1, 0.03, 0.01, 0.003):
         run = functools.partial(gflow.gradient_descent, model, data, t_max, lr,
                                 params0=params0, ts=ts, throw=False)  # fmt: skip
-        first, gd = run(), run()
+        first, gd, seconds = timed(run, trajectory_seconds)
         flat = flat_trajectory(gd)
         if len(gd) < len(ts):  # diverged: infinite error
             flat = np.full_like(ref, np.inf)
@@ -281,16 +296,16 @@ def run_problem(name, quick):
             "gradient descent",
             flat,
             gd.stats["num_steps"],
-            gd.stats["wall_time_s"],
+            seconds,
             first.stats["compile_time_s"],
         )
 
     ts_j = jnp.asarray(ts)
     rk4 = jax.jit(lambda x0, d: rk4_sharpness(lambda x: grad(x, d), x0, ts_j))
-    (flat, evals), seconds = timed(lambda: rk4(flat0, data))
+    _, (flat, evals), seconds = timed(lambda: rk4(flat0, data))
     add("RK4 dt=1/λmax", "RK4 dt=1/λmax", np.asarray(flat), evals, seconds)
     euler = jax.jit(lambda x0, d: adaptive_euler(lambda x: grad(x, d), x0, ts_j))
-    (flat, evals), seconds = timed(lambda: euler(flat0, data))
+    _, (flat, evals), seconds = timed(lambda: euler(flat0, data))
     add("adaptive Euler", "adaptive Euler", np.asarray(flat), evals, seconds)
 
     def rhs(t, y):
@@ -299,17 +314,10 @@ def run_problem(name, quick):
     grad(flat0, data).block_until_ready()
     for method in ("RK45", "DOP853"):
         for rtol in (1e-6, 1e-8):
-            start = time.perf_counter()
-            sol = scipy.integrate.solve_ivp(
-                rhs,
-                (0.0, t_max),
-                np.asarray(flat0),
-                method=method,
-                t_eval=ts,
-                rtol=rtol,
-                atol=rtol * 1e-2,
-            )
-            seconds = time.perf_counter() - start
+            solve = functools.partial(scipy.integrate.solve_ivp, rhs, (0.0, t_max),
+                                      np.asarray(flat0), method=method, t_eval=ts,
+                                      rtol=rtol, atol=rtol * 1e-2)  # fmt: skip
+            _, sol, seconds = timed(solve)
             add(
                 f"scipy {method} rtol={rtol:g}",
                 f"scipy {method}",
