@@ -15,7 +15,7 @@ Binary Markov chain with p = P(0→1) = 0.5 and q = P(1→0) = 0.8 (p + q > 1).
     (held-out losses printed).
 
 Run:  python examples/markov_local_to_global.py [--full | --quick] [--out DIR]
-(--full: 1,024 training sequences of length 32 and t = 2000 instead of 256 of
+(--full: 512 training sequences of length 32 and t = 1000 instead of 256 of
 length 16 and t = 600; --quick: a smoke run whose full model is not converged.)
 Writes DIR/markov_local_to_global.png and DIR/markov_summary.json.
 """
@@ -183,7 +183,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
 
     model, flows = canonical_flows()
-    n_seqs, seq_len, t_max = (1024, 32, 2000.0) if args.full else (256, 16, 600.0)
+    n_seqs, seq_len, t_max = (512, 32, 1000.0) if args.full else (256, 16, 600.0)
     if args.quick:
         n_seqs, seq_len, t_max = 32, 8, 20.0
     runs = full_model_flows(n_seqs, seq_len, t_max)
