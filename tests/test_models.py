@@ -210,6 +210,27 @@ def test_cooccurrence_model_matches_equation_one():
         assert abs(total - float(f)) < 1e-10
 
 
+def test_cooccurrence_helpers():
+    model = CooccurrenceTransformer(d=8, L=4, m=5, m1=6)
+    params = model.init(jax.random.key(5))
+    kq = np.asarray(params["W_K"]).T @ np.asarray(params["W_Q"])
+    vv = np.asarray(params["W_V"]).T @ np.asarray(params["W_V"])
+    for i, j in [(TARGET_2, TARGET_1), (COMMON, TARGET_2), (5, 5)]:
+        assert abs(float(model.attention_score(params, i, j)) - kq[i, j]) < 1e-12
+        assert abs(float(model.value_overlap(params, i, j)) - vv[i, j]) < 1e-12
+    np.testing.assert_allclose(model.key_query(params), kq, atol=1e-12)
+    a = np.array(model.readout, dtype=float)
+    g = a @ np.asarray(params["W"]) @ np.asarray(params["W_V"])
+    np.testing.assert_allclose(model.mlp_value(params, jnp.arange(8)), g, atol=1e-12)
+    data = cooccurrence_data(jax.random.key(6), 12, 4, 8)
+    weights = model.gradient_weights(params, data)
+    margins = model.margins(params, data)
+    np.testing.assert_allclose(weights, 1 / (1 + np.exp(np.asarray(margins))))
+    # g_i = −ℓ'(y_i F_i): the derivative of each sample's loss in its margin.
+    dloss = jax.grad(lambda m: jnp.sum(jax.nn.softplus(-m)))(margins)
+    np.testing.assert_allclose(weights, -dloss, atol=1e-12)
+
+
 def test_cooccurrence_two_phases_at_paper_scale():
     model = CooccurrenceTransformer(d=64, L=5, m=128, m1=256)
     data = cooccurrence_data(jax.random.key(0), 60, 5, 64)

@@ -152,6 +152,14 @@ def test_balance_groups_and_norms():
     )
     norms = metrics.norms_by_key({"a": jnp.array([3.0, 4.0]), "b": {"c": jnp.ones(4)}})
     assert float(norms["a"]) == 5.0 and float(norms["b"]) == 2.0
+
+    def loss(p, d):  # ∂/∂a = a, ∂/∂b = 2 b
+        return 0.5 * jnp.sum(p["a"] ** 2) + jnp.sum(p["b"] ** 2)
+
+    grads = metrics.grad_norms_by_key(loss)(
+        {"a": jnp.array([3.0, 4.0]), "b": jnp.array([1.0])}, None
+    )
+    assert float(grads["a"]) == 5.0 and float(grads["b"]) == 2.0
     assert (
         abs(
             float(metrics.cosine(jnp.array([1.0, 0.0]), jnp.array([1.0, 1.0])))
