@@ -152,7 +152,7 @@ def simulate(
         ...     return 0.5 * jnp.sum((params["w"] - data) ** 2)
         >>> traj = gflow.simulate(loss, jnp.ones(3), 5.0, params0={"w": jnp.zeros(3)})
         >>> traj.final["w"]  # 1 - exp(-5)
-        Array([0.99326205, 0.99326205, 0.99326205], dtype=float32)
+        Array([0.993262, 0.993262, 0.993262], dtype=float32)
     """
     loss_fn = resolve_loss(model)
     t_max = check_t_max(t_max)

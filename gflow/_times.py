@@ -45,7 +45,7 @@ def save_times(
 
     Example:
         >>> gflow.save_times(100.0, 4)
-        array([  0.  ,   0.01,   1.  , 100.  ])
+        array([0.e+00, 1.e-02, 1.e+00, 1.e+02])
     """
     t_max = check_t_max(t_max)
     if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 2:
