@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -22,6 +21,7 @@ from ._run import (
     gflow_version,
     make_trajectory,
     matmul_precision_context,
+    positive_finite,
 )
 from ._times import check_t_max, resolve_save_times
 from ._trajectory import Trajectory
@@ -85,10 +85,10 @@ def gradient_descent(
     """
     loss_fn = resolve_loss(model)
     t_max = check_t_max(t_max)
-    if not _positive_finite(lr):
+    if not positive_finite(lr):
         raise ValueError(f"`lr` must be a positive finite number; got {lr!r}.")
     tau = float(lr) if time_per_step is None else time_per_step
-    if not _positive_finite(tau):
+    if not positive_finite(tau):
         raise ValueError(
             f"`time_per_step` must be a positive finite number; got {time_per_step!r}."
         )
@@ -156,13 +156,6 @@ def gradient_descent(
             traj,
         )
     return traj
-
-
-def _positive_finite(x: Any) -> bool:
-    try:
-        return math.isfinite(float(x)) and float(x) > 0
-    except (TypeError, ValueError):
-        return False
 
 
 @eqx.filter_jit
@@ -258,7 +251,7 @@ def compare(a: Trajectory, b: Trajectory, *, tol: float = 1e-2) -> Comparison:
     """
     if not isinstance(a, Trajectory) or not isinstance(b, Trajectory):
         raise TypeError("compare(a, b) takes two gflow.Trajectory objects.")
-    if not _positive_finite(tol):
+    if not positive_finite(tol):
         raise ValueError(f"`tol` must be a positive finite number; got {tol!r}.")
     shapes_a = jax.tree.map(lambda x: x.shape[1:], a.params)
     shapes_b = jax.tree.map(lambda x: x.shape[1:], b.params)

@@ -4,6 +4,7 @@ of saved states, and the host-side assembly that drops invalid rows."""
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -27,6 +28,14 @@ def gflow_version() -> str:
         return version("gflow")
     except PackageNotFoundError:  # a source tree that is not installed
         return "0+unknown"
+
+
+def positive_finite(x: Any) -> bool:
+    """Whether `x` is a positive finite real number (False for anything else)."""
+    try:
+        return math.isfinite(float(x)) and float(x) > 0
+    except (TypeError, ValueError):
+        return False
 
 
 def matmul_precision_context(matmul_precision: str | None):

@@ -24,6 +24,7 @@ from ._run import (
     gflow_version,
     make_trajectory,
     matmul_precision_context,
+    positive_finite,
 )
 from ._solvers import (
     grad_evals_per_step,
@@ -215,7 +216,7 @@ def _make_config(
     """Validate the solver options and pack them for the compiled solve."""
     adaptive = is_adaptive(solver)
     for name, value in (("rtol", rtol), ("atol", atol)):
-        if not _positive_finite(value):
+        if not positive_finite(value):
             raise ValueError(
                 f"`{name}` must be a positive finite number; got {value!r}."
             )
@@ -226,7 +227,7 @@ def _make_config(
             "'jax_enable_x64', True) and float64 parameters) or raise rtol.",
             stacklevel=3,
         )
-    if dt0 is not None and not _positive_finite(dt0):
+    if dt0 is not None and not positive_finite(dt0):
         raise ValueError(f"`dt0` must be a positive finite number; got {dt0!r}.")
     if not adaptive and dt0 is None:
         raise ValueError(
@@ -269,13 +270,6 @@ def _make_config(
         metrics=metrics,
         progress=bool(progress),
     )
-
-
-def _positive_finite(x: Any) -> bool:
-    try:
-        return math.isfinite(float(x)) and float(x) > 0
-    except (TypeError, ValueError):
-        return False
 
 
 @eqx.filter_jit
