@@ -43,3 +43,13 @@ def test_condensation_rank_collapse(tmp_path):
         assert (tmp_path / name).stat().st_size > 10_000
     assert result["condensed_at"] < result["rank_collapse_at"]
     assert result["W_Q_effective_rank"]["at_collapse"] < 1.6
+
+
+def test_flow_vs_gradient_descent(tmp_path):
+    summary = load("flow_vs_gradient_descent").main(
+        ["--t-max", "3", "--out", str(tmp_path)]
+    )
+    assert (tmp_path / "flow_vs_gradient_descent.png").stat().st_size > 10_000
+    gd = summary["gradient_descent"]
+    # The smaller the learning rate, the closer GD stays to the flow.
+    assert gd["0.03"]["max_param_distance"] < gd["0.1"]["max_param_distance"]
