@@ -92,9 +92,10 @@ def run(t_max=300.0, init="paper", seed=0, n_save=301):
     return model, data, traj
 
 
-def figure(traj, t1_index):
+def figure(traj, phases):
     ts = np.asarray(traj.ts)
-    t1 = ts[t1_index]
+    t1 = phases.t1
+    t1_index = int(np.searchsorted(ts, t1))
     kq = np.asarray(traj.metrics["key_query"])
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
     ax_scores, ax_loss, ax_g, ax_balance = axes.ravel()
@@ -138,13 +139,14 @@ def figure(traj, t1_index):
 
     for ax in axes.ravel():
         if ax is not ax_balance:
-            gflow.plot.mark_time(ax, t1, "end of Phase 1", shade_before=True)
+            gflow.plot.phases(ax, phases)
+            gflow.plot.mark_time(ax, t1, "end of Phase 1")
         else:
             ax.set_xlim(left=t1)
         ax.legend(fontsize=9) if ax.get_legend_handles_labels()[0] else None
     fig.suptitle(
         "Word co-occurrence, gradient flow at the paper's scale "
-        f"(t up to {ts[-1]:g}; shaded: Phase 1)",
+        f"(t up to {ts[-1]:g}; shaded: the phases found by gflow.detect_phases)",
         fontsize=13,
     )
     fig.tight_layout()
@@ -191,7 +193,7 @@ def main(argv=None):
     t1_index = int(np.searchsorted(np.asarray(traj.ts), phases.t1))
     result = summary(traj, t1_index)
     print(json.dumps({k: v for k, v in result.items() if k != "solver"}, indent=2))
-    figure(traj, t1_index).savefig(out / "cooccurrence_phases.png", dpi=110)
+    figure(traj, phases).savefig(out / "cooccurrence_phases.png", dpi=110)
     (out / "cooccurrence_summary.json").write_text(json.dumps(result, indent=2))
     print(f"wrote {out / 'cooccurrence_phases.png'} and cooccurrence_summary.json")
     return result

@@ -125,6 +125,31 @@ def mark_time(
     return ax
 
 
+def phases(ax, phases, *, colors=("0.88", "#fde7c8", "#d9ecf7", "#e6f2dc")):
+    """Shade the phases found by `gflow.detect_phases` (or
+    `detect_condensation_stages`) on a time axis, each labelled in the legend.
+
+    Nothing is drawn when no phase boundary was found.
+
+    Example:
+        >>> ax = gflow.plot.loss(traj)
+        >>> gflow.plot.phases(ax, gflow.detect_phases(traj, model, data))
+    """
+    if not phases.found:
+        return ax
+    labels = np.array(phases.labels)
+    names = list(dict.fromkeys(phases.labels))
+    left = ax.get_xlim()[0]
+    for i, name in enumerate(names):
+        where = np.nonzero(labels == name)[0]
+        start = phases.ts[where[0]] if where[0] > 0 else left
+        # Each phase runs to the first save of the next one.
+        end = phases.ts[min(where[-1] + 1, len(labels) - 1)]
+        ax.axvspan(start, end, color=colors[i % len(colors)], zorder=0, label=name)
+    ax.set_xlim(left=left)
+    return ax
+
+
 def reorder_by_top_eigenvector(similarity: np.ndarray) -> np.ndarray:
     """Row order that sorts a symmetric similarity matrix by its top eigenvector,
     so that condensed groups of rows appear as blocks."""

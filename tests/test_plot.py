@@ -1,0 +1,47 @@
+"""gflow.plot draws what it is given and returns the Axes."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import jax.numpy as jnp  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from helpers import quadratic_problem  # noqa: E402
+
+import gflow  # noqa: E402
+
+
+def test_loss_and_series():
+    loss, data, params0, _ = quadratic_problem()
+    traj = gflow.simulate(loss, data, 2.0, params0=params0, n_save=11)
+    ax = gflow.plot.loss([traj, traj[:5]], ["flow", "head"])
+    assert len(ax.lines) == 2 and ax.get_xscale() == "log"
+    # t = 0 cannot sit on a log axis: the first save is left out there.
+    np.testing.assert_allclose(ax.lines[0].get_xdata(), np.asarray(traj.ts)[1:])
+    ax = gflow.plot.series(traj.ts, np.stack([traj.loss, traj.grad_norm], 1),
+                           label=["loss", "|grad|"], log_time=False)  # fmt: skip
+    assert [line.get_label() for line in ax.lines] == ["loss", "|grad|"]
+    assert len(ax.lines[0].get_xdata()) == len(traj)
+    plt.close("all")
+
+
+def test_phases_shading_and_row_similarity():
+    ts = np.array([0.0, 0.1, 1.0, 10.0])
+    found = gflow.Phases(0.1, None, ("phase 1", "phase 1", "phase 2", "phase 2"), {},
+                         ts, True, "found")  # fmt: skip
+    none = gflow.Phases(None, None, ("no phases",) * 4, {}, ts, False, "none")
+    _, ax = plt.subplots()
+    ax.plot(ts[1:], ts[1:])
+    ax.set_xscale("log")
+    gflow.plot.phases(ax, none)
+    assert len(ax.patches) == 0
+    gflow.plot.phases(ax, found)
+    assert [p.get_label() for p in ax.patches] == ["phase 1", "phase 2"]
+    # Rows condensed onto ± one direction form two blocks after reordering.
+    matrix = jnp.array([[1.0, 0.1], [-1.0, 0.0], [2.0, 0.1], [-3.0, -0.2]])
+    _, image = gflow.plot.row_similarity(matrix)
+    sim = image.get_array()
+    signs = np.sign(sim[0])
+    assert np.all(signs[:2] == signs[0]) and np.all(signs[2:] == -signs[0])
+    plt.close("all")
