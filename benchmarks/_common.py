@@ -14,15 +14,34 @@ import jax
 RESULTS = pathlib.Path(__file__).parent / "results"
 
 
-def median_time(fn, repeats: int) -> float:
-    """Median wall time of `fn()` over `repeats` calls, after one warm-up call."""
-    jax.block_until_ready(fn())
+def timed(run, seconds_of=None, repeats=3, slow_s=float("inf")):
+    """Warm up (compile) with one call, then the median time of `repeats` calls.
+
+    Runs slower than `slow_s` are timed once (GD at lr 0.003 takes minutes on the
+    CPU). `seconds_of(result)` reads the time from the result (a Trajectory's own
+    wall time); by default the call is timed from outside. Returns
+    (first result, last result, median seconds).
+    """
+    first = run()
     times = []
-    for _ in range(repeats):
+    while len(times) < repeats and not (times and times[0] > slow_s):
         start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        result = jax.block_until_ready(run())
+        elapsed = time.perf_counter() - start
+        times.append(elapsed if seconds_of is None else seconds_of(result))
+    return first, result, statistics.median(times)
+
+
+def trajectory_seconds(traj) -> float:
+    return traj.stats["wall_time_s"]
+
+
+def reference_flow(model, data, t_max, params0, ts):
+    """The tight float64 flow every method is compared with: Dopri8 at rtol 1e-12."""
+    import gflow
+
+    return gflow.simulate(model, data, t_max, params0=params0, ts=ts, solver="dopri8",
+                          rtol=1e-12, atol=1e-14, max_steps=10**6)  # fmt: skip
 
 
 def machine() -> dict:

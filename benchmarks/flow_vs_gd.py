@@ -33,9 +33,7 @@ from __future__ import annotations
 import argparse
 import functools
 import pathlib
-import statistics
 import sys
-import time
 
 import jax
 
@@ -51,7 +49,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from _common import RESULTS, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS,
+    reference_flow,
+    timed,
+    trajectory_seconds,
+    write_results,
+)
 
 import gflow  # noqa: E402
 from gflow.models import (  # noqa: E402
@@ -83,28 +87,6 @@ def problem(name):
 def save_grid(t_max, n=31):
     steps = np.unique(np.rint(np.geomspace(1, t_max / SAVE_UNIT, n)))
     return np.concatenate([[0.0], steps * SAVE_UNIT])
-
-
-def timed(run, seconds_of=None, repeats=3, slow_s=10.0):
-    """Warm up (compile) with one call, then the median time of `repeats` calls.
-
-    Runs slower than `slow_s` are timed once (GD at lr 0.003 takes minutes on the
-    CPU). `seconds_of(result)` reads the time from the result (a Trajectory's own
-    wall time); by default the call is timed from outside. Returns
-    (first result, last result, median seconds).
-    """
-    first = run()
-    times = []
-    while len(times) < repeats and not (times and times[0] > slow_s):
-        start = time.perf_counter()
-        result = jax.block_until_ready(run())
-        elapsed = time.perf_counter() - start
-        times.append(elapsed if seconds_of is None else seconds_of(result))
-    return first, result, statistics.median(times)
-
-
-def trajectory_seconds(traj):
-    return traj.stats["wall_time_s"]
 
 
 def flat_trajectory(traj):
@@ -228,17 +210,7 @@ def run_problem(name, quick):
         return model.loss(unravel(x), data)
 
     grad = jax.jit(jax.grad(flat_loss))
-    reference = gflow.simulate(
-        model,
-        data,
-        t_max,
-        params0=params0,
-        ts=ts,
-        solver="dopri8",
-        rtol=1e-12,
-        atol=1e-14,
-        max_steps=10**6,
-    )
+    reference = reference_flow(model, data, t_max, params0, ts)
     ref = flat_trajectory(reference)
     ref_norm = np.linalg.norm(ref, axis=1)
 
@@ -275,7 +247,7 @@ def run_problem(name, quick):
             run = functools.partial(gflow.simulate, model, data, t_max,
                                     params0=params0, ts=ts, solver=solver,
                                     rtol=rtol, atol=rtol * 1e-2)  # fmt: skip
-            first, traj, seconds = timed(run, trajectory_seconds)
+            first, traj, seconds = timed(run, trajectory_seconds, slow_s=10.0)
             add(
                 f"gflow {solver} rtol={rtol:g}",
                 f"gflow {solver}",
@@ -287,7 +259,7 @@ def run_problem(name, quick):
     for lr in (0.1, 0.03) if quick else (0.1, 0.03, 0.01, 0.003):
         run = functools.partial(gflow.gradient_descent, model, data, t_max, lr,
                                 params0=params0, ts=ts, throw=False)  # fmt: skip
-        first, gd, seconds = timed(run, trajectory_seconds)
+        first, gd, seconds = timed(run, trajectory_seconds, slow_s=10.0)
         flat = flat_trajectory(gd)
         if len(gd) < len(ts):  # diverged: infinite error
             flat = np.full_like(ref, np.inf)
@@ -302,10 +274,10 @@ def run_problem(name, quick):
 
     ts_j = jnp.asarray(ts)
     rk4 = jax.jit(lambda x0, d: rk4_sharpness(lambda x: grad(x, d), x0, ts_j))
-    _, (flat, evals), seconds = timed(lambda: rk4(flat0, data))
+    _, (flat, evals), seconds = timed(lambda: rk4(flat0, data), slow_s=10.0)
     add("RK4 dt=1/λmax", "RK4 dt=1/λmax", np.asarray(flat), evals, seconds)
     euler = jax.jit(lambda x0, d: adaptive_euler(lambda x: grad(x, d), x0, ts_j))
-    _, (flat, evals), seconds = timed(lambda: euler(flat0, data))
+    _, (flat, evals), seconds = timed(lambda: euler(flat0, data), slow_s=10.0)
     add("adaptive Euler", "adaptive Euler", np.asarray(flat), evals, seconds)
 
     def rhs(t, y):
@@ -317,7 +289,7 @@ def run_problem(name, quick):
             solve = functools.partial(scipy.integrate.solve_ivp, rhs, (0.0, t_max),
                                       np.asarray(flat0), method=method, t_eval=ts,
                                       rtol=rtol, atol=rtol * 1e-2)  # fmt: skip
-            _, sol, seconds = timed(solve)
+            _, sol, seconds = timed(solve, slow_s=10.0)
             add(
                 f"scipy {method} rtol={rtol:g}",
                 f"scipy {method}",

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-from _common import median_time, write_results  # noqa: E402
+from _common import timed, write_results  # noqa: E402
 
 import gflow  # noqa: E402
 from gflow import models  # noqa: E402
@@ -109,7 +109,7 @@ def main(argv=None):
     # JAX's default would use TF32, a cheaper (and less accurate) gradient.
     with jax.default_matmul_precision("highest"):
         grad = jax.jit(jax.grad(loss))
-        t_grad = median_time(lambda: grad(params0, data), repeats=50)
+        _, _, t_grad = timed(lambda: grad(params0, data), repeats=50)
 
     first = gflow.simulate(loss, data, args.t_max, params0=params0)
     compile_s = first.stats["compile_time_s"]
@@ -120,7 +120,7 @@ def main(argv=None):
         assert not traj.stats["compiled"]
         return traj.loss
 
-    t_sim = median_time(run, repeats=args.repeats)
+    _, _, t_sim = timed(run, repeats=args.repeats)
     ratio = t_sim / (evals * t_grad)
     rows = {
         "parameters": n_params,

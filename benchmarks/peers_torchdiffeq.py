@@ -30,7 +30,12 @@ jax.config.update("jax_enable_x64", True)
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from _common import write_results  # noqa: E402
+from _common import (  # noqa: E402
+    reference_flow,
+    timed,
+    trajectory_seconds,
+    write_results,
+)
 
 import gflow  # noqa: E402
 from gflow.models import CooccurrenceTransformer, cooccurrence_data  # noqa: E402
@@ -118,18 +123,7 @@ def main(argv=None):
             [np.asarray(traj.params[k]).reshape(len(traj), -1) for k in names], axis=1
         )
 
-    reference = flat(
-        gflow.simulate(
-            model,
-            data,
-            t_max,
-            params0=params0,
-            ts=ts,
-            solver="dopri8",
-            rtol=1e-12,
-            atol=1e-14,
-        )
-    )
+    reference = flat(reference_flow(model, data, t_max, params0, ts))
 
     def error(states):
         return float(
@@ -145,18 +139,14 @@ def main(argv=None):
             run = functools.partial(gflow.simulate, model, data, t_max,
                                     params0=params0, ts=ts, solver=solver,
                                     rtol=rtol, atol=atol)  # fmt: skip
-            run()  # compile
-            times = []
-            for _ in range(repeats):
-                traj = run()
-                times.append(traj.stats["wall_time_s"])
+            _, traj, seconds = timed(run, trajectory_seconds, repeats)
             rows.append(
                 dict(
                     method=f"gflow {solver}",
                     rtol=rtol,
                     error=error(flat(traj)),
                     grad_evals=traj.stats["num_solver_grad_evals"],
-                    run_time_s=statistics.median(times),
+                    run_time_s=seconds,
                 )
             )
         times = []

@@ -103,16 +103,10 @@ def loss(
     return ax
 
 
-def mark_time(
-    ax, t: float, label: str | None = None, *, shade_before: bool = False, y=1.0
-):
-    """A vertical line at time `t` (e.g. a phase boundary), optionally shading the
-    region before it; the label sits at height `y` (axes fraction) beside the line."""
+def mark_time(ax, t: float, label: str | None = None, *, y=1.0):
+    """A vertical line at time `t` (e.g. a phase boundary); the label sits at
+    height `y` (axes fraction) beside the line."""
     ax.axvline(t, color="0.3", ls="--", lw=1)
-    if shade_before:
-        left = ax.get_xlim()[0]
-        ax.axvspan(left, t, color="0.85", zorder=0)
-        ax.set_xlim(left=left)
     if label:
         ax.annotate(
             label,
