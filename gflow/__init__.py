@@ -7,9 +7,13 @@ Diffrax solver in one compiled JAX program and returns a `gflow.Trajectory`.
 from . import metrics as metrics
 from . import models as models
 from . import plot as plot
+from ._basins import Basins as Basins
+from ._basins import basins as basins
+from ._basins import grid as grid
 from ._discrete import Comparison as Comparison
 from ._discrete import compare as compare
 from ._discrete import gradient_descent as gradient_descent
+from ._ensemble import simulate_ensemble as simulate_ensemble
 from ._errors import SimulationError as SimulationError
 from ._phases import Phases as Phases
 from ._phases import PhaseSpec as PhaseSpec

@@ -36,6 +36,18 @@ from ._times import check_t_max, resolve_save_times
 from ._trajectory import Trajectory
 from ._tree import tree_norm
 
+#: Why a solve ended, indexed by the `outcome` code that `solve_flow` returns.
+RESULT_NAMES = (
+    "successful",
+    "stopped_at_loss",
+    "stopped_at_grad_norm",
+    "stopped_by_condition",
+    "max_steps_reached",
+    "diverged",
+    "dt_min_reached",
+    "solver_failed",
+)
+
 
 class _Config(eqx.Module):
     """Everything the compiled solve depends on besides params0, data and ts.
@@ -161,7 +173,7 @@ def simulate(
     params0, seed = initial_params(model, params0, key)
     dtype = jnp.result_type(*jax.tree.leaves(params0))
     solver_obj = resolve_solver(solver)
-    config = _make_config(
+    config = make_config(
         solver_obj,
         dtype,
         rtol,
@@ -200,7 +212,7 @@ def simulate(
     return traj
 
 
-def _make_config(
+def make_config(
     solver,
     dtype,
     rtol,
@@ -274,6 +286,49 @@ def _make_config(
 
 @eqx.filter_jit
 def _solve(loss_fn: LossFn, params0: Any, data: Any, ts: jax.Array, config: _Config):
+    sol = integrate_flow(
+        loss_fn, params0, data, ts[0], ts[-1], ts, config, config.max_steps
+    )
+    # diffrax packs the saves: the save times reached, then the time the solve
+    # ended (t_max, an event time, or where it failed), then inf padding. Give the
+    # padding the final state, so the post-pass sees finite values; the host drops it.
+    n_filled = jnp.sum(jnp.isfinite(sol["ts"]))
+    filled = jnp.arange(sol["ts"].shape[0]) < n_filled
+    ys = jax.tree.map(
+        lambda y: jnp.where(
+            filled.reshape((-1,) + (1,) * (y.ndim - 1)), y, y[n_filled - 1]
+        ),
+        sol["params"],
+    )
+    loss, velocity, metric_values = evaluate_saves(loss_fn, config.metrics, ys, data)
+    return dict(
+        sol,
+        params=ys,
+        velocity=velocity,
+        loss=loss,
+        grad_norm=jax.vmap(tree_norm)(velocity),
+        metrics=metric_values,
+    )
+
+
+def integrate_flow(
+    loss_fn: LossFn,
+    params0: Any,
+    data: Any,
+    t0: jax.Array,
+    t1: jax.Array,
+    ts: jax.Array,
+    config: _Config,
+    max_steps: int,
+) -> dict[str, Any]:
+    """The flow from `t0` to `t1`, saved at `ts` (in `[t0, t1]`, non-decreasing),
+    for at most `max_steps` steps.
+
+    Traceable (not jitted itself): `simulate` jits it, `simulate_ensemble` vmaps
+    it over the members first. Returns diffrax's packed saves (`ts`, `params`: the
+    save times reached, then where the solve ended, then inf padding), the
+    `outcome` code (an index in `RESULT_NAMES`) and the solver counters.
+    """
     checked_loss(loss_fn, params0, data)
     grad_fn = jax.grad(loss_fn)
 
@@ -301,8 +356,11 @@ def _solve(loss_fn: LossFn, params0: Any, data: Any, ts: jax.Array, config: _Con
         conds["condition"] = user_cond
     event = None
     if conds:
+        # Only the loss threshold is a real-valued condition to locate by root
+        # finding; tracing a root finder for boolean ones would only cost compile time.
         tol = 1e-10 if ts.dtype == jnp.float64 else 1e-5
-        event = diffrax.Event(conds, root_finder=optx.Newton(rtol=tol, atol=tol))
+        finder = optx.Newton(rtol=tol, atol=tol) if "loss" in conds else None
+        event = diffrax.Event(conds, root_finder=finder)
 
     if config.adaptive:
         controller = diffrax.PIDController(rtol=config.rtol, atol=config.atol)
@@ -319,42 +377,41 @@ def _solve(loss_fn: LossFn, params0: Any, data: Any, ts: jax.Array, config: _Con
     sol = diffrax.diffeqsolve(
         diffrax.ODETerm(vector_field),
         config.solver,
-        t0=ts[0],
-        t1=ts[-1],
+        t0=t0,
+        t1=t1,
         dt0=config.dt0,
         y0=params0,
         args=data,
         saveat=diffrax.SaveAt(ts=ts, t1=True),
         stepsize_controller=controller,
         event=event,
-        max_steps=config.max_steps,
+        max_steps=max_steps,
         throw=False,
         progress_meter=meter,
     )
-    # diffrax packs the saves: the save times reached, then the time the solve
-    # ended (t_max, an event time, or where it failed), then inf padding. Give the
-    # padding the final state, so the post-pass sees finite values; the host drops it.
-    n_filled = jnp.sum(jnp.isfinite(sol.ts))
-    filled = jnp.arange(sol.ts.shape[0]) < n_filled
-    ys = jax.tree.map(
-        lambda y: jnp.where(
-            filled.reshape((-1,) + (1,) * (y.ndim - 1)), y, y[n_filled - 1]
-        ),
-        sol.ys,
-    )
-    loss, velocity, metric_values = evaluate_saves(loss_fn, config.metrics, ys, data)
-    event_mask = {} if event is None else sol.event_mask
     return dict(
         ts=sol.ts,
-        params=ys,
-        velocity=velocity,
-        loss=loss,
-        grad_norm=jax.vmap(tree_norm)(velocity),
-        metrics=metric_values,
-        result=sol.result,
-        event_mask=event_mask,
+        params=sol.ys,
+        outcome=_outcome(sol.result, {} if event is None else sol.event_mask),
         stats=sol.stats,
     )
+
+
+def _outcome(result, event_mask: dict[str, jax.Array]) -> jax.Array:
+    """The index in `RESULT_NAMES` of why the solve ended (traceable, so it works
+    per member under vmap)."""
+    results = diffrax.RESULTS
+    stopped = result == results.event_occurred
+    cases = [
+        (result == results.successful, 0),
+        (stopped & event_mask.get("loss", False), 1),
+        (stopped & event_mask.get("grad_norm", False), 2),
+        (stopped & event_mask.get("condition", False), 3),
+        (result == results.max_steps_reached, 4),
+        (result == results.nonfinite, 5),
+        (result == results.dt_min_reached, 6),
+    ]
+    return jnp.select([c for c, _ in cases], [jnp.int32(i) for _, i in cases], 7)
 
 
 def _assemble(out, ts_np, config, solver, timer, meta) -> Trajectory:
@@ -366,28 +423,8 @@ def _assemble(out, ts_np, config, solver, timer, meta) -> Trajectory:
     if not rows or saved_ts[n_filled - 1] > saved_ts[rows[-1]]:
         rows.append(n_filled - 1)
     stats = _stats(out["stats"], config, solver, len(ts_np) + 1)
-    result = _result_name(out["result"], out["event_mask"])
+    result = RESULT_NAMES[int(out["outcome"])]
     return make_trajectory(out, rows, result, stats, timer, meta)
-
-
-def _result_name(result, event_mask) -> str:
-    if result == diffrax.RESULTS.successful:
-        return "successful"
-    if result == diffrax.RESULTS.event_occurred:
-        for name, result_name in (
-            ("loss", "stopped_at_loss"),
-            ("grad_norm", "stopped_at_grad_norm"),
-            ("condition", "stopped_by_condition"),
-        ):
-            if bool(event_mask.get(name, False)):
-                return result_name
-    if result == diffrax.RESULTS.max_steps_reached:
-        return "max_steps_reached"
-    if result == diffrax.RESULTS.dt_min_reached:
-        return "dt_min_reached"
-    if result == diffrax.RESULTS.nonfinite:
-        return "diverged"
-    return "solver_failed"
 
 
 def _stats(solver_stats, config, solver, n_saved) -> dict[str, Any]:

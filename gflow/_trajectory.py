@@ -30,6 +30,11 @@ class Trajectory(eqx.Module):
     rows are kept: when a run stops early (an event, a failure with `throw=False`)
     the trajectory ends at the time it reached.
 
+    An ensemble (`gflow.simulate_ensemble`) is a *batched* Trajectory: every array
+    has leading axes `(batch, time)`, `result` is an array of strings and `stats`
+    holds per-member arrays; `traj.member(i)` is member `i` as an ordinary
+    Trajectory.
+
     Attributes:
         ts: `(T,)` save times; `ts[0] == 0`, and `ts[-1] == t_max` unless the run
             stopped early.
@@ -67,20 +72,69 @@ class Trajectory(eqx.Module):
     meta: dict[str, Any]
 
     @property
-    def final(self) -> Any:
-        """The parameters at the last save time."""
-        return jax.tree.map(lambda x: x[-1], self.params)
+    def batch_size(self) -> int | None:
+        """The number of members of an ensemble; None for a single run."""
+        return int(self.ts.shape[0]) if self.ts.ndim == 2 else None
 
     @property
-    def succeeded(self) -> bool:
-        """Whether the run reached `t_max` or a stop it was asked for."""
-        return self.result in SUCCESS_RESULTS
+    def final(self) -> Any:
+        """The parameters at the last save time (of each member, for an ensemble:
+        leading batch axis)."""
+        if self.batch_size is None:
+            return jax.tree.map(lambda x: x[-1], self.params)
+        return jax.tree.map(lambda x: x[:, -1], self.params)
+
+    @property
+    def succeeded(self) -> bool | np.ndarray:
+        """Whether the run reached `t_max` or a stop it was asked for (a boolean
+        array with one entry per member, for an ensemble)."""
+        if self.batch_size is None:
+            return self.result in SUCCESS_RESULTS
+        return np.isin(self.result, SUCCESS_RESULTS)
 
     def __len__(self) -> int:
-        return int(self.ts.shape[0])
+        """The number of save rows (per member, for an ensemble)."""
+        return int(self.ts.shape[-1])
+
+    def member(self, i: int) -> Trajectory:
+        """Member `i` of an ensemble as an ordinary Trajectory: its own rows only
+        (the padding after its end is dropped), its result and its counters."""
+        batch = self.batch_size
+        if batch is None:
+            raise TypeError("`member` is for ensembles (gflow.simulate_ensemble).")
+        if not isinstance(i, int | np.integer) or not -batch <= i < batch:
+            raise IndexError(f"member index {i!r} out of range for {batch} members.")
+        n = int(self.stats["num_saved"][i])
+
+        def take(x):
+            return x[i, :n]
+
+        per_member = {
+            k: np.asarray(v)[i].item()
+            for k, v in self.stats.items()
+            if np.ndim(v) == 1 and len(v) == batch
+        }
+        fields = (self.ts, self.params, self.velocity, self.loss, self.grad_norm)
+        ts, params, velocity, loss, grad_norm = jax.tree.map(take, fields)
+        return Trajectory(
+            ts=ts,
+            params=params,
+            velocity=velocity,
+            loss=loss,
+            grad_norm=grad_norm,
+            metrics=jax.tree.map(take, self.metrics),
+            result=str(self.result[i]),
+            stats=per_member,
+            meta=dict(self.meta, member=int(i) % batch),
+        )
 
     def __getitem__(self, index: slice | Any) -> Trajectory:
         """The trajectory restricted to some save indices (a slice or index array)."""
+        if self.batch_size is not None:
+            raise TypeError(
+                "this is an ensemble: take a member with traj.member(i), or index "
+                "its arrays directly (traj.loss[:, -1] is every member's final loss)."
+            )
         if isinstance(index, int | np.integer):
             raise TypeError(
                 "index a Trajectory with a slice (traj[i:i+1]) or an index array; "
@@ -123,6 +177,8 @@ class Trajectory(eqx.Module):
         Returns:
             A parameter pytree like `final`.
         """
+        if self.batch_size is not None:
+            raise TypeError("this is an ensemble: use traj.member(i).at(t).")
         t = jnp.asarray(t, dtype=self.ts.dtype)
         if not isinstance(t, jax.core.Tracer):
             lo, hi = float(self.ts[0]), float(self.ts[-1])
@@ -153,6 +209,8 @@ class Trajectory(eqx.Module):
 
     def summary(self) -> str:
         """A few human-readable lines: time span, loss, solver work, outcome."""
+        if self.batch_size is not None:
+            return self._ensemble_summary()
         s = self.stats
         lines = [
             f"Trajectory: {len(self)} saves over t in [{float(self.ts[0]):g}, "
@@ -166,6 +224,30 @@ class Trajectory(eqx.Module):
                 f"  {self.meta.get('solver', '?')}: {s['num_steps']} steps "
                 f"({s.get('num_rejected_steps', 0)} rejected), "
                 f"{s.get('num_grad_evals')} gradient evaluations"
+            )
+        if "wall_time_s" in s:
+            lines.append(
+                f"  wall time {s['wall_time_s']:.3f} s "
+                f"(compile {s.get('compile_time_s', 0.0):.3f} s)"
+            )
+        return "\n".join(lines)
+
+    def _ensemble_summary(self) -> str:
+        s = self.stats
+        names, counts = np.unique(self.result, return_counts=True)
+        final = np.asarray(self.loss[:, -1])
+        lines = [
+            f"Ensemble: {self.batch_size} members, {len(self)} saves each, t_max "
+            f"{self.meta.get('t_max', float(np.max(self.ts))):g}; results: "
+            + ", ".join(f"{n} {name}" for name, n in zip(names, counts)),
+            f"  final loss min {final.min():.6g}, median {np.median(final):.6g}, "
+            f"max {final.max():.6g}",
+        ]
+        if "member_steps" in s:
+            lines.append(
+                f"  {self.meta.get('solver', '?')}: {s['member_steps']} member steps; "
+                f"the vmapped batches paid for {s['lane_steps']} "
+                f"({s['member_steps'] / max(s['lane_steps'], 1):.0%} useful)"
             )
         if "wall_time_s" in s:
             lines.append(
@@ -197,7 +279,7 @@ class Trajectory(eqx.Module):
         header = {
             "format": _FORMAT_VERSION,
             "layout": layout,
-            "result": self.result,
+            "result": np.asarray(self.result).tolist(),
             "stats": _jsonable(self.stats),
             "meta": _jsonable(self.meta),
         }
@@ -217,9 +299,15 @@ class Trajectory(eqx.Module):
                 count = sum(1 for k in npz.files if k.startswith(name + "/"))
                 leaves = [_as_array(npz[f"{name}/{i}"]) for i in range(count)]
                 fields[name] = structure_from_json(description, leaves)
+        # An ensemble's per-member results and counters come back as arrays.
+        result = header["result"]
+        stats = {
+            k: np.asarray(v) if isinstance(v, list) else v
+            for k, v in header["stats"].items()
+        }
         return cls(
-            result=header["result"],
-            stats=header["stats"],
+            result=np.asarray(result) if isinstance(result, list) else result,
+            stats=stats,
             meta=header["meta"],
             **fields,
         )

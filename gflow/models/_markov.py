@@ -158,6 +158,26 @@ class MarkovCanonical(AbstractModel):
             return e**2 / 2 + log_num - math.log(2 * q) - a
         return e**2 / 2 + math.log(2 * p) - jnp.logaddexp(log_s, math.log(q - p))
 
+    def reaches_global(self, e, w):
+        """Whether the flow from (e, w) ends at the global (bigram) minimum, from the
+        phase portrait of Makkuva et al. (exact for `e != 0`, `w != 0`).
+
+        The energy `E = markov_energy(e, w)` is conserved, so each flow stays on a
+        level curve; `E = MARKOV_SEPARATRIX_ENERGY` is the separatrix through the
+        saddle (0, −1/√2). For p + q > 1 the flow goes to the unigram local minimum
+        from `w > 0`, and from `−1/√2 < w < 0` below the separatrix energy; for
+        p + q < 1 from `w < −1/√2` below the separatrix energy. Everywhere else it
+        goes to the global minimum.
+        """
+        e, w = jnp.asarray(e), jnp.asarray(w)
+        below = markov_energy(e, w) < MARKOV_SEPARATRIX_ENERGY
+        saddle_w = -1 / math.sqrt(2)
+        if self.p + self.q > 1:
+            local = (w > 0) | ((w < 0) & (w > saddle_w) & below)
+        else:
+            local = (w < saddle_w) & below
+        return ~local
+
     def logits(self, params):
         """(f0, f1): the logits of the next symbol being 1 after a 0 and after a 1."""
         e, w = params["e"], params["w"]

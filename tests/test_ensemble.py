@@ -1,0 +1,236 @@
+"""simulate_ensemble, basins and grid: agreement with single runs and closed forms,
+work that stops with the members, multi-device agreement, bad input."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import quadratic_problem, tree_max_abs_diff
+
+import gflow
+from gflow.models import MarkovCanonical, markov_reference_losses
+
+
+def _decay_loss(params, data):
+    # dθ/dt = -a θ per coordinate: θ(t) = θ0 exp(-a t), a mix of fast and slow rates.
+    return 0.5 * jnp.sum(data * params["x"] ** 2)
+
+
+def test_members_follow_the_closed_form_and_their_own_steps():
+    rates = jnp.array([0.5, 40.0])
+    x0 = jnp.array([[1.0, -2.0], [3.0, 0.5], [-0.1, 0.2]])
+    ens = gflow.simulate_ensemble(
+        _decay_loss, rates, 2.0, params0={"x": x0}, rtol=1e-9, atol=1e-12, n_save=11
+    )
+    assert ens.batch_size == 3 and ens.ts.shape == (3, 11)
+    assert ens.params["x"].shape == (3, 11, 2)
+    exact = x0[:, None, :] * jnp.exp(-rates * ens.ts[..., None])
+    assert float(jnp.max(jnp.abs(ens.params["x"] - exact))) < 1e-8
+    assert np.all(ens.result == "successful")
+    # More than one call per member (32 steps each), so pauses and restarts happen.
+    assert np.all(ens.stats["num_steps"] > 32)
+
+
+def test_each_member_matches_simulate():
+    loss, data, params0, _ = quadratic_problem()
+    batch = jax.tree.map(lambda x: jnp.stack([x, 2 * x, -x]), params0)
+    ens = gflow.simulate_ensemble(loss, data, 3.0, params0=batch, n_save=9)
+    for i in range(3):
+        single = gflow.simulate(
+            loss, data, 3.0, params0=jax.tree.map(lambda x: x[i], batch), n_save=9
+        )
+        member = ens.member(i)
+        assert member.result == single.result == "successful"
+        assert member.stats["num_steps"] == single.stats["num_steps"]
+        np.testing.assert_allclose(member.ts, single.ts)
+        np.testing.assert_allclose(member.loss, single.loss, rtol=1e-12)
+        assert tree_max_abs_diff(member.params, single.params) < 1e-12
+
+
+def _two_rate_loss(params, data):
+    # Each member reads its own two rates data[i]: dx_k/dt = -rate_k x_k.
+    return 0.5 * jnp.sum(data[params["i"].astype(int)] * params["x"] ** 2)
+
+
+def test_stopped_members_stop_costing_work():
+    # 63 members with two fast rates converge fast and stop. The last one has a
+    # fast and a slow rate: the fast one caps its steps (stability), the slow one
+    # keeps it going for thousands of steps. The batches shrink around it, so the
+    # lanes paid stay near the steps taken.
+    rates = jnp.array([[50.0, 50.0]] * 63 + [[50.0, 0.05]])
+    params0 = {"x": jnp.ones((64, 2)), "i": jnp.arange(64.0)}
+    ens = gflow.simulate_ensemble(
+        _two_rate_loss, rates, 400.0, params0=params0, stop_at_grad_norm=1e-6, n_save=3
+    )
+    steps = ens.stats["num_steps"]
+    assert np.all(ens.result == "stopped_at_grad_norm")
+    assert steps[-1] > 20 * steps[:-1].max()  # the slow member needs far more
+    # Without compaction the batch would pay 64 lanes for every step of the slowest.
+    assert ens.stats["lane_steps"] < 0.1 * 64 * steps.max()
+    assert ens.stats["member_steps"] == steps.sum()
+
+
+def test_stopped_member_rows_repeat_its_end():
+    model = MarkovCanonical(0.5, 0.8)
+    params0 = {"e": jnp.array([0.1, 1.5]), "w": jnp.array([-1.0, -0.3])}
+    _, bigram = markov_reference_losses(0.5, 0.8)
+    ens = gflow.simulate_ensemble(
+        model, None, 2000.0, params0=params0, stop_at_loss=bigram + 1e-4, n_save=41
+    )
+    assert np.all(ens.result == "stopped_at_loss")
+    for i in range(2):
+        n = ens.stats["num_saved"][i]
+        assert n < 41
+        np.testing.assert_allclose(ens.loss[i, n - 1], bigram + 1e-4, rtol=1e-9)
+        # The rows after its end repeat its end: time and state.
+        assert np.all(ens.ts[i, n - 1 :] == ens.ts[i, n - 1])
+        assert np.all(ens.params["e"][i, n - 1 :] == ens.params["e"][i, n - 1])
+        assert len(ens.member(i)) == n
+        assert ens.stats["t_end"][i] == ens.ts[i, -1] < 2000.0
+
+
+def test_keys_initialise_with_model_init():
+    model = MarkovCanonical(0.5, 0.8, init_scale=0.3)
+    keys = jax.random.split(jax.random.key(0), 5)
+    ens = gflow.simulate_ensemble(model, None, 10.0, keys=keys, save="final")
+    expected = jax.vmap(model.init)(keys)
+    assert tree_max_abs_diff(jax.tree.map(lambda x: x[:, 0], ens.params), expected) == 0
+    assert ens.ts.shape == (5, 2) and np.all(ens.ts[:, -1] == 10.0)
+
+
+@pytest.mark.parametrize("p, q", [(0.5, 0.8), (0.2, 0.3)])
+def test_basins_of_the_canonical_markov_flow_match_the_separatrix(p, q):
+    # A 24 x 24 grid of the (e, w) plane, p + q > 1 and < 1: each flow's limit
+    # against the analytical basins of Makkuva et al.
+    model = MarkovCanonical(p, q)
+    axis = jnp.linspace(-2.0, 2.0, 24)
+    params0 = gflow.grid({"e": axis, "w": axis})
+    local, bigram = markov_reference_losses(p, q)
+    ens = gflow.simulate_ensemble(
+        model,
+        None,
+        2000.0,
+        params0=params0,
+        save="final",
+        stop_at_loss=bigram + 1e-4,
+        stop_at_grad_norm=1e-8,
+    )
+    found = gflow.basins(ens, {"local": local, "global": bigram}, atol=1e-3)
+    assert found.counts["unresolved"] == 0
+    exact = np.asarray(model.reaches_global(params0["e"], params0["w"]))
+    assert np.array_equal(found.mask("global"), exact)
+    assert 0.05 < found.fractions["global"] < 0.95
+
+
+def test_grid_is_row_major():
+    params0 = gflow.grid({"a": jnp.array([1.0, 2.0]), "b": jnp.array([0.0, 5.0, 7.0])})
+    np.testing.assert_array_equal(params0["a"], [1, 1, 1, 2, 2, 2])
+    np.testing.assert_array_equal(params0["b"], [0, 5, 7, 0, 5, 7])
+
+
+def test_ensemble_save_and_load_round_trip(tmp_path):
+    params0 = {"x": jnp.array([[1.0], [2.0]])}
+    ens = gflow.simulate_ensemble(
+        _decay_loss, jnp.array([1.0]), 1.0, params0=params0, n_save=5
+    )
+    ens.save(tmp_path / "ens.npz")
+    back = gflow.Trajectory.load(tmp_path / "ens.npz")
+    np.testing.assert_array_equal(back.result, ens.result)
+    np.testing.assert_array_equal(back.stats["num_steps"], ens.stats["num_steps"])
+    np.testing.assert_array_equal(back.params["x"], ens.params["x"])
+    assert back.member(1).result == "successful"
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(params0={"a": jnp.zeros(3), "b": jnp.zeros(4)}), "params0.*batch size"),
+        (dict(params0={"a": jnp.zeros((0, 2))}), "params0.*empty"),
+        (dict(params0={"a": jnp.zeros(())}), "params0.*scalar"),
+        (dict(keys=jnp.zeros((3, 4), jnp.uint32)), "keys"),
+        (dict(keys=jax.random.split(jax.random.key(0), 4).reshape(2, 2)), "keys"),
+        (dict(params0={"a": jnp.zeros(3)}, chunk_size=0), "chunk_size"),
+        (dict(), "exactly one of `params0`"),
+        (dict(params0={"a": jnp.zeros(3)}, save="all"), "save"),
+    ],
+)
+def test_bad_input_names_the_argument(kwargs, match):
+    def loss(params, data):
+        return jnp.sum(jax.tree.leaves(params)[0] ** 2)
+
+    target = MarkovCanonical(0.5, 0.8) if "keys" in kwargs else loss
+    with pytest.raises(ValueError, match=match):
+        gflow.simulate_ensemble(target, None, 1.0, **kwargs)
+
+
+def _quartic_loss(params, data):
+    # Each member reads its own sign data[i]: dx/dt = -2 s x^3, which blows up in
+    # finite time (t = 1/4 from x = 1) when s = -1.
+    return 0.5 * data[params["i"].astype(int)] * params["x"] ** 4
+
+
+def test_failed_members_raise_or_are_reported():
+    params0 = {"x": jnp.array([1.0, 1.0]), "i": jnp.array([0.0, 1.0])}
+    signs = jnp.array([1.0, -1.0])
+    with pytest.raises(gflow.SimulationError, match="1 of 2 members failed"):
+        gflow.simulate_ensemble(_quartic_loss, signs, 10.0, params0=params0)
+    ens = gflow.simulate_ensemble(
+        _quartic_loss, signs, 10.0, params0=params0, throw=False
+    )
+    assert ens.result[0] == "successful"
+    assert ens.result[1] in ("max_steps_reached", "diverged")
+    assert ens.stats["t_end"][1] < 0.25
+    assert np.all(np.isfinite(ens.loss))
+
+
+def test_basins_bad_input():
+    loss, data, params0, _ = quadratic_problem()
+    single = gflow.simulate(loss, data, 1.0, params0=params0)
+    with pytest.raises(TypeError, match="ensemble"):
+        gflow.basins(single, {"a": 0.0})
+    batch = jax.tree.map(lambda x: x[None], params0)
+    ens = gflow.simulate_ensemble(loss, data, 1.0, params0=batch, save="final")
+    with pytest.raises(ValueError, match="references"):
+        gflow.basins(ens, {})
+    with pytest.raises(ValueError, match="no basin named"):
+        gflow.basins(ens, {"a": 0.0}).mask("b")
+
+
+_SHARDED = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax, jax.numpy as jnp, numpy as np
+jax.config.update("jax_enable_x64", True)
+import gflow
+assert len(jax.devices()) == 4
+model = gflow.models.MarkovCanonical(0.5, 0.8)
+axis = jnp.linspace(-2.0, 2.0, 9)
+params0 = gflow.grid({"e": axis, "w": axis})
+kwargs = dict(params0=params0, n_save=11, stop_at_grad_norm=1e-6, chunk_size=40)
+sharded = gflow.simulate_ensemble(model, None, 500.0, **kwargs)
+single = gflow.simulate_ensemble(model, None, 500.0, devices=jax.devices()[:1], **kwargs)
+assert sharded.meta["num_devices"] == 4 and single.meta["num_devices"] == 1
+np.testing.assert_array_equal(sharded.result, single.result)
+np.testing.assert_array_equal(sharded.stats["num_steps"], single.stats["num_steps"])
+np.testing.assert_allclose(sharded.loss, single.loss, rtol=1e-12, atol=0)
+np.testing.assert_allclose(sharded.params["e"], single.params["e"], rtol=1e-12, atol=1e-14)
+print("AGREE", sharded.batch_size)
+"""
+
+
+def test_sharded_across_four_devices_agrees_with_one():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    run = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_SHARDED)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "AGREE 81" in run.stdout
