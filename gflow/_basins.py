@@ -40,7 +40,7 @@ def grid(axes: Mapping[str, Any]) -> dict[str, Any]:
             )
         values[name] = v
     mesh = jnp.meshgrid(*values.values(), indexing="ij")
-    return {name: m.ravel() for name, m in zip(values, mesh)}
+    return {name: m.ravel() for name, m in zip(values, mesh, strict=True)}
 
 
 class Basins(eqx.Module):
@@ -134,6 +134,6 @@ def basins(
     return Basins(
         labels=labels,
         names=names,
-        references={n: float(v) for n, v in zip(names, ref)},
+        references={n: float(v) for n, v in zip(names, ref, strict=True)},
         final_loss=final,
     )

@@ -179,7 +179,7 @@ def simulate_ensemble(
                     out = jax.device_get(
                         _advance(
                             loss_fn,
-                            jax.tree.map(lambda y: y[padded], state.y),
+                            _take(state.y, padded),
                             jnp.asarray(state.t[padded], dtype),
                             data,
                             ts_arr,
@@ -218,7 +218,9 @@ def simulate_ensemble(
     failed = ~np.isin(traj.result, SUCCESS_RESULTS)
     if throw and failed.any():
         names, numbers = np.unique(traj.result[failed], return_counts=True)
-        detail = ", ".join(f"{n} {name}" for name, n in zip(names, numbers))
+        detail = ", ".join(
+            f"{n} {name}" for name, n in zip(names, numbers, strict=True)
+        )
         first = int(np.flatnonzero(failed)[0])
         raise SimulationError(
             f"gflow.simulate_ensemble: {int(failed.sum())} of {batch} members failed "
@@ -479,11 +481,11 @@ class _EnsembleState:
         self.ts, self.params = self._fill_past_end((self.ts, self.params))
         parts = []
         for part, padded in _batches(np.arange(batch), chunk, n_devices):
-            params = jax.tree.map(lambda x: x[padded], self.params)
+            params = _take(self.params, padded)
             with CompileTimer() as call:
                 out = jax.device_get(_evaluate(loss_fn, metrics, params, data, mesh))
             self.compile_time_s += call.compile_time_s
-            parts.append(jax.tree.map(lambda x: x[: part.size], out))
+            parts.append(_take(out, np.arange(part.size)))
         self.evaluated = jax.tree.map(lambda *x: np.concatenate(x), *parts)
         # A finite state can still have an inf/NaN loss: the member diverged there.
         bad = ~np.isfinite(self.evaluated["loss"])
@@ -536,6 +538,11 @@ class _EnsembleState:
             meta={},
             **evaluated,
         )
+
+
+def _take(tree, index: np.ndarray):
+    """The members `index` of every leaf (leading axis)."""
+    return jax.tree.map(lambda x: x[index], tree)
 
 
 def _rows_finite(params) -> np.ndarray:

@@ -239,7 +239,7 @@ class Trajectory(eqx.Module):
         lines = [
             f"Ensemble: {self.batch_size} members, {len(self)} saves each, t_max "
             f"{self.meta.get('t_max', float(np.max(self.ts))):g}; results: "
-            + ", ".join(f"{n} {name}" for name, n in zip(names, counts)),
+            + ", ".join(f"{n} {name}" for name, n in zip(names, counts, strict=True)),
             f"  final loss min {final.min():.6g}, median {np.median(final):.6g}, "
             f"max {final.max():.6g}",
         ]

@@ -41,9 +41,8 @@ def test_each_member_matches_simulate():
     batch = jax.tree.map(lambda x: jnp.stack([x, 2 * x, -x]), params0)
     ens = gflow.simulate_ensemble(loss, data, 3.0, params0=batch, n_save=9)
     for i in range(3):
-        single = gflow.simulate(
-            loss, data, 3.0, params0=jax.tree.map(lambda x: x[i], batch), n_save=9
-        )
+        start = jax.tree.map(lambda x, i=i: x[i], batch)
+        single = gflow.simulate(loss, data, 3.0, params0=start, n_save=9)
         member = ens.member(i)
         assert member.result == single.result == "successful"
         assert member.stats["num_steps"] == single.stats["num_steps"]
@@ -213,12 +212,13 @@ axis = jnp.linspace(-2.0, 2.0, 9)
 params0 = gflow.grid({"e": axis, "w": axis})
 kwargs = dict(params0=params0, n_save=11, stop_at_grad_norm=1e-6, chunk_size=40)
 sharded = gflow.simulate_ensemble(model, None, 500.0, **kwargs)
-single = gflow.simulate_ensemble(model, None, 500.0, devices=jax.devices()[:1], **kwargs)
+one = jax.devices()[:1]
+single = gflow.simulate_ensemble(model, None, 500.0, devices=one, **kwargs)
 assert sharded.meta["num_devices"] == 4 and single.meta["num_devices"] == 1
 np.testing.assert_array_equal(sharded.result, single.result)
 np.testing.assert_array_equal(sharded.stats["num_steps"], single.stats["num_steps"])
 np.testing.assert_allclose(sharded.loss, single.loss, rtol=1e-12, atol=0)
-np.testing.assert_allclose(sharded.params["e"], single.params["e"], rtol=1e-12, atol=1e-14)
+np.testing.assert_allclose(sharded.params["e"], single.params["e"], rtol=1e-12)
 print("AGREE", sharded.batch_size)
 """
 
