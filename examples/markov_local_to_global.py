@@ -18,7 +18,14 @@ Run:  python examples/markov_local_to_global.py [--full | --quick] [--out DIR]
 (--full: 512 training sequences of length 32 and t = 1000 instead of 256 of
 length 16 and t = 600: 97 s on a 2-core CPU, held-out losses 0.66632 and 0.62005;
 --quick: a smoke run whose full model is not converged.)
-Writes DIR/markov_local_to_global.png and DIR/markov_summary.json.
+(d) Basins: a grid of the (e, w) plane, each point labelled by the limit of its
+    flow (gflow.simulate_ensemble), for p + q > 1 and p + q < 1, against the
+    analytical basins; and the full transformer from many Gaussian inits against
+    many perturbations of the proposed init (16 each and a 100 x 100 grid by
+    default; 64 each and 200 x 200 with --full).
+
+Writes DIR/markov_local_to_global.png, DIR/markov_basins.png and
+DIR/markov_summary.json.
 """
 
 from __future__ import annotations
@@ -79,31 +86,97 @@ def full_model_flows(n_seqs, seq_len, t_max):
     return runs
 
 
+def basin_maps(n):
+    """Label an n x n grid of the (e, w) plane by the limit of each flow, for
+    p + q > 1 and p + q < 1, against the analytical basins."""
+    axis = jnp.linspace(-2.0, 2.0, n)
+    params0 = gflow.grid({"e": axis, "w": axis})
+    maps = {}
+    for p, q in ((P, Q), (0.2, 0.3)):
+        model = MarkovCanonical(p, q)
+        unigram, entropy_rate = markov_reference_losses(p, q)
+        # The loss never increases along a flow: once it is within 1e-4 of the
+        # global minimum the limit is certain, so stop there.
+        ens = gflow.simulate_ensemble(model, None, 2000.0, params0=params0,
+                                      save="final", stop_at_loss=entropy_rate + 1e-4,
+                                      stop_at_grad_norm=1e-8)  # fmt: skip
+        found = gflow.basins(ens, {"local": unigram, "global": entropy_rate}, atol=1e-3)
+        exact = np.asarray(model.reaches_global(params0["e"], params0["w"]))
+        maps[(p, q)] = (found, exact, ens)
+    return np.asarray(axis), maps
+
+
+def init_ensembles(n_members, n_seqs, seq_len, t_max):
+    """The full transformer from n Gaussian inits and from n perturbations of the
+    proposed init: which minimum does each flow reach (by held-out loss)?"""
+    train = markov_data(jax.random.key(0), P, Q, n_seqs, seq_len)
+    held_out = markov_data(jax.random.key(1), P, Q, 4000, seq_len)
+    unigram, entropy_rate = markov_reference_losses(P, Q)
+    out = {}
+    for init in ("gaussian", "makkuva"):
+        model = MarkovTransformer(d=8, seq_len=seq_len, init=init)
+        params0 = jax.vmap(model.init)(jax.random.split(jax.random.key(3), n_members))
+        if init == "makkuva":  # the proposed init, perturbed by N(0, 0.02²) noise
+            leaves, tree = jax.tree.flatten(params0)
+            keys = jax.random.split(jax.random.key(4), len(leaves))
+            noisy = [x + 0.02 * jax.random.normal(k, x.shape)
+                     for x, k in zip(leaves, keys, strict=True)]  # fmt: skip
+            params0 = jax.tree.unflatten(tree, noisy)
+        ens = gflow.simulate_ensemble(model, train, t_max, params0=params0,
+                                      save="final")  # fmt: skip
+        held = np.asarray(jax.vmap(model.loss, in_axes=(0, None))(ens.final, held_out))
+        out[init] = {
+            "held_out_losses": held.tolist(),
+            "fraction_bigram": float(
+                np.mean(np.abs(held - entropy_rate) < np.abs(held - unigram))
+            ),
+            "member_steps": ens.stats["member_steps"],
+            "wall_time_s": ens.stats["wall_time_s"],
+        }
+    return out
+
+
+def basins_figure(axis, maps, inits):
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
+    for ax, ((p, q), (found, exact, _)) in zip(axes, maps.items(), strict=False):
+        gflow.plot.basin_map(axis, axis, found.labels, names=found.names,
+                             exact=exact, ax=ax)  # fmt: skip
+        agree = np.mean((found.labels == 1) == exact)
+        ax.set(xlabel="embedding e", ylabel="weight w",
+               title=f"({'ab'[p == 0.2]}) basins, p = {p}, q = {q} (p + q "
+               f"{'>' if p + q > 1 else '<'} 1): {len(axis)}×{len(axis)} flows\n"
+               f"agree with the separatrix at {agree:.2%} of points")  # fmt: skip
+    unigram, entropy_rate = markov_reference_losses(P, Q)
+    ax = axes[2]
+    for i, (init, label) in enumerate(
+        (("gaussian", "Gaussian init"), ("makkuva", "proposed init, perturbed"))
+    ):
+        held = np.asarray(inits[init]["held_out_losses"])
+        frac = inits[init]["fraction_bigram"]
+        jitter = np.random.default_rng(i).uniform(-0.15, 0.15, held.size)
+        ax.plot(i + jitter, held, "o", alpha=0.6, label=f"{label}: {frac:.0%} bigram")
+    ax.axhline(unigram, color="0.3", ls=":", label=f"unigram {unigram:.4f}")
+    ax.axhline(entropy_rate, color="0.3", ls="--", label=f"bigram {entropy_rate:.4f}")
+    ax.set(xticks=[0, 1], xticklabels=["Gaussian", "proposed + noise"],
+           xlim=(-0.5, 1.5), ylabel="held-out loss at t_max",
+           title=f"(c) full transformer: {len(held)} flows per init")  # fmt: skip
+    ax.legend(fontsize=9, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
 def draw_portrait(ax, model, flows):
-    e_grid = np.linspace(0.0, 2.0, 41)
-    w_grid = np.linspace(-2.0, 1.5, 41)
-    ee, ww = np.meshgrid(e_grid, w_grid)
-    grad = jax.vmap(jax.grad(model.loss))(
-        {"e": jnp.asarray(ee.ravel()), "w": jnp.asarray(ww.ravel())}
-    )
-    u = -np.asarray(grad["e"]).reshape(ee.shape)
-    v = -np.asarray(grad["w"]).reshape(ee.shape)
-    ax.streamplot(ee, ww, u, v, color="0.75", density=1.2, linewidth=0.8)
-    # Energy level sets. E is ±infinite at w = 0 (an invariant line): leave a thin
-    # band out, or the contour routine draws the jump there as a level line.
+    # E is ±infinite at w = 0 (an invariant line): leave a thin band out, or the
+    # contour routine draws the jump there as a level line.
+    def energy(e, w):
+        return np.where(np.abs(w) < 0.02, np.nan, markov_energy(e, w))
+
+    labels = [f"flow from ({e0}, {w0})" for e0, w0 in WORKED_CASES]
+    gflow.plot.phase_portrait(model, ("e", "w"), (0.0, 2.0), (-2.0, 1.5), ax=ax,
+                              trajectories=flows, labels=labels, invariant=energy,
+                              levels=np.linspace(-4, 4, 17))  # fmt: skip
     fine_e, fine_w = np.meshgrid(np.linspace(0, 2, 300), np.linspace(-2, 1.5, 351))
     energy = np.asarray(markov_energy(fine_e, fine_w))
-    energy = np.where(np.abs(fine_w) < 0.02, np.nan, energy)
-    ax.contour(
-        fine_e,
-        fine_w,
-        energy,
-        levels=np.linspace(-4, 4, 17),
-        colors="C0",
-        linewidths=0.5,
-        alpha=0.5,
-        linestyles="solid",
-    )
     # The separatrix: the level set of the saddle's energy, on the side w < 0.
     ax.contour(
         fine_e,
@@ -120,16 +193,8 @@ def draw_portrait(ax, model, flows):
     e_min = np.sqrt(np.where(a < 0, curve / np.where(a < 0, a, 1), np.nan))
     ax.plot(e_min, w_min, "k--", lw=1.5, label="global minima")
     ax.plot([], [], color="C3", lw=2, label="separatrix E = −(1 + log 2)/2")
-    for (e0, w0), traj in zip(WORKED_CASES, flows, strict=True):
-        (line,) = ax.plot(
-            traj.params["e"], traj.params["w"], lw=2.5, label=f"flow from ({e0}, {w0})"
-        )
-        ax.plot(e0, w0, "o", color=line.get_color())
-        ax.plot(traj.final["e"], traj.final["w"], "*", ms=14, color=line.get_color())
     ax.plot(0, -1 / np.sqrt(2), "kX", ms=9, label="saddle (0, −1/√2)")
     ax.set(
-        xlim=(0, 2),
-        ylim=(-2, 1.5),
         xlabel="embedding e",
         ylabel="weight w",
         title="(a) canonical (e, w) flow on energy level sets",
@@ -188,6 +253,10 @@ def main(argv=None):
     if args.quick:
         n_seqs, seq_len, t_max = 32, 8, 20.0
     runs = full_model_flows(n_seqs, seq_len, t_max)
+    grid_n = 200 if args.full else (16 if args.quick else 100)
+    axis, maps = basin_maps(grid_n)
+    n_members = 64 if args.full else (2 if args.quick else 16)
+    inits = init_ensembles(n_members, n_seqs, seq_len, t_max)
     unigram, entropy_rate = markov_reference_losses(P, Q)
     result = {
         "reference": {"unigram": unigram, "entropy_rate": entropy_rate},
@@ -211,6 +280,19 @@ def main(argv=None):
             }
             for init, (traj, held) in runs.items()
         },
+        "basins": {
+            f"p={p}, q={q}": {
+                "grid": f"{grid_n} x {grid_n}",
+                "fractions": found.fractions,
+                "agree_with_separatrix": float(np.mean((found.labels == 1) == exact)),
+                "wall_time_s": ens.stats["wall_time_s"],
+            }
+            for (p, q), (found, exact, ens) in maps.items()
+        },
+        "init_ensembles": {
+            init: {k: v for k, v in row.items() if k != "held_out_losses"}
+            for init, row in inits.items()
+        },
         "full_model_setting": {
             "d": 8,
             "n_seqs": n_seqs,
@@ -220,8 +302,10 @@ def main(argv=None):
     }
     print(json.dumps(result, indent=2))
     figure(model, flows, runs).savefig(out / "markov_local_to_global.png", dpi=110)
+    basins_figure(axis, maps, inits).savefig(out / "markov_basins.png", dpi=110)
     (out / "markov_summary.json").write_text(json.dumps(result, indent=2))
-    print(f"wrote {out / 'markov_local_to_global.png'} and markov_summary.json")
+    print(f"wrote {out}/markov_local_to_global.png, markov_basins.png and "
+          "markov_summary.json")  # fmt: skip
     return result
 
 

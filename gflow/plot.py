@@ -170,3 +170,127 @@ def row_similarity(matrix, *, ax=None, title: str | None = None, reorder: bool =
     if title:
         ax.set_title(title, fontsize=10)
     return ax, image
+
+
+def phase_portrait(
+    loss,
+    names: tuple[str, str],
+    xlim: tuple[float, float],
+    ylim: tuple[float, float],
+    *,
+    data=None,
+    trajectories: Sequence[Trajectory] = (),
+    labels: Sequence[str] | None = None,
+    invariant=None,
+    levels=None,
+    ax=None,
+    density: float = 1.2,
+):
+    """The flow field `-∇L` of a two-parameter model, with trajectories on it.
+
+    Args:
+        loss: `loss(params, data)` (or a model with `.loss`) of parameters
+            `{names[0]: scalar, names[1]: scalar}`.
+        names: the two parameter names: the x and y axes.
+        xlim, ylim: the plotted ranges.
+        data: passed to the loss.
+        trajectories: flows to draw (start: circle, end: star).
+        labels: their legend labels.
+        invariant: optional `fn(x, y)` of a conserved quantity (e.g. an energy),
+            drawn as level curves (`levels`).
+        ax: the Axes to draw on (default: a new figure).
+        density: streamline density.
+
+    Returns:
+        The Axes.
+
+    Example:
+        >>> model = gflow.models.MarkovCanonical(0.5, 0.8)
+        >>> gflow.plot.phase_portrait(model, ("e", "w"), (0, 2), (-2, 1.5),
+        ...                           invariant=gflow.models.markov_energy)
+    """
+    import jax
+    import jax.numpy as jnp
+
+    loss_fn = getattr(loss, "loss", loss)
+    ax = _axes(ax)
+    xs, ys = np.linspace(*xlim, 41), np.linspace(*ylim, 41)
+    xx, yy = np.meshgrid(xs, ys)
+    points = {names[0]: jnp.asarray(xx.ravel()), names[1]: jnp.asarray(yy.ravel())}
+    grad = jax.vmap(jax.grad(loss_fn), in_axes=(0, None))(points, data)
+    u = -np.asarray(grad[names[0]]).reshape(xx.shape)
+    v = -np.asarray(grad[names[1]]).reshape(xx.shape)
+    ax.streamplot(xx, yy, u, v, color="0.75", density=density, linewidth=0.8)
+    if invariant is not None:
+        fx, fy = np.meshgrid(np.linspace(*xlim, 300), np.linspace(*ylim, 300))
+        values = np.asarray(invariant(fx, fy), dtype=float)
+        values = np.where(np.isfinite(values), values, np.nan)
+        ax.contour(fx, fy, values, levels=15 if levels is None else levels,
+                   colors="C0", linewidths=0.5, alpha=0.5)  # fmt: skip
+    labels = labels or [None] * len(trajectories)
+    for traj, label in zip(trajectories, labels, strict=True):
+        x, y = np.asarray(traj.params[names[0]]), np.asarray(traj.params[names[1]])
+        (line,) = ax.plot(x, y, lw=2.5, label=label)
+        ax.plot(x[0], y[0], "o", color=line.get_color())
+        ax.plot(x[-1], y[-1], "*", ms=14, color=line.get_color())
+    ax.set(xlim=xlim, ylim=ylim, xlabel=names[0], ylabel=names[1])
+    return ax
+
+
+def basin_map(
+    x,
+    y,
+    labels,
+    *,
+    names: Sequence[str],
+    exact=None,
+    ax=None,
+    colors: Sequence[str] = ("#f3c89b", "#a9cfe8", "0.6"),
+):
+    """Which basin each initial point of a 2-D grid flowed to.
+
+    Args:
+        x, y: the grid axes (1-D), as passed to `gflow.grid({xname: x, yname: y})`.
+        labels: the basin label of each grid point: `gflow.basins(...).labels`
+            (row-major, `len(x) * len(y)`); -1 for unresolved.
+        names: the basin names, in label order (`gflow.basins(...).names`).
+        exact: optional boolean array like `labels`: where an analytical answer
+            says the flow goes to basin `names[1]`. Its boundary is drawn in black
+            and the points where it disagrees with `labels` are marked.
+        ax: the Axes to draw on (default: a new figure).
+        colors: the colours of the basins (and of unresolved points, last).
+
+    Returns:
+        The Axes.
+
+    Example:
+        >>> b = gflow.basins(ens, {"local": 0.666, "global": 0.619})
+        >>> gflow.plot.basin_map(es, ws, b.labels, names=b.names)
+    """
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    ax = _axes(ax)
+    x, y = np.asarray(x), np.asarray(y)
+    grid = np.asarray(labels).reshape(len(x), len(y))
+    shown = np.where(grid < 0, len(names), grid)
+    cmap = ListedColormap(list(colors[: len(names)]) + [colors[-1]])
+    ax.pcolormesh(x, y, shown.T, cmap=cmap, vmin=-0.5, vmax=len(names) + 0.5,
+                  shading="nearest", rasterized=True)  # fmt: skip
+    handles = [Patch(color=c, label=n) for c, n in zip(colors, names, strict=False)]
+    if (grid < 0).any():
+        handles.append(Patch(color=colors[-1], label="unresolved"))
+    if exact is not None:
+        exact = np.asarray(exact).reshape(grid.shape)
+        ax.contour(x, y, exact.T.astype(float), levels=[0.5], colors="k",
+                   linewidths=1.5)  # fmt: skip
+        handles.append(plt.Line2D([], [], color="k", label="analytical boundary"))
+        wrong = (grid >= 0) & ((grid == 1) != exact)
+        if wrong.any():
+            xi, yi = np.nonzero(wrong)
+            ax.plot(x[xi], y[yi], "x", color="C3", ms=4)
+            handles.append(
+                plt.Line2D([], [], color="C3", marker="x", ls="", label="disagree")
+            )
+    ax.legend(handles=handles, loc="upper right", fontsize=8, framealpha=0.9)
+    return ax

@@ -94,3 +94,13 @@ def test_peers_torchdiffeq_runs_or_says_why(tmp_path, capsys):
     # All three solve the same flow: errors at the solvers' tolerance level.
     for (method, rtol), row in by_method.items():
         assert row["error"] < 1e3 * rtol, method
+
+
+def test_ensemble_benchmark_runs_and_labels_agree(tmp_path):
+    out = load("ensemble").main(["--quick", "--results", str(tmp_path)])
+    race = out["grid_race"]
+    assert race["same_labels"] == race["members"] == 144
+    assert race["gflow_member_steps"] <= race["gflow_lane_steps"]
+    assert [row["members"] for row in out["scaling"]] == [64, 256]
+    assert json.loads((tmp_path / f"ensemble_quick_{jax.default_backend()}.json")
+                      .read_text())["grid_race"]["members"] == 144  # fmt: skip

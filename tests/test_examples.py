@@ -35,6 +35,9 @@ def test_markov_local_to_global(tmp_path):
     canonical = result["canonical"]
     entropy_rate = result["reference"]["entropy_rate"]
     assert abs(canonical["(1.5, -0.3)"]["final_loss"] - entropy_rate) < 1e-5
+    assert (tmp_path / "markov_basins.png").stat().st_size > 10_000
+    for basin in result["basins"].values():
+        assert basin["agree_with_separatrix"] == 1.0  # 16 x 16 grid, none near it
 
 
 def test_condensation_rank_collapse(tmp_path):

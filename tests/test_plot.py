@@ -45,3 +45,29 @@ def test_phases_shading_and_row_similarity():
     signs = np.sign(sim[0])
     assert np.all(signs[:2] == signs[0]) and np.all(signs[2:] == -signs[0])
     plt.close("all")
+
+
+def test_phase_portrait_and_basin_map_draw_what_they_are_given():
+    import matplotlib.pyplot as plt
+
+    model = gflow.models.MarkovCanonical(0.5, 0.8)
+    flow = gflow.simulate(
+        model, None, 50.0, params0={"e": jnp.array(0.1), "w": jnp.array(-1.0)}
+    )
+    ax = gflow.plot.phase_portrait(model, ("e", "w"), (0, 2), (-2, 1.5),
+                                   trajectories=[flow], labels=["flow"],
+                                   invariant=gflow.models.markov_energy)  # fmt: skip
+    line = ax.get_lines()[0]
+    np.testing.assert_allclose(line.get_xdata(), flow.params["e"])
+    assert ax.get_xlabel() == "e" and ax.get_ylabel() == "w"
+    plt.close(ax.figure)
+
+    x, y = np.array([0.0, 1.0]), np.array([0.0, 1.0, 2.0])
+    labels = np.array([0, 1, 1, 0, -1, 1])
+    exact = np.array([False, True, True, True, False, True])
+    ax = gflow.plot.basin_map(x, y, labels, names=("a", "b"), exact=exact)
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert texts == ["a", "b", "unresolved", "analytical boundary", "disagree"]
+    (marks,) = [ln for ln in ax.get_lines() if ln.get_marker() == "x"]
+    np.testing.assert_array_equal(marks.get_xdata(), [1.0])  # grid point (1, 0)
+    plt.close(ax.figure)
