@@ -311,28 +311,10 @@ def plot(results, path):
         1, len(results), figsize=(7.5 * len(results), 5.5), squeeze=False
     )
     for ax, (name, result) in zip(axes[0], results.items(), strict=True):
-        families = dict.fromkeys(r["family"] for r in result["rows"])
-        for family in families:
-            rows = [
-                r
-                for r in result["rows"]
-                if r["family"] == family and np.isfinite(r["error"])
-            ]
-            ax.loglog(
-                [r["grad_evals"] for r in rows],
-                [r["error"] for r in rows],
-                "o-" if len(rows) > 1 else "s",
-                label=family,
-                ms=7,
-                lw=2,
-            )
-        ax.set(
-            xlabel="gradient evaluations",
-            ylabel="trajectory error vs reference",
-            title=f"{name} (t = {result['t_max']:g})",
+        gflow.plot.work_precision(
+            result["rows"], ax=ax, title=f"{name} (t = {result['t_max']:g})"
         )
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.set_ylabel("trajectory error vs reference")
     fig.suptitle(
         "Work–precision: error against a tight float64 flow (lower left is better)"
     )

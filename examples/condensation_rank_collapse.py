@@ -69,9 +69,6 @@ def dynamics_figure(traj, end1, collapse):
     ts = np.asarray(traj.ts)
     names = ("W_Q", "W_K", "W_V", "W1", "W2")
     changes = np.stack([relative_change(traj, k) for k in names], axis=1)
-    ranks = np.stack(
-        [np.asarray(traj.metrics["effective_rank"][k]) for k in MATRICES], 1
-    )
     # Everything after the slow escape happens within a short window: zoom on it
     # with a linear time axis.
     zoom = ts >= 0.8 * ts[end1]
@@ -91,9 +88,7 @@ def dynamics_figure(traj, end1, collapse):
         ylabel="‖W(t) − W(0)‖ / ‖W(0)‖",
         title="(b) zoom: W_Q, W_K move only after condensation",
     )
-    gflow.plot.series(
-        ts[zoom], ranks[zoom], label=list(MATRICES), ax=ax_rank, log_time=False, lw=2
-    )
+    gflow.plot.effective_rank(traj[zoom], MATRICES, ax=ax_rank, lw=2)
     ax_rank.set(
         ylabel="effective rank (Roy & Vetterli)",
         title="(c) zoom: W_Q collapses towards rank one",

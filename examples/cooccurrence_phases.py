@@ -47,7 +47,6 @@ import numpy as np  # noqa: E402
 import gflow  # noqa: E402
 from gflow.models import (  # noqa: E402
     COMMON,
-    GROUP_NAMES,
     TARGET_1,
     TARGET_2,
     CooccurrenceTransformer,
@@ -74,7 +73,6 @@ def run(t_max=300.0, init="paper", seed=0, n_save=301):
     metrics = {
         "G": lambda p, d: model.mlp_value(p, words),
         "key_query": lambda p, d: model.key_query(p),
-        "group_losses": model.group_losses,
         "balance": balance,
     }
     # Log-spaced saves from t = 1e-3 whatever the horizon: Phase 1 ends near 0.2.
@@ -92,27 +90,18 @@ def run(t_max=300.0, init="paper", seed=0, n_save=301):
     return model, data, traj
 
 
-def figure(traj, phases):
+def figure(traj, phases, model, data):
     ts = np.asarray(traj.ts)
     t1 = phases.t1
     t1_index = int(np.searchsorted(ts, t1))
-    kq = np.asarray(traj.metrics["key_query"])
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
     ax_scores, ax_loss, ax_g, ax_balance = axes.ravel()
 
-    changes = np.stack([kq[:, i, j] - kq[0, i, j] for i, j in PAIRS.values()], 1)
-    gflow.plot.series(ts, changes, label=list(PAIRS), ax=ax_scores, lw=2)
-    ax_scores.set(
-        ylabel="change since t = 0",
-        title="(a) attention scores µᵢᵀW_KᵀW_Qµⱼ (their Fig. 1a)",
-    )
-    ax_scores.axhline(0, color="0.5", lw=0.8)
+    gflow.plot.attention_scores(traj, PAIRS, ax=ax_scores, lw=2)
+    ax_scores.set(title="(a) attention scores µᵢᵀW_KᵀW_Qµⱼ (their Fig. 1a)")
 
-    gflow.plot.loss(traj, "total", ax=ax_loss, color="k", lw=2.5)
-    groups = np.asarray(traj.metrics["group_losses"])
-    gflow.plot.series(ts, groups, label=list(GROUP_NAMES), ax=ax_loss, log_y=True)
+    gflow.plot.group_losses(traj, model, data, ax=ax_loss)
     ax_loss.set(title="(b) loss: total and per group (their Fig. 1b)")
-    ax_loss.legend(fontsize=9)
 
     g = np.asarray(traj.metrics["G"])
     gflow.plot.series(ts, g, label=["G(µ1)", "G(µ2)", "G(µ3)"], ax=ax_g, lw=2)
@@ -193,7 +182,7 @@ def main(argv=None):
     t1_index = int(np.searchsorted(np.asarray(traj.ts), phases.t1))
     result = summary(traj, t1_index)
     print(json.dumps({k: v for k, v in result.items() if k != "solver"}, indent=2))
-    figure(traj, phases).savefig(out / "cooccurrence_phases.png", dpi=110)
+    figure(traj, phases, model, data).savefig(out / "cooccurrence_phases.png", dpi=110)
     (out / "cooccurrence_summary.json").write_text(json.dumps(result, indent=2))
     print(f"wrote {out / 'cooccurrence_phases.png'} and cooccurrence_summary.json")
     return result

@@ -4,10 +4,10 @@ A vmapped `diffeqsolve` runs every member until the slowest one is done: members
 that have stopped are masked, not free. So members advance in calls of at most
 `_STEPS_PER_CALL` steps each; between calls the members that are done (reached
 `t_max`, a requested stop such as `stop_at_grad_norm`, or a failure) leave the
-batch, which is compacted to the next bucket size. Every member keeps its own
-adaptive steps. Each call solves at most `chunk_size` members, split across all
-devices. The loss, velocity and metrics of the saved states are evaluated once, at
-the end.
+batch, which is compacted to a smaller size once that pays for its compile. Every
+member keeps its own adaptive steps. Each call solves at most `chunk_size`
+members, split across all devices. The loss, velocity and metrics of the saved
+states are evaluated once, at the end.
 """
 
 from __future__ import annotations
@@ -74,15 +74,19 @@ def simulate_ensemble(
     """The gradient flows from a batch of initial parameters, solved together.
 
     Each member is its own flow `dθ/dt = -∇L(θ; data)` with its own adaptive step
-    sizes and its own stopping, on the same `data` and save times. A member that
-    stops (a requested stop such as `stop_at_grad_norm`, or a failure) stops costing
-    work at the end of the current round: the time axis is cut into rounds at
-    `t_max * 10^-4, 10^-3, ..., 1`, and between rounds the remaining members are
-    compacted into a smaller batch. Members are solved at most `chunk_size` at a
-    time, and each batch is split evenly across `devices` (all visible devices of
-    the default backend by default).
+    sizes and its own stopping, on the same `data` and save times. Members advance
+    in calls of at most 32 steps; between calls, the members that are done (reached
+    `t_max`, a requested stop such as `stop_at_grad_norm`, or a failure) leave the
+    batch, so they stop costing work. The batch shrinks to a smaller size (chunk /
+    8^k) once the padding has cost as much time as compiling that size does.
+    Members are solved at most `chunk_size` at a time, and each batch is split
+    evenly across `devices` (all visible devices of the default backend by default).
 
-    The arguments shared with [`gflow.simulate`][] mean the same, per member.
+    The arguments shared with [`gflow.simulate`][] (`solver`, `rtol`, `atol`, `dt0`,
+    `max_steps`, `metrics`, `stop_at_loss`, `stop_at_grad_norm`, `stop_when`,
+    `matmul_precision`) mean the same, per member. `max_steps` counts each member's
+    steps over all its calls (checked between calls, so a member may exceed it by
+    up to 32 steps).
 
     Args:
         model, data, t_max: as in `gflow.simulate`.
@@ -95,10 +99,6 @@ def simulate_ensemble(
         save: `"trajectory"` (default) saves every save time; `"final"` saves only
             `t = 0` and where each member ended (its final parameters, loss,
             metrics and stopping time), for large ensembles.
-        solver, rtol, atol, dt0, max_steps, metrics, stop_at_loss,
-            stop_at_grad_norm, stop_when, matmul_precision: as in `gflow.simulate`,
-            per member. `max_steps` counts each member's steps over all rounds (it
-            is checked between rounds, so a member may exceed it by one round).
         chunk_size: the most members solved in one call (on all devices together).
             Default: as many as fit in `memory_budget`.
         memory_budget: bytes of device memory one call may use for its members'
@@ -171,9 +171,10 @@ def simulate_ensemble(
     ts_arr = jnp.asarray(ts_np, dtype=dtype)
     precision = matmul_precision_context(matmul_precision)
     with CompileTimer() as timer, precision:
+        sizes = _BatchSizes(chunk, n_devices)
         while state.active.any():
             members = np.flatnonzero(state.active)
-            for part, padded in _batches(members, chunk, n_devices):
+            for part, padded in _batches(members, chunk, sizes.choose):
                 # Each new batch size compiles, between runs: time every call.
                 with CompileTimer() as call:
                     out = jax.device_get(
@@ -189,9 +190,10 @@ def simulate_ensemble(
                         )
                     )
                 state.compile_time_s += call.compile_time_s
+                sizes.paid(part.size, padded.size, call)
                 state.record(part, out, padded.size)
             state.stop_over_budget(config.max_steps)
-        state.evaluate(loss_fn, config.metrics, data, chunk, n_devices, mesh)
+        state.evaluate(loss_fn, config.metrics, data, chunk, sizes.choose, mesh)
 
     traj = state.trajectory(solver_obj, config, timer)
     traj = eqx.tree_at(
@@ -318,15 +320,50 @@ def _chunk_size(
     return int(max(1, min(batch, budget // per_member)))
 
 
-def _batches(members: np.ndarray, chunk: int, n_devices: int):
-    """Split `members` into calls of at most `chunk`; pad each (repeating its first
-    member) to a bucket size: chunk / 8^k, a multiple of the device count."""
+class _BatchSizes:
+    """Which batch size to pad a call to.
+
+    The sizes are chunk / 8^k (a multiple of the device count). Each new size costs
+    a compile (seconds); a size too large costs lanes on every call. So a smaller
+    size is compiled only once the calls padded beyond it have cost as much time
+    as a compile did (rent until renting has cost the price of buying: never more
+    than twice the best choice in hindsight).
+    """
+
+    def __init__(self, chunk: int, n_devices: int):
+        self.chunk, self.n_devices = chunk, n_devices
+        self.compile_s: dict[int, float] = {}  # compiled sizes: their compile time
+        self.rent_s = 0.0  # time spent in calls padded beyond their ideal size
+
+    def ideal(self, n: int) -> int:
+        size = self.chunk
+        while size // _BUCKET_FACTOR >= max(n, self.n_devices):
+            size //= _BUCKET_FACTOR
+        return self.n_devices * math.ceil(size / self.n_devices)
+
+    def choose(self, n: int) -> int:
+        ideal = self.ideal(n)
+        compiled = [size for size in self.compile_s if size >= n]
+        if ideal in self.compile_s or not compiled:
+            return ideal
+        if self.rent_s >= max(self.compile_s.values()):
+            self.rent_s = 0.0
+            return ideal
+        return min(compiled)
+
+    def paid(self, n: int, size: int, call: CompileTimer) -> None:
+        if size not in self.compile_s:
+            self.compile_s[size] = call.compile_time_s
+        elif size > self.ideal(n):
+            self.rent_s += call.wall_time_s
+
+
+def _batches(members: np.ndarray, chunk: int, choose):
+    """Split `members` into calls of at most `chunk`, each padded (repeating its
+    first member) to the size `choose(n)` picks."""
     for start in range(0, members.size, chunk):
         part = members[start : start + chunk]
-        size = chunk
-        while size // _BUCKET_FACTOR >= max(part.size, n_devices):
-            size //= _BUCKET_FACTOR
-        size = n_devices * math.ceil(size / n_devices)
+        size = choose(part.size)
         yield part, np.concatenate([part, np.full(size - part.size, part[0])])
 
 
@@ -474,13 +511,13 @@ class _EnsembleState:
         self.code[over] = _PAUSED
         self.active[over] = False
 
-    def evaluate(self, loss_fn, metrics, data, chunk, n_devices, mesh) -> None:
+    def evaluate(self, loss_fn, metrics, data, chunk, choose, mesh) -> None:
         """Loss, velocity and metrics of every saved row, once, `chunk` members at
         a time. Rows past a member's end repeat its last row first."""
         batch = self.active.size
         self.ts, self.params = self._fill_past_end((self.ts, self.params))
         parts = []
-        for part, padded in _batches(np.arange(batch), chunk, n_devices):
+        for part, padded in _batches(np.arange(batch), chunk, choose):
             params = _take(self.params, padded)
             with CompileTimer() as call:
                 out = jax.device_get(_evaluate(loss_fn, metrics, params, data, mesh))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
+import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -72,6 +74,7 @@ def loss(
     trajectories: Trajectory | Sequence[Trajectory],
     labels: str | Sequence[str] | None = None,
     *,
+    phases=None,
     ax=None,
     log_time: bool = True,
     log_y: bool = True,
@@ -79,8 +82,20 @@ def loss(
 ):
     """Loss curves of one or several trajectories on a common time axis.
 
+    Args:
+        trajectories: a Trajectory or several (e.g. the flow and gradient descent
+            at several learning rates: GD's step k sits at t = k·lr).
+        labels: their legend labels.
+        phases: a `gflow.detect_phases` result: Phase 1 and Phase 2 are shaded and
+            the end of Phase 1 is marked.
+        ax, log_time, log_y, **style: as in `series` (log-log by default).
+
+    Returns:
+        The Axes.
+
     Example:
         >>> ax = gflow.plot.loss([flow, gd], ["gradient flow", "GD, lr=0.1"])
+        >>> gflow.plot.loss(flow, phases=gflow.detect_phases(flow, model, data))
     """
     if isinstance(trajectories, Trajectory):
         trajectories = [trajectories]
@@ -98,6 +113,10 @@ def loss(
             **style,
         )
     ax.set_ylabel("loss")
+    if phases is not None:
+        _shade_phases(ax, phases)
+        if phases.t1 is not None:
+            mark_time(ax, phases.t1, "end of Phase 1")
     if any(label is not None for label in labels):
         ax.legend()
     return ax
@@ -129,16 +148,20 @@ def phases(ax, phases, *, colors=("0.88", "#fde7c8", "#d9ecf7", "#e6f2dc")):
         >>> ax = gflow.plot.loss(traj)
         >>> gflow.plot.phases(ax, gflow.detect_phases(traj, model, data))
     """
-    if not phases.found:
+    return _shade_phases(ax, phases, colors)
+
+
+def _shade_phases(ax, found, colors=("0.88", "#fde7c8", "#d9ecf7", "#e6f2dc")):
+    if not found.found:
         return ax
-    labels = np.array(phases.labels)
-    names = list(dict.fromkeys(phases.labels))
+    labels = np.array(found.labels)
+    names = list(dict.fromkeys(found.labels))
     left = ax.get_xlim()[0]
     for i, name in enumerate(names):
         where = np.nonzero(labels == name)[0]
-        start = phases.ts[where[0]] if where[0] > 0 else left
+        start = found.ts[where[0]] if where[0] > 0 else left
         # Each phase runs to the first save of the next one.
-        end = phases.ts[min(where[-1] + 1, len(labels) - 1)]
+        end = found.ts[min(where[-1] + 1, len(labels) - 1)]
         ax.axvspan(start, end, color=colors[i % len(colors)], zorder=0, label=name)
     ax.set_xlim(left=left)
     return ax
@@ -209,9 +232,6 @@ def phase_portrait(
         >>> gflow.plot.phase_portrait(model, ("e", "w"), (0, 2), (-2, 1.5),
         ...                           invariant=gflow.models.markov_energy)
     """
-    import jax
-    import jax.numpy as jnp
-
     loss_fn = getattr(loss, "loss", loss)
     ax = _axes(ax)
     xs, ys = np.linspace(*xlim, 41), np.linspace(*ylim, 41)
@@ -293,4 +313,170 @@ def basin_map(
                 plt.Line2D([], [], color="C3", marker="x", ls="", label="disagree")
             )
     ax.legend(handles=handles, loc="upper right", fontsize=8, framealpha=0.9)
+    return ax
+
+
+def _over_saves(fn, traj: Trajectory):
+    """`fn(params)` at every saved state, stacked (leading time axis)."""
+    return np.asarray(jax.lax.map(fn, traj.params))
+
+
+def attention_scores(
+    traj: Trajectory,
+    pairs=None,
+    *,
+    relative: bool = True,
+    ax=None,
+    log_time: bool = True,
+    **style,
+):
+    """Attention scores `µ_iᵀ W_Kᵀ W_Q µ_j` over time (Yang et al. Fig. 1a).
+
+    Args:
+        traj: a flow of `gflow.models.CooccurrenceTransformer` (parameters `W_K`,
+            `W_Q` whose columns are the words' embeddings).
+        pairs: `{label: (key word i, query word j)}`; default: the four scores of
+            the paper (µ2/µ1, µ1/µ2 rise; µ3/µ1, µ3/µ2 fall).
+        relative: plot the change since `t = 0` (default), which is what moves:
+            the scores start at random values of size σ0².
+        ax, log_time, **style: as in `series`.
+
+    Returns:
+        The Axes.
+
+    Example:
+        >>> gflow.plot.attention_scores(traj)
+    """
+    from .models import COMMON, TARGET_1, TARGET_2
+
+    if pairs is None:
+        pairs = {
+            "µ2ᵀ W_KᵀW_Q µ1": (TARGET_2, TARGET_1),
+            "µ1ᵀ W_KᵀW_Q µ2": (TARGET_1, TARGET_2),
+            "µ3ᵀ W_KᵀW_Q µ1": (COMMON, TARGET_1),
+            "µ3ᵀ W_KᵀW_Q µ2": (COMMON, TARGET_2),
+        }
+    rows = np.array([i for i, _ in pairs.values()])
+    cols = np.array([j for _, j in pairs.values()])
+
+    def scores(params):
+        return (params["W_K"].T @ params["W_Q"])[rows, cols]
+
+    values = _over_saves(scores, traj)
+    if relative:
+        values = values - values[0]
+    ax = series(traj.ts, values, label=list(pairs), ax=ax, log_time=log_time, **style)
+    ax.axhline(0, color="0.5", lw=0.8)
+    ax.set_ylabel("change since t = 0" if relative else "attention score")
+    ax.legend(fontsize=9)
+    return ax
+
+
+def group_losses(
+    traj: Trajectory,
+    model,
+    data,
+    names: Sequence[str] | None = None,
+    *,
+    total: bool = True,
+    ax=None,
+    log_time: bool = True,
+    log_y: bool = True,
+    **style,
+):
+    """The loss of each group of samples over time (Yang et al. Fig. 1b).
+
+    Args:
+        traj: a flow.
+        model: a model with `group_losses(params, data) -> (k,)`, such as
+            `gflow.models.CooccurrenceTransformer` (groups I1..I4).
+        data: the data the groups are taken from.
+        names: the groups' names (default: the model's `GROUP_NAMES` if it has
+            four groups, else "group 0", ...).
+        total: also draw the total loss `traj.loss`.
+        ax, log_time, log_y, **style: as in `series`.
+
+    Returns:
+        The Axes.
+
+    Example:
+        >>> gflow.plot.group_losses(traj, model, data)
+    """
+    values = _over_saves(lambda p: model.group_losses(p, data), traj)
+    if names is None:
+        from .models import GROUP_NAMES
+
+        k = values.shape[1]
+        names = list(GROUP_NAMES) if k == len(GROUP_NAMES) else [
+            f"group {i}" for i in range(k)
+        ]  # fmt: skip
+    ax = _axes(ax)
+    if total:
+        series(traj.ts, traj.loss, label="total", ax=ax, log_time=log_time,
+               log_y=log_y, color="k", lw=2.5)  # fmt: skip
+    series(traj.ts, values, label=list(names), ax=ax, log_time=log_time,
+           log_y=log_y, **style)  # fmt: skip
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=9)
+    return ax
+
+
+def effective_rank(
+    traj: Trajectory,
+    keys: Sequence[str],
+    *,
+    ax=None,
+    log_time: bool = False,
+    **style,
+):
+    """The effective rank (`gflow.metrics.effective_rank`) of weight matrices over
+    time: rank collapse shows as a fall towards 1 (Chen & Luo Fig. 1).
+
+    Args:
+        traj: a flow whose parameters are a dict holding the matrices.
+        keys: the names of the matrices, e.g. `["W_Q", "W_K"]`.
+        ax, log_time, **style: as in `series` (linear time by default).
+
+    Returns:
+        The Axes.
+
+    Example:
+        >>> gflow.plot.effective_rank(traj, ["W_Q", "W_K", "W_V"])
+    """
+    from .metrics import effective_rank as rank
+
+    values = _over_saves(lambda p: jnp.stack([rank(p[k]) for k in keys]), traj)
+    ax = series(traj.ts, values, label=list(keys), ax=ax, log_time=log_time, **style)
+    ax.set_ylabel("effective rank")
+    ax.legend(fontsize=9)
+    return ax
+
+
+def work_precision(rows, *, ax=None, title: str | None = None):
+    """Error against work, one line per method family (lower left is better).
+
+    Args:
+        rows: dicts with `"family"` (the legend entry: rows of one family are
+            joined by a line, e.g. one solver at several tolerances), `"grad_evals"`
+            and `"error"`, as the benchmark scripts write them.
+        ax: the Axes to draw on (default: a new figure).
+        title: the Axes title.
+
+    Returns:
+        The Axes.
+
+    Example:
+        >>> rows = json.load(open("benchmarks/results/flow_vs_gd_cpu.json"))
+        >>> gflow.plot.work_precision(rows["problems"]["cooccurrence"]["rows"])
+    """
+    ax = _axes(ax)
+    families = dict.fromkeys(r["family"] for r in rows)
+    for family in families:
+        mine = [r for r in rows if r["family"] == family and np.isfinite(r["error"])]
+        mine.sort(key=lambda r: r["grad_evals"])
+        ax.loglog([r["grad_evals"] for r in mine], [r["error"] for r in mine],
+                  "o-" if len(mine) > 1 else "s", label=family, ms=7, lw=2)  # fmt: skip
+    ax.set(xlabel="gradient evaluations", ylabel="trajectory error", title=title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
     return ax

@@ -56,11 +56,13 @@ def _two_rate_loss(params, data):
     return 0.5 * jnp.sum(data[params["i"].astype(int)] * params["x"] ** 2)
 
 
-def test_stopped_members_stop_costing_work():
+def test_stopped_members_stop_costing_work(monkeypatch):
     # 63 members with two fast rates converge fast and stop. The last one has a
     # fast and a slow rate: the fast one caps its steps (stability), the slow one
     # keeps it going for thousands of steps. The batches shrink around it, so the
-    # lanes paid stay near the steps taken.
+    # lanes paid stay near the steps taken. (Whether shrinking pays for its compile
+    # depends on timings; here it is made to always pay, to test the mechanism.)
+    monkeypatch.setattr(gflow._ensemble._BatchSizes, "choose", _always_shrink)
     rates = jnp.array([[50.0, 50.0]] * 63 + [[50.0, 0.05]])
     params0 = {"x": jnp.ones((64, 2)), "i": jnp.arange(64.0)}
     ens = gflow.simulate_ensemble(
@@ -72,6 +74,30 @@ def test_stopped_members_stop_costing_work():
     # Without compaction the batch would pay 64 lanes for every step of the slowest.
     assert ens.stats["lane_steps"] < 0.1 * 64 * steps.max()
     assert ens.stats["member_steps"] == steps.sum()
+
+
+def _always_shrink(sizes, n):
+    return sizes.ideal(n)
+
+
+class _FakeCall:
+    def __init__(self, compile_time_s, wall_time_s):
+        self.compile_time_s, self.wall_time_s = compile_time_s, wall_time_s
+
+
+def test_batch_sizes_shrink_once_padding_has_cost_a_compile():
+    sizes = gflow._ensemble._BatchSizes(chunk=1024, n_devices=1)
+    assert sizes.choose(1000) == 1024
+    sizes.paid(1000, 1024, _FakeCall(compile_time_s=3.0, wall_time_s=3.5))
+    # 100 members would fit 128, but that size is not compiled: rent 1024 until
+    # the padded calls have cost 3 s.
+    for _ in range(3):
+        assert sizes.choose(100) == 1024
+        sizes.paid(100, 1024, _FakeCall(0.0, 1.0))
+    assert sizes.choose(100) == 128
+    sizes.paid(100, 128, _FakeCall(2.0, 2.1))
+    assert sizes.choose(90) == 128 and sizes.choose(10) == 128
+    assert sizes.ideal(10) == 16 and sizes.ideal(2000) == 1024
 
 
 def test_stopped_member_rows_repeat_its_end():

@@ -71,3 +71,67 @@ def test_phase_portrait_and_basin_map_draw_what_they_are_given():
     (marks,) = [ln for ln in ax.get_lines() if ln.get_marker() == "x"]
     np.testing.assert_array_equal(marks.get_xdata(), [1.0])  # grid point (1, 0)
     plt.close(ax.figure)
+
+
+def test_model_figures_plot_what_the_parameters_say():
+    import jax
+
+    from gflow.models import CooccurrenceTransformer, cooccurrence_data
+
+    model = CooccurrenceTransformer(d=8, L=3, m=4, m1=6)
+    data = cooccurrence_data(jax.random.key(0), n=12, L=3, d=8)
+    traj = gflow.simulate(model, data, 2.0, key=1, n_save=5)
+    ax = gflow.plot.attention_scores(traj, {"s": (1, 0)}, relative=False)
+    kq = np.asarray(traj.params["W_K"][:, :, 1] * traj.params["W_Q"][:, :, 0]).sum(1)
+    np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), kq[1:], rtol=1e-10)
+    plt.close(ax.figure)
+
+    ax = gflow.plot.group_losses(traj, model, data)
+    total, *groups = ax.get_lines()[:5]
+    np.testing.assert_allclose(total.get_ydata(), traj.loss[1:])
+    expected = model.group_losses(jax.tree.map(lambda x: x[-1], traj.params), data)
+    last = [line.get_ydata()[-1] for line in groups]
+    np.testing.assert_allclose(last, expected, rtol=1e-10)
+    plt.close(ax.figure)
+
+    ax = gflow.plot.effective_rank(traj, ["W_Q"])
+    np.testing.assert_allclose(
+        ax.get_lines()[0].get_ydata()[0],
+        gflow.metrics.effective_rank(traj.params["W_Q"][0]),
+        rtol=1e-10,
+    )
+    plt.close(ax.figure)
+
+
+def test_work_precision_joins_each_family_in_order_of_work():
+    rows = [
+        {"family": "flow", "grad_evals": 300, "error": 1e-7},
+        {"family": "GD", "grad_evals": 3000, "error": 1e-2},
+        {"family": "flow", "grad_evals": 100, "error": 1e-4},
+        {"family": "GD", "grad_evals": 30000, "error": float("nan")},
+    ]
+    ax = gflow.plot.work_precision(rows, title="t")
+    flow, gd = ax.get_lines()
+    np.testing.assert_array_equal(flow.get_xdata(), [100, 300])
+    np.testing.assert_array_equal(gd.get_xdata(), [3000])  # NaN errors left out
+    assert ax.get_xscale() == ax.get_yscale() == "log"
+    plt.close(ax.figure)
+
+
+def test_loss_shades_the_phases_it_is_given():
+    import jax
+
+    from gflow.models import CooccurrenceTransformer, cooccurrence_data
+
+    model = CooccurrenceTransformer(d=16, L=3, m=8, m1=16)
+    data = cooccurrence_data(jax.random.key(0), n=24, L=3, d=16)
+    ts = gflow.save_times(5.0, 61, t_first=1e-3)
+    traj = gflow.simulate(model, data, 5.0, key=1, ts=ts)
+    found = gflow.detect_phases(traj, model, data)
+    ax = gflow.plot.loss(traj, "flow", phases=found)
+    assert found.found  # Phase 1 ends at t1 = 1.82 on this small model
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["flow", "phase 1", "phase 2"]
+    assert any(abs(line.get_xdata()[0] - found.t1) < 1e-12
+               for line in ax.get_lines()[1:])  # fmt: skip
+    plt.close(ax.figure)
