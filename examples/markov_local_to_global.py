@@ -14,16 +14,18 @@ Binary Markov chain with p = P(0→1) = 0.5 and q = P(1→0) = 0.8 (p + q > 1).
     the unigram loss, from their proposed initialisation at the bigram loss
     (held-out losses printed).
 
-Run:  python examples/markov_local_to_global.py [--full | --quick] [--out DIR]
-(--full: 512 training sequences of length 32 and t = 1000 instead of 256 of
-length 16 and t = 600: 97 s on a 2-core CPU, held-out losses 0.66632 and 0.62005;
---quick: a smoke run whose full model is not converged.)
 (d) Basins: a grid of the (e, w) plane, each point labelled by the limit of its
     flow (gflow.simulate_ensemble), for p + q > 1 and p + q < 1, against the
     analytical basins; and the full transformer from many Gaussian inits against
     many perturbations of the proposed init (16 each on 64 sequences of length 16
     to t = 300, and a 100 x 100 grid, by default; 64 each on 128 sequences to
     t = 600, and 200 x 200, with --full).
+
+Run:  python examples/markov_local_to_global.py [--full | --quick] [--out DIR]
+(default: about 2 minutes on a 2-core CPU; --full: 512 training sequences of length
+32 and t = 1000 for (c), held-out losses 0.66632 and 0.62005, and the larger
+ensembles of (d): 12 minutes; --quick: a smoke run whose full model is not
+converged.)
 
 Writes DIR/markov_local_to_global.png, DIR/markov_basins.png and
 DIR/markov_summary.json.

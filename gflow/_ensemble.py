@@ -36,8 +36,8 @@ from ._tree import tree_norm
 # Steps per call: small enough that members that finish early stop costing work
 # soon, large enough that restarting the step-size control costs little.
 _STEPS_PER_CALL = 32
-# Batches shrink by factors of 8: each size compiles once (seconds), so the
-# count of sizes matters as much as the padding.
+# Batch sizes below the chunk are n_devices * 8^k: each size compiles once
+# (seconds), so the count of sizes matters as much as the padding.
 _BUCKET_FACTOR = 8
 _DEFAULT_MEMORY_BUDGET = 2**30
 _MEMBER_AXIS = "members"
@@ -171,7 +171,9 @@ def simulate_ensemble(
     ts_arr = jnp.asarray(ts_np, dtype=dtype)
     precision = matmul_precision_context(matmul_precision)
     with CompileTimer() as timer, precision:
-        sizes = _BatchSizes(chunk, n_devices)
+        sizes = _BatchSizes(
+            chunk, n_devices, _program_key(loss_fn, params0, data, config, mesh)
+        )
         while state.active.any():
             members = np.flatnonzero(state.active)
             for part, padded in _batches(members, chunk, sizes.choose):
@@ -323,39 +325,83 @@ def _chunk_size(
 class _BatchSizes:
     """Which batch size to pad a call to.
 
-    The sizes are chunk / 8^k (a multiple of the device count). Each new size costs
-    a compile (seconds); a size too large costs lanes on every call. So a smaller
-    size is compiled only once the calls padded beyond it have cost as much time
-    as a compile did (rent until renting has cost the price of buying: never more
-    than twice the best choice in hindsight).
+    The sizes: the chunk, and below it n_devices * 8^k, a ladder shared by every
+    ensemble of the same program in this process. Each new size costs a compile
+    (seconds); a size too large costs lanes on every call. So a smaller size is
+    compiled only once the calls padded beyond it have cost as much time as a
+    compile does (rent until renting has cost the price of buying: never more than
+    twice the best choice in hindsight). What was compiled, and the rent paid, are
+    remembered across calls that run the same program.
     """
 
-    def __init__(self, chunk: int, n_devices: int):
+    def __init__(self, chunk: int, n_devices: int, program=None):
         self.chunk, self.n_devices = chunk, n_devices
+        self.memory = _ProgramMemory() if program is None else _COMPILED.setdefault(
+            program, _ProgramMemory()
+        )  # fmt: skip
+
+    def ideal(self, n: int) -> int:
+        size = self.n_devices
+        while size < n:
+            size *= _BUCKET_FACTOR
+        return min(size, self.chunk)
+
+    def choose(self, n: int) -> int:
+        ideal, compiled = self.ideal(n), self.memory.compile_s
+        fits = [s for s in compiled if n <= s <= self.chunk]
+        if ideal in compiled or not fits:
+            return ideal
+        if self.memory.rent_s >= self._compile_cost():
+            self.memory.rent_s = 0.0
+            return ideal
+        return min(fits)
+
+    def _compile_cost(self) -> float:
+        # A size found in JAX's cache records 0 s: estimate from real compiles.
+        real = [s for s in self.memory.compile_s.values() if s > 0]
+        return max(real, default=_LAST_COMPILE_S[0])
+
+    def paid(self, n: int, size: int, call: CompileTimer) -> None:
+        if size not in self.memory.compile_s:
+            self.memory.compile_s[size] = call.compile_time_s
+            if call.compile_time_s > 0:
+                _LAST_COMPILE_S[0] = call.compile_time_s
+        elif size > self.ideal(n):
+            self.memory.rent_s += call.wall_time_s
+
+
+class _ProgramMemory:
+    def __init__(self):
         self.compile_s: dict[int, float] = {}  # compiled sizes: their compile time
         self.rent_s = 0.0  # time spent in calls padded beyond their ideal size
 
-    def ideal(self, n: int) -> int:
-        size = self.chunk
-        while size // _BUCKET_FACTOR >= max(n, self.n_devices):
-            size //= _BUCKET_FACTOR
-        return self.n_devices * math.ceil(size / self.n_devices)
 
-    def choose(self, n: int) -> int:
-        ideal = self.ideal(n)
-        compiled = [size for size in self.compile_s if size >= n]
-        if ideal in self.compile_s or not compiled:
-            return ideal
-        if self.rent_s >= max(self.compile_s.values()):
-            self.rent_s = 0.0
-            return ideal
-        return min(compiled)
+_COMPILED: dict[Any, _ProgramMemory] = {}
+_LAST_COMPILE_S = [1.0]  # the latest compile time measured in this process
 
-    def paid(self, n: int, size: int, call: CompileTimer) -> None:
-        if size not in self.compile_s:
-            self.compile_s[size] = call.compile_time_s
-        elif size > self.ideal(n):
-            self.rent_s += call.wall_time_s
+
+def _program_key(loss_fn, params0, data, config, mesh) -> Any:
+    """What decides which program `_advance` compiles, besides the batch size; None
+    when some part cannot be hashed (then nothing is shared between calls)."""
+
+    def shapes(tree, skip=0):
+        leaves, treedef = jax.tree.flatten(tree)
+        return treedef, tuple(
+            (np.shape(x)[skip:], np.dtype(getattr(x, "dtype", type(x)))) for x in leaves
+        )
+
+    key = (
+        loss_fn,
+        shapes(params0, skip=1),  # one member's shapes: any batch size
+        shapes(data),
+        eqx.partition(config, eqx.is_array)[1],
+        mesh,
+    )
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def _batches(members: np.ndarray, chunk: int, choose):

@@ -466,8 +466,9 @@ def work_precision(rows, *, ax=None, title: str | None = None):
         The Axes.
 
     Example:
-        >>> rows = json.load(open("benchmarks/results/flow_vs_gd_cpu.json"))
-        >>> gflow.plot.work_precision(rows["problems"]["cooccurrence"]["rows"])
+        >>> results = json.load(open("benchmarks/results/flow_vs_gd_cpu.json"))
+        >>> for name, problem in results["problems"].items():
+        ...     gflow.plot.work_precision(problem["rows"], title=name)
     """
     ax = _axes(ax)
     families = dict.fromkeys(r["family"] for r in rows)

@@ -87,17 +87,32 @@ class _FakeCall:
 
 def test_batch_sizes_shrink_once_padding_has_cost_a_compile():
     sizes = gflow._ensemble._BatchSizes(chunk=1024, n_devices=1)
+    assert [sizes.ideal(n) for n in (1, 3, 10, 100, 600, 2000)] == [
+        1, 8, 64, 512, 1024, 1024
+    ]  # fmt: skip
     assert sizes.choose(1000) == 1024
     sizes.paid(1000, 1024, _FakeCall(compile_time_s=3.0, wall_time_s=3.5))
-    # 100 members would fit 128, but that size is not compiled: rent 1024 until
+    # 100 members would fit 512, but that size is not compiled: rent 1024 until
     # the padded calls have cost 3 s.
     for _ in range(3):
         assert sizes.choose(100) == 1024
         sizes.paid(100, 1024, _FakeCall(0.0, 1.0))
-    assert sizes.choose(100) == 128
-    sizes.paid(100, 128, _FakeCall(2.0, 2.1))
-    assert sizes.choose(90) == 128 and sizes.choose(10) == 128
-    assert sizes.ideal(10) == 16 and sizes.ideal(2000) == 1024
+    assert sizes.choose(100) == 512
+    sizes.paid(100, 512, _FakeCall(2.0, 2.1))
+    assert sizes.choose(90) == 512 and sizes.choose(10) == 512
+
+
+def test_batch_sizes_remember_compiled_sizes_across_calls():
+    key = ("a program key for this test",)
+    try:
+        first = gflow._ensemble._BatchSizes(chunk=4096, n_devices=1, program=key)
+        first.paid(3000, 4096, _FakeCall(3.0, 3.5))
+        first.paid(50, 64, _FakeCall(2.0, 2.1))
+        later = gflow._ensemble._BatchSizes(chunk=200, n_devices=1, program=key)
+        assert later.choose(40) == 64  # compiled before: no new compile
+        assert later.choose(150) == 200  # a size above the chunk is never used
+    finally:
+        gflow._ensemble._COMPILED.pop(key)
 
 
 def test_stopped_member_rows_repeat_its_end():
