@@ -217,11 +217,10 @@ def _quartic_loss(params, data):
 def test_failed_members_raise_or_are_reported():
     params0 = {"x": jnp.array([1.0, 1.0]), "i": jnp.array([0.0, 1.0])}
     signs = jnp.array([1.0, -1.0])
+    kwargs = dict(params0=params0, max_steps=1000)
     with pytest.raises(gflow.SimulationError, match="1 of 2 members failed"):
-        gflow.simulate_ensemble(_quartic_loss, signs, 10.0, params0=params0)
-    ens = gflow.simulate_ensemble(
-        _quartic_loss, signs, 10.0, params0=params0, throw=False
-    )
+        gflow.simulate_ensemble(_quartic_loss, signs, 10.0, **kwargs)
+    ens = gflow.simulate_ensemble(_quartic_loss, signs, 10.0, throw=False, **kwargs)
     assert ens.result[0] == "successful"
     assert ens.result[1] in ("max_steps_reached", "diverged")
     assert ens.stats["t_end"][1] < 0.25
