@@ -25,7 +25,6 @@ from ._run import (
 )
 from ._times import check_t_max, resolve_save_times
 from ._trajectory import Trajectory
-from ._tree import tree_norm
 
 
 def gradient_descent(
@@ -186,14 +185,7 @@ def _descend(
 
     _, saved = jax.lax.scan(segment, (params0, opt_state0), jnp.diff(save_steps))
     ys = jax.tree.map(lambda p0, s: jnp.concatenate([p0[None], s]), params0, saved)
-    loss, velocity, metric_values = evaluate_saves(loss_fn, metrics, ys, data)
-    return dict(
-        params=ys,
-        velocity=velocity,
-        loss=loss,
-        grad_norm=jax.vmap(tree_norm)(velocity),
-        metrics=metric_values,
-    )
+    return dict(params=ys, **evaluate_saves(loss_fn, metrics, ys, data))
 
 
 class Comparison(eqx.Module):

@@ -31,7 +31,6 @@ from ._simulate import RESULT_NAMES, _Config, integrate_flow, make_config
 from ._solvers import grad_evals_per_step, initial_grad_evals, resolve_solver
 from ._times import check_t_max, resolve_save_times
 from ._trajectory import SUCCESS_RESULTS, Trajectory
-from ._tree import tree_norm
 
 # Steps per call: small enough that members that finish early stop costing work
 # soon, large enough that restarting the step-size control costs little.
@@ -451,13 +450,7 @@ def _advance(loss_fn, y0, t0, data, ts, config: _Config, steps: int, mesh):
 @eqx.filter_jit
 def _evaluate(loss_fn, metrics, params, data, mesh):
     def one(params, data):
-        loss, velocity, values = evaluate_saves(loss_fn, metrics, params, data)
-        return dict(
-            loss=loss,
-            velocity=velocity,
-            grad_norm=jax.vmap(tree_norm)(velocity),
-            metrics=values,
-        )
+        return evaluate_saves(loss_fn, metrics, params, data)
 
     return _on_members(one, (params,), (data,), mesh)
 

@@ -16,6 +16,7 @@ import numpy as np
 from ._compile import CompileTimer
 from ._model import LossFn
 from ._trajectory import Trajectory
+from ._tree import tree_norm
 
 # Saved states are evaluated (loss, gradient, metrics) this many at a time: vmapped
 # within a chunk, scanned across chunks, so memory stays bounded for long saves.
@@ -90,15 +91,19 @@ def checked_loss(loss_fn: LossFn, params: Any, data: Any) -> jax.ShapeDtypeStruc
     return value
 
 
-def evaluate_saves(
-    loss_fn: LossFn, metrics: tuple, ys: Any, data: Any
-) -> tuple[jax.Array, Any, dict[str, Any]]:
-    """Loss, velocity -∇L and metrics of every saved state (leading axis of `ys`)."""
+def evaluate_saves(loss_fn: LossFn, metrics: tuple, ys: Any, data: Any) -> dict:
+    """`loss`, `velocity` -∇L, `grad_norm` and `metrics` of every saved state
+    (leading axis of `ys`)."""
 
     def one(y):
         loss, grad = jax.value_and_grad(loss_fn)(y, data)
         values = {name: fn(y, data) for name, fn in metrics}
-        return loss, jax.tree.map(jnp.negative, grad), values
+        return dict(
+            loss=loss,
+            velocity=jax.tree.map(jnp.negative, grad),
+            grad_norm=tree_norm(grad),
+            metrics=values,
+        )
 
     return jax.lax.map(one, ys, batch_size=_SAVE_CHUNK)
 

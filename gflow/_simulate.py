@@ -36,7 +36,7 @@ from ._times import check_t_max, resolve_save_times
 from ._trajectory import Trajectory
 from ._tree import tree_norm
 
-#: Why a solve ended, indexed by the `outcome` code that `solve_flow` returns.
+#: Why a solve ended, indexed by the `outcome` code `integrate_flow` returns.
 RESULT_NAMES = (
     "successful",
     "stopped_at_loss",
@@ -300,15 +300,7 @@ def _solve(loss_fn: LossFn, params0: Any, data: Any, ts: jax.Array, config: _Con
         ),
         sol["params"],
     )
-    loss, velocity, metric_values = evaluate_saves(loss_fn, config.metrics, ys, data)
-    return dict(
-        sol,
-        params=ys,
-        velocity=velocity,
-        loss=loss,
-        grad_norm=jax.vmap(tree_norm)(velocity),
-        metrics=metric_values,
-    )
+    return dict(sol, params=ys, **evaluate_saves(loss_fn, config.metrics, ys, data))
 
 
 def integrate_flow(
