@@ -316,7 +316,7 @@ def _chunk_size(
     if not (isinstance(budget, int | np.integer) and budget > 0):
         raise ValueError(f"`memory_budget` must be a positive int; got {budget!r}.")
     member_bytes = sum(leaf[0].nbytes for leaf in jax.tree.leaves(params0))
-    # Saved states and velocities, the solver's stages and the round's states.
+    # Saved states and velocities, the solver's stages and the call's states.
     per_member = member_bytes * (2 * (width + 1) + 16)
     return int(max(1, min(batch, budget // per_member)))
 

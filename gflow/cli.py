@@ -27,7 +27,7 @@ PAPERS = {
     "markov": (
         "markov_local_to_global",
         ["--full"],
-        "Makkuva et al. 2024; --full trains the full model on 512 x 32 sequences",
+        "Makkuva et al. 2024: portrait, basins, inits; --full: larger (12 min)",
     ),
     "condensation": (
         "condensation_rank_collapse",
