@@ -26,8 +26,8 @@ from jax.sharding import Mesh, PartitionSpec
 from ._compile import CompileTimer
 from ._errors import SimulationError
 from ._model import check_params, resolve_loss
-from ._run import evaluate_saves, gflow_version, matmul_precision_context
-from ._simulate import RESULT_NAMES, _Config, integrate_flow, make_config
+from ._run import evaluate_saves, matmul_precision_context
+from ._simulate import RESULT_NAMES, _Config, flow_meta, integrate_flow, make_config
 from ._solvers import grad_evals_per_step, initial_grad_evals, resolve_solver
 from ._times import check_t_max, resolve_save_times
 from ._trajectory import SUCCESS_RESULTS, Trajectory
@@ -196,28 +196,12 @@ def simulate_ensemble(
             state.stop_over_budget(config.max_steps)
         state.evaluate(loss_fn, config.metrics, data, chunk, sizes.choose, mesh)
 
-    traj = state.trajectory(solver_obj, config, timer)
-    traj = eqx.tree_at(
-        lambda t: t.meta,
-        traj,
-        {
-            "gflow_version": gflow_version(),
-            "kind": "ensemble",
-            "solver": type(solver_obj).__name__,
-            "rtol": float(rtol) if config.adaptive else None,
-            "atol": float(atol) if config.adaptive else None,
-            "dt0": None if dt0 is None else float(dt0),
-            "max_steps": int(max_steps),
-            "dtype": str(dtype),
-            "t_max": t_max,
-            "save": save,
-            "batch_size": int(batch),
-            "chunk_size": int(chunk),
-            "num_devices": int(n_devices),
-            "matmul_precision": matmul_precision,
-            "backend": jax.default_backend(),
-        },
+    meta = flow_meta(
+        "ensemble", solver_obj, config, rtol, atol, dt0, dtype, t_max, matmul_precision
     )
+    meta.update(save=save, batch_size=int(batch), chunk_size=int(chunk),
+                num_devices=int(n_devices))  # fmt: skip
+    traj = state.trajectory(solver_obj, config, timer, meta)
     failed = ~np.isin(traj.result, SUCCESS_RESULTS)
     if throw and failed.any():
         names, numbers = np.unique(traj.result[failed], return_counts=True)
@@ -576,7 +560,7 @@ class _EnsembleState:
         members = np.arange(self.active.size)[:, None]
         return jax.tree.map(lambda x: x[members, source], tree)
 
-    def trajectory(self, solver, config, timer) -> Trajectory:
+    def trajectory(self, solver, config, timer, meta) -> Trajectory:
         per_step = grad_evals_per_step(solver)
         steps = self.counters["num_steps"]
         stats = dict(self.counters)
@@ -611,7 +595,7 @@ class _EnsembleState:
             params=params,
             result=np.asarray(RESULT_NAMES)[self.code],
             stats=stats,
-            meta={},
+            meta=meta,
             **evaluated,
         )
 

@@ -192,24 +192,33 @@ def simulate(
     with CompileTimer() as timer, precision:
         out = jax.block_until_ready(_solve(loss_fn, params0, data, ts_arr, config))
 
-    meta = {
+    meta = flow_meta(
+        "flow", solver_obj, config, rtol, atol, dt0, dtype, t_max, matmul_precision
+    )
+    meta["seed"] = seed
+    traj = _assemble(out, ts_np, config, solver_obj, timer, meta)
+    if throw and not traj.succeeded:
+        raise SimulationError(_failure_message(traj, t_max), traj.result, traj)
+    return traj
+
+
+def flow_meta(
+    kind, solver, config, rtol, atol, dt0, dtype, t_max, matmul_precision
+) -> dict[str, Any]:
+    """How a flow was made (Trajectory.meta), shared by simulate and ensembles."""
+    return {
         "gflow_version": gflow_version(),
-        "kind": "flow",
-        "solver": type(solver_obj).__name__,
+        "kind": kind,
+        "solver": type(solver).__name__,
         "rtol": float(rtol) if config.adaptive else None,
         "atol": float(atol) if config.adaptive else None,
         "dt0": None if dt0 is None else float(dt0),
-        "max_steps": int(max_steps),
-        "seed": seed,
+        "max_steps": config.max_steps,
         "dtype": str(dtype),
         "t_max": t_max,
         "matmul_precision": matmul_precision,
         "backend": jax.default_backend(),
     }
-    traj = _assemble(out, ts_np, config, solver_obj, timer, meta)
-    if throw and not traj.succeeded:
-        raise SimulationError(_failure_message(traj, t_max), traj.result, traj)
-    return traj
 
 
 def make_config(
