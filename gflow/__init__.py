@@ -4,6 +4,7 @@
 Diffrax solver in one compiled JAX program and returns a `gflow.Trajectory`.
 """
 
+from . import flows as flows
 from . import metrics as metrics
 from . import models as models
 from . import plot as plot

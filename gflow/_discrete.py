@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -11,22 +10,23 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from . import _engine, _run
 from ._compile import CompileTimer
-from ._errors import SimulationError
 from ._model import LossFn, initial_params, resolve_loss
-from ._run import (
-    check_metrics,
-    checked_loss,
-    evaluate_saves,
-    gflow_version,
-    make_trajectory,
+from ._options import (
+    COMMON_KEYWORDS,
+    Metrics,
     matmul_precision_context,
+    parse,
     positive_finite,
+    takes_options,
 )
-from ._times import check_t_max, resolve_save_times
+from ._outcome import raise_if_failed, result_code
 from ._trajectory import Trajectory
+from .flows import GradientFlow
 
 
+@takes_options(*COMMON_KEYWORDS)
 def gradient_descent(
     model: Any,
     data: Any,
@@ -35,14 +35,9 @@ def gradient_descent(
     *,
     params0: Any = None,
     key: Any = None,
-    ts: Any = None,
-    n_save: int = 101,
-    spacing: Literal["log", "linear"] = "log",
     optimizer: optax.GradientTransformation | None = None,
     time_per_step: float | None = None,
-    metrics: Mapping[str, Callable[[Any, Any], Any]] | None = None,
-    throw: bool = True,
-    matmul_precision: str | None = "highest",
+    **options: Any,
 ) -> Trajectory:
     """Gradient descent (or any optax optimiser) on the gradient flow's time axis.
 
@@ -58,18 +53,23 @@ def gradient_descent(
     flow-time mapping, and `k * lr` is then only a convention.
 
     Args:
-        model, data, params0, key, metrics, throw, matmul_precision: as in
-            [`gflow.simulate`][].
+        model: as in [`gflow.simulate`][].
+        data: as in `gflow.simulate`.
         t_max: the final time; the run takes `round(t_max / time_per_step)` steps.
         lr: the learning rate of plain gradient descent (and the default time per
             step). Ignored for the update when `optimizer` is given.
-        ts, n_save, spacing: save times as in `simulate`, each rounded to the
-            nearest whole step (duplicates dropped), so `traj.ts` are exact
-            multiples of `time_per_step`.
+        params0: as in `gflow.simulate`.
+        key: as in `gflow.simulate`.
         optimizer: an optax `GradientTransformation` to use instead of plain
             gradient descent. Reuse the same object across calls to avoid
             recompiling.
         time_per_step: flow time per step (default `lr`).
+
+    {keyword_args}
+
+    Save times (`ts`, or the grid of `n_save` and `spacing`) are rounded to the
+    nearest whole step (duplicates dropped), so `traj.ts` are exact multiples of
+    `time_per_step`.
 
     Returns:
         A [`gflow.Trajectory`][] with `stats["num_steps"]` steps and
@@ -83,7 +83,8 @@ def gradient_descent(
         >>> gflow.compare(flow, gd).max_param_distance
     """
     loss_fn = resolve_loss(model)
-    t_max = check_t_max(t_max)
+    opts = parse("gradient_descent", t_max, gradient_descent.__gflow_keywords__,
+                 options)  # fmt: skip
     if not positive_finite(lr):
         raise ValueError(f"`lr` must be a positive finite number; got {lr!r}.")
     tau = float(lr) if time_per_step is None else time_per_step
@@ -91,10 +92,11 @@ def gradient_descent(
         raise ValueError(
             f"`time_per_step` must be a positive finite number; got {time_per_step!r}."
         )
-    n_steps = round(t_max / tau)
+    n_steps = round(opts.saves.t_max / tau)
     if n_steps < 1:
         raise ValueError(
-            f"t_max = {t_max} is less than one step of {tau}: raise t_max or lower lr."
+            f"t_max = {opts.saves.t_max} is less than one step of {tau}: raise t_max "
+            "or lower lr."
         )
     if optimizer is not None and not isinstance(
         optimizer, optax.GradientTransformation
@@ -103,58 +105,51 @@ def gradient_descent(
             "`optimizer` must be an optax.GradientTransformation (e.g. optax.sgd(0.1, "
             f"momentum=0.9)); got {type(optimizer).__name__}."
         )
-    ts_np = resolve_save_times(t_max, ts, n_save, spacing)
-    save_steps = np.unique(np.clip(np.rint(ts_np / tau), 0, n_steps).astype(np.int64))
-    save_steps[-1] = n_steps  # the last save is the last step, even if t_max rounds
+    steps = np.rint(opts.saves.ts / tau).astype(np.int64)
+    keep = np.ones(steps.size, bool)
+    keep[1:] = np.diff(np.minimum(steps, n_steps)) > 0
+    keep[-1] = True  # the last save is the last step, even if t_max rounds
+    steps = np.minimum(steps, n_steps)[keep]
+    steps[-1] = n_steps
+    opts = eqx.tree_at(
+        lambda o: (o.saves.ts, o.saves.params_at),
+        opts,
+        (steps * tau, opts.saves.params_at[keep]),
+    )
     params0, seed = initial_params(model, params0, key)
     dtype = jnp.result_type(*jax.tree.leaves(params0))
-    metrics = check_metrics(metrics)
+    _run.checked_loss(loss_fn, params0, data)
+    _run.checked_metrics(opts, params0, data)
+    slot = np.where(opts.saves.params_at, np.cumsum(opts.saves.params_at) - 1,
+                    opts.saves.params_at.sum())  # fmt: skip
 
-    with CompileTimer() as timer, matmul_precision_context(matmul_precision):
+    with CompileTimer() as timer, matmul_precision_context(opts.matmul_precision):
         out = jax.block_until_ready(
             _descend(
-                loss_fn,
-                params0,
-                data,
-                jnp.asarray(save_steps, dtype=jnp.int32),
-                jnp.asarray(lr, dtype=dtype),
-                optimizer,
-                metrics,
+                loss_fn, params0, data, jnp.asarray(steps, jnp.int32),
+                jnp.asarray(slot, jnp.int32), jnp.asarray(lr, dtype=dtype),
+                optimizer, opts.metrics, int(opts.saves.params_at.sum()),
             )
-        )
-    out["ts"] = jnp.asarray(save_steps * tau, dtype=dtype)
-    n_saves = len(save_steps)
-    stats = {
-        "num_steps": n_steps,
-        "num_solver_grad_evals": n_steps,
-        "num_save_grad_evals": n_saves,
-        "num_grad_evals": n_steps + n_saves,
-    }
-    meta = {
-        "gflow_version": gflow_version(),
-        "kind": "discrete",
-        "solver": "gradient_descent" if optimizer is None else "optax",
-        "lr": float(lr),
-        "time_per_step": tau,
-        "seed": seed,
-        "dtype": str(dtype),
-        "t_max": n_steps * tau,
-        "matmul_precision": matmul_precision,
-        "backend": jax.default_backend(),
-    }
-    traj = make_trajectory(out, list(range(n_saves)), "successful", stats, timer, meta)
-    if throw and not traj.succeeded:
-        last = float(traj.ts[-1]) if len(traj) else 0.0
-        raise SimulationError(
-            f"gflow.gradient_descent: the iterates diverged (inf/NaN) after t = "
-            f"{last:g} (step {round(last / tau)}) with lr = {lr:g}. The learning rate "
-            "is probably above 2 / (top Hessian eigenvalue) somewhere on the path: "
-            "lower it, or use gflow.simulate for the flow itself. Pass throw=False to "
-            "get the trajectory up to that point.",
-            traj.result,
-            traj,
-        )
-    return traj
+        )  # fmt: skip
+    n_saves = len(steps)
+    out = eqx.tree_at(
+        lambda o: (o.ts, o.n_rows, o.steps, o.accepted, o.grads, o.row_grads),
+        out,
+        (jnp.asarray(steps * tau, dtype)[None], *(
+            jnp.full(1, n, jnp.int32)
+            for n in (n_saves, n_steps, n_steps, n_steps, n_saves)
+        )),
+    )  # fmt: skip
+    meta = opts.meta("discrete", dtype)
+    meta.update(
+        solver="gradient_descent" if optimizer is None else "optax",
+        lr=float(lr),
+        time_per_step=tau,
+        seed=seed,
+        t_max=n_steps * tau,
+    )
+    traj = _run.trajectory(out, opts, meta, timer, batched=False)
+    return raise_if_failed(traj, "gradient_descent", "discrete") if opts.throw else traj
 
 
 @eqx.filter_jit
@@ -163,13 +158,19 @@ def _descend(
     params0: Any,
     data: Any,
     save_steps: jax.Array,
+    slot: jax.Array,
     lr: jax.Array,
     optimizer: optax.GradientTransformation | None,
-    metrics: tuple,
-):
-    checked_loss(loss_fn, params0, data)
+    metrics: Metrics,
+    n_slots: int,
+) -> _engine.Outputs:
+    """The steps, and the rows at the save steps, as the engine's outputs."""
     grad_fn = jax.grad(loss_fn)
     opt_state0 = None if optimizer is None else optimizer.init(params0)
+    flow = GradientFlow()
+
+    def row(params):
+        return _engine.row_values(loss_fn, flow, metrics, params, data)
 
     def step(_, carry):
         params, opt_state = carry
@@ -179,13 +180,39 @@ def _descend(
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
-    def segment(carry, n):
-        carry = jax.lax.fori_loop(0, n, step, carry)
-        return carry, carry[0]
+    first = row(params0)
+    kept = jax.tree.map(lambda x: jnp.zeros((n_slots,) + x.shape, x.dtype), params0)
 
-    _, saved = jax.lax.scan(segment, (params0, opt_state0), jnp.diff(save_steps))
-    ys = jax.tree.map(lambda p0, s: jnp.concatenate([p0[None], s]), params0, saved)
-    return dict(params=ys, **evaluate_saves(loss_fn, metrics, ys, data))
+    def put(buffer, i, values):
+        return jax.tree.map(lambda b, v: b.at[slot[i]].set(v, mode="drop"), buffer,
+                            values)  # fmt: skip
+
+    def segment(carry, i):
+        (params, opt_state), saved, velocity = carry
+        params, opt_state = jax.lax.fori_loop(
+            0, save_steps[i] - save_steps[i - 1], step, (params, opt_state)
+        )
+        values = row(params)
+        saved, velocity = put(saved, i, params), put(velocity, i, values.velocity)
+        return ((params, opt_state), saved, velocity), values
+
+    saved, velocity = put(kept, 0, params0), put(kept, 0, first.velocity)
+    (_, saved, velocity), rows = jax.lax.scan(
+        segment, ((params0, opt_state0), saved, velocity),
+        jnp.arange(1, save_steps.shape[0]),
+    )  # fmt: skip
+    rows = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, rows)
+    zero = jnp.zeros(1, jnp.int32)
+    return _engine.Outputs(
+        ts=jnp.zeros((1, save_steps.shape[0]), lr.dtype),
+        loss=rows.loss[None],
+        grad_norm=rows.grad_norm[None],
+        metrics=jax.tree.map(lambda x: x[None], rows.metrics),
+        params=jax.tree.map(lambda x: x[None], saved),
+        velocity=jax.tree.map(lambda x: x[None], velocity),
+        n_rows=zero, code=zero + result_code("successful"), steps=zero,
+        accepted=zero, grads=zero, row_grads=zero, hvps=zero,
+    )  # fmt: skip
 
 
 class Comparison(eqx.Module):

@@ -1,11 +1,9 @@
-"""What every run that produces a Trajectory shares: input checks, the evaluation
-of saved states, and the host-side assembly that drops invalid rows."""
+"""What every flow run shares: the compiled problem built from the options, the run
+itself (timed, under the requested matmul precision), and the Trajectory assembled
+on the host from the engine's outputs."""
 
 from __future__ import annotations
 
-import contextlib
-import math
-from collections.abc import Callable, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -13,15 +11,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _engine
 from ._compile import CompileTimer
-from ._model import LossFn
+from ._options import Options, matmul_precision_context
+from ._outcome import result_code, result_names
 from ._trajectory import Trajectory
-from ._tree import tree_norm
+from .flows import AbstractFlow
 
-# Saved states are evaluated (loss, gradient, metrics) this many at a time: vmapped
-# within a chunk, scanned across chunks, so memory stays bounded for long saves.
-_SAVE_CHUNK = 32
-_MATMUL_PRECISIONS = (None, "highest", "high", "default", "float32", "tensorfloat32")
+#: Iterations of the engine's loop when a run is not cut into segments.
+UNBOUNDED = np.iinfo(np.int32).max
 
 
 def gflow_version() -> str:
@@ -31,45 +29,8 @@ def gflow_version() -> str:
         return "0+unknown"
 
 
-def positive_finite(x: Any) -> bool:
-    """Whether `x` is a positive finite real number (False for anything else)."""
-    try:
-        return math.isfinite(float(x)) and float(x) > 0
-    except (TypeError, ValueError):
-        return False
-
-
-def matmul_precision_context(matmul_precision: str | None):
-    """`jax.default_matmul_precision(...)`, or no change for None; checked."""
-    if matmul_precision not in _MATMUL_PRECISIONS:
-        raise ValueError(
-            f"`matmul_precision` must be one of {_MATMUL_PRECISIONS}; "
-            f"got {matmul_precision!r}."
-        )
-    if matmul_precision is None:
-        return contextlib.nullcontext()
-    return jax.default_matmul_precision(matmul_precision)
-
-
-def check_metrics(metrics: Any) -> tuple[tuple[str, Callable], ...]:
-    """`{name: fn(params, data)}` as a hashable tuple of pairs, or a TypeError."""
-    metrics = {} if metrics is None else metrics
-    if not isinstance(metrics, Mapping) or not all(
-        isinstance(k, str) and callable(f) for k, f in metrics.items()
-    ):
-        raise TypeError(
-            "`metrics` must be a dict {name: fn(params, data)} with string names and "
-            "callable values."
-        )
-    return tuple(metrics.items())
-
-
-def checked_loss(loss_fn: LossFn, params: Any, data: Any) -> jax.ShapeDtypeStruct:
-    """Trace the loss once abstractly, turning shape errors into clear ones.
-
-    This runs while JAX traces the solve (`jax.eval_shape` adds nothing to the
-    compiled program), so it costs nothing when the compiled program is reused.
-    """
+def checked_loss(loss_fn, params: Any, data: Any) -> jax.ShapeDtypeStruct:
+    """Trace the loss once abstractly, turning shape errors into clear ones."""
     try:
         value = jax.eval_shape(loss_fn, params, data)
     except Exception as e:  # noqa: BLE001 - re-raised with context below
@@ -91,62 +52,162 @@ def checked_loss(loss_fn: LossFn, params: Any, data: Any) -> jax.ShapeDtypeStruc
     return value
 
 
-def evaluate_saves(loss_fn: LossFn, metrics: tuple, ys: Any, data: Any) -> dict:
-    """`loss`, `velocity` -∇L, `grad_norm` and `metrics` of every saved state
-    (leading axis of `ys`)."""
-
-    def one(y):
-        loss, grad = jax.value_and_grad(loss_fn)(y, data)
-        values = {name: fn(y, data) for name, fn in metrics}
-        return dict(
-            loss=loss,
-            velocity=jax.tree.map(jnp.negative, grad),
-            grad_norm=tree_norm(grad),
-            metrics=values,
-        )
-
-    return jax.lax.map(one, ys, batch_size=_SAVE_CHUNK)
+def checked_metrics(opts: Options, params: Any, data: Any) -> None:
+    """Trace the metrics once abstractly: a metric that fails is named."""
+    jax.eval_shape(opts.metrics, params, data)
 
 
-def make_trajectory(
-    out: dict, rows: list[int], result: str, stats: dict, timer: CompileTimer, meta
-) -> Trajectory:
-    """The Trajectory of the given rows of a run's output.
-
-    Rows from the first non-finite loss or parameter on are dropped and the result
-    becomes "diverged": a trajectory never presents inf/NaN states as data.
-    """
-    loss = np.asarray(out["loss"])[rows]
-    finite = np.isfinite(loss) & np.all(
-        [
-            np.all(np.isfinite(np.asarray(leaf)[rows]).reshape(len(rows), -1), axis=1)
-            for leaf in jax.tree.leaves(out["params"])
-        ],
-        axis=0,
+def build(
+    loss_fn, flow: AbstractFlow, opts: Options, dtype, *, lanes: int = 1,
+    width: int = 1, progress: bool = False,
+):  # fmt: skip
+    """The engine's `Problem` and `Controls` for these options."""
+    solver, stopping, saves = opts.solver, opts.stopping, opts.saves
+    problem = _engine.Problem(
+        loss_fn=loss_fn,
+        flow=flow,
+        solver=solver.solver,
+        adaptive=solver.adaptive,
+        metrics=opts.metrics,
+        stop_when=stopping.when,
+        lanes=lanes,
+        width=width,
+        progress=progress,
     )
-    if not finite.all():
-        result = "diverged"
-        rows = rows[: int(np.argmin(finite))]
-    index = np.asarray(rows, dtype=np.int64)
+    slot = np.full(saves.ts.shape, saves.params_at.sum(), np.int32)
+    slot[saves.params_at] = np.arange(saves.params_at.sum())
 
-    def take(x):
-        return x[index]
+    def array(x, like=dtype):
+        return None if x is None else jnp.asarray(x, dtype=like)
 
-    stats = dict(
-        stats,
+    controls = _engine.Controls(
+        ts=array(saves.ts),
+        slot=jnp.asarray(slot),
+        rtol=array(solver.rtol),
+        atol=array(solver.atol),
+        dt0=array(solver.dt0),
+        stop_at_loss=array(stopping.at_loss),
+        stop_at_grad_norm=array(stopping.at_grad_norm),
+        max_steps=jnp.asarray(solver.max_steps, jnp.int32),
+    )
+    return problem, controls
+
+
+def run(problem, controls, queue, data, opts: Options, *, mesh=None, n_devices=None,
+        state=None, budget=UNBOUNDED):  # fmt: skip
+    """Run the engine (from a fresh state unless `state` is given); returns the
+    final state and the timer of the call."""
+    with CompileTimer() as timer, matmul_precision_context(opts.matmul_precision):
+        if state is None:
+            state = _engine.fresh_state(
+                problem, controls, queue, data, int(opts.saves.params_at.sum()),
+                n_devices,
+            )  # fmt: skip
+        state = _engine.advance(
+            problem, controls, queue, data, state, jnp.asarray(budget, jnp.int32), mesh
+        )
+        state = jax.block_until_ready(state)
+    return state, timer
+
+
+def work_stats(steps, accepted, grads, row_grads, hvps) -> dict[str, Any]:
+    """The counters of runs (arrays: one entry per member): steps, gradients and
+    Hessian-vector products. Solvers whose cost is not counted (implicit methods)
+    report None gradients."""
+    steps, accepted = np.asarray(steps), np.asarray(accepted)
+    grads, row_grads = np.asarray(grads), np.asarray(row_grads)
+    counted = np.all(grads >= 0)
+    return {
+        "num_steps": steps,
+        "num_accepted_steps": accepted,
+        "num_rejected_steps": steps - accepted,
+        "num_solver_grad_evals": grads if counted else None,
+        "num_save_grad_evals": row_grads,
+        "num_grad_evals": grads + row_grads if counted else None,
+        "num_hvp_evals": np.asarray(hvps),
+    }
+
+
+def trajectory(out: _engine.Outputs, opts: Options, meta: dict, timer, *,
+               batched: bool, stats: dict | None = None) -> Trajectory:  # fmt: skip
+    """The Trajectory of the engine's outputs: a batch of members, or member 0.
+
+    Each member is cut at its first row with an inf/NaN loss or parameters (its
+    result becomes "diverged"); it then ends at the last row before that which holds
+    parameters, so its last row always holds its final parameters. Rows past a
+    member's end repeat its last row.
+    """
+    out = jax.device_get(out)
+    param_rows = opts.saves.param_rows
+    n_slots = len(param_rows)
+    n, code = np.asarray(out.n_rows).copy(), np.asarray(out.code).copy()
+    members = np.arange(n.size)[:, None]
+    slots = np.arange(n_slots)
+    # The row each slot holds for each member: its save row before the member's
+    # last row, the last row for the final slot, none (-1) otherwise.
+    slot_row = np.where(param_rows < n[:, None] - 1, param_rows, -1)
+    slot_row[:, -1] = n - 1
+    rows = np.arange(len(opts.saves.ts))
+    ok = np.isfinite(out.loss) | (rows >= n[:, None])
+    for leaf in jax.tree.leaves(out.params):
+        finite = np.isfinite(leaf.reshape(leaf.shape[:2] + (-1,))).all(-1)
+        bad = ~finite & (slot_row >= 0)
+        ok[np.nonzero(bad)[0], slot_row[bad]] = False
+    first_bad = np.where(ok.all(1), n, ok.argmin(1))
+    cut = first_bad < n
+    # A member cut short ends at its last row before the cut that holds parameters.
+    usable = np.where((slot_row >= 0) & (slot_row < first_bad[:, None]), slot_row, -1)
+    last_slot = usable.argmax(1)
+    n = np.where(cut, usable.max(1) + 1, n)
+    code = np.where(cut, result_code("diverged"), code)
+    final = np.where(cut, last_slot, n_slots - 1)
+    # Fill past each member's end with its last row and final parameters.
+    row_source = np.minimum(rows[None, :], np.maximum(n, 1)[:, None] - 1)
+    slot_source = np.where(param_rows[None, :] < n[:, None] - 1, slots, final[:, None])
+
+    def by_row(x):
+        return np.asarray(x)[members, row_source]
+
+    def by_slot(x):
+        return np.asarray(x)[members, slot_source]
+
+    counters = work_stats(out.steps, out.accepted, out.grads, out.row_grads, out.hvps)
+    t_end = np.asarray(out.ts)[members[:, 0], np.maximum(n, 1) - 1]
+    all_stats = dict(counters, num_saved=n, t_end=t_end, **(stats or {}))
+    all_stats.update(
         wall_time_s=timer.wall_time_s,
         compile_time_s=timer.compile_time_s,
         run_time_s=timer.run_time_s,
         compiled=timer.num_compilations > 0,
     )
-    return Trajectory(
-        ts=take(out["ts"]),
-        params=jax.tree.map(take, out["params"]),
-        velocity=jax.tree.map(take, out["velocity"]),
-        loss=take(out["loss"]),
-        grad_norm=take(out["grad_norm"]),
-        metrics=jax.tree.map(take, out["metrics"]),
-        result=result,
-        stats=stats,
+    batch = Trajectory(
+        ts=by_row(out.ts),
+        params=jax.tree.map(by_slot, out.params),
+        velocity=jax.tree.map(by_slot, out.velocity),
+        loss=by_row(out.loss),
+        grad_norm=by_row(out.grad_norm),
+        metrics=jax.tree.map(by_row, out.metrics),
+        result=result_names(code),
+        stats=all_stats,
         meta=meta,
+        param_rows=param_rows,
+    )
+    if batched:
+        return batch
+    single = batch.member(0)
+    single_stats = {k: v for k, v in single.stats.items() if k != "t_end"}
+    single_stats.update(
+        {k: v for k, v in all_stats.items() if np.ndim(v) == 0 or v is None}
+    )
+    return Trajectory(
+        ts=jnp.asarray(single.ts),
+        params=jax.tree.map(jnp.asarray, single.params),
+        velocity=jax.tree.map(jnp.asarray, single.velocity),
+        loss=jnp.asarray(single.loss),
+        grad_norm=jnp.asarray(single.grad_norm),
+        metrics=jax.tree.map(jnp.asarray, single.metrics),
+        result=single.result,
+        stats=single_stats,
+        meta=meta,
+        param_rows=single.param_rows,
     )

@@ -1,8 +1,12 @@
-"""Solver names, and how many gradient evaluations a solver spends per step."""
+"""Solver names, and what the engine needs to know of a solver: how to start it and
+how many gradients (and Hessian-vector products) a step costs."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import diffrax
+import jax.numpy as jnp
 
 SOLVERS: dict[str, type[diffrax.AbstractSolver]] = {
     "tsit5": diffrax.Tsit5,
@@ -32,27 +36,44 @@ def is_adaptive(solver: diffrax.AbstractSolver) -> bool:
     return isinstance(solver, diffrax.AbstractAdaptiveSolver)
 
 
-def grad_evals_per_step(solver: diffrax.AbstractSolver) -> int | None:
-    """Vector-field evaluations per step attempt (accepted or rejected).
+def _tableau(solver: diffrax.AbstractSolver):
+    tableau = getattr(solver, "tableau", None)
+    return None if tableau is None or tableau.implicit else tableau
 
-    Explicit Runge-Kutta methods evaluate every stage but the first when the first
-    is the previous step's last (FSAL). Implicit methods spend a data-dependent number
-    of evaluations in their Newton iterations and Jacobians: None (not counted).
+
+def is_fsal(solver: diffrax.AbstractSolver) -> bool:
+    """Whether each step's last stage is the next step's first (first same as last)."""
+    tableau = _tableau(solver)
+    return tableau is not None and tableau.fsal
+
+
+def start(solver, terms, t0, t1, y0, args, f0) -> Any:
+    """The solver state at `t0`, given the vector field `f0` there.
+
+    diffrax's FSAL Runge-Kutta methods evaluate `f0` in their first step; under
+    vmap a lane on its first step makes every lane evaluate it. Handing them `f0`
+    makes the first step cost what every other step costs.
     """
+    state = solver.init(terms, t0, t1, y0, args)
+    if is_fsal(solver) and isinstance(solver, diffrax.AbstractRungeKutta):
+        return jnp.asarray(False), f0
+    return state
+
+
+def step_cost(solver: diffrax.AbstractSolver, state_after: Any) -> tuple[Any, Any]:
+    """(gradients, Hessian-vector products) one step attempt spent.
+
+    gflow's stabilized solvers report their own counts (their stage count changes
+    from step to step); explicit Runge-Kutta methods evaluate every stage but the
+    first of an FSAL method; Euler one. Implicit methods spend a data-dependent
+    number of evaluations in their Newton iterations: -1 (not counted).
+    """
+    cost = getattr(solver, "step_cost", None)
+    if cost is not None:
+        return cost(state_after)
     if isinstance(solver, diffrax.Euler):
-        return 1
-    tableau = getattr(solver, "tableau", None)
-    if tableau is None or tableau.implicit:
-        return None
-    return tableau.num_stages - int(tableau.fsal)
-
-
-def initial_grad_evals(solver: diffrax.AbstractSolver) -> int:
-    """Evaluations before the first step: the first stage of an FSAL method.
-
-    (The PID controller's automatic choice of the first step evaluates the vector
-    field too, but inside `diffeqsolve` those evaluations are shared with the
-    solver's: tests/test_simulate.py counts executions to check this formula.)
-    """
-    tableau = getattr(solver, "tableau", None)
-    return int(tableau is not None and tableau.fsal)
+        return 1, 0
+    tableau = _tableau(solver)
+    if tableau is None:
+        return -1, 0
+    return tableau.num_stages - int(tableau.fsal), 0

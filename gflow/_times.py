@@ -1,4 +1,4 @@
-"""Save times: validation of `t_max` and `ts`, and log- or linearly-spaced grids."""
+"""Time: validation of `t_max`, and log- or linearly-spaced grids of save times."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ import numpy as np
 
 
 def check_t_max(t_max: Any) -> float:
-    """`t_max` as a positive finite float, or a ValueError that says so."""
+    """`t_max` as a positive finite float, or an error that says so (a TypeError for
+    anything that is not a real number, strings included)."""
     try:
+        if isinstance(t_max, str | bytes | bool):
+            raise TypeError
         value = float(t_max)
     except (TypeError, ValueError):
         raise TypeError(
@@ -67,42 +70,3 @@ def save_times(
         raise ValueError(f"`spacing` must be 'log' or 'linear'; got {spacing!r}.")
     ts[-1] = t_max  # geomspace may miss t_max by an ulp
     return ts
-
-
-def check_ts(ts: Any) -> tuple[np.ndarray, float]:
-    """User-given save times, checked; returns them as float64 and `t_max = ts[-1]`."""
-    array = np.asarray(ts)
-    if array.ndim != 1:
-        raise ValueError(f"`ts` must be a 1-D array of times; got shape {array.shape}.")
-    if array.size < 2:
-        raise ValueError("`ts` needs at least two times: 0 and t_max.")
-    if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
-        raise TypeError(f"`ts` must hold real numbers; got dtype {array.dtype}.")
-    array = array.astype(np.float64)
-    if not np.all(np.isfinite(array)):
-        raise ValueError("`ts` must be finite.")
-    if array[0] != 0:
-        raise ValueError(
-            f"`ts` must start at 0 (the initial parameters); got ts[0] = {array[0]}."
-        )
-    if np.any(np.diff(array) <= 0):
-        i = int(np.argmax(np.diff(array) <= 0))
-        raise ValueError(
-            "`ts` must be strictly increasing; "
-            f"ts[{i}] = {array[i]} is followed by ts[{i + 1}] = {array[i + 1]}."
-        )
-    return array, float(array[-1])
-
-
-def resolve_save_times(t_max: float, ts: Any, n_save: int, spacing: str) -> np.ndarray:
-    """The save times of a run: `ts` checked against `t_max`, or a fresh grid."""
-    if ts is None:
-        return save_times(t_max, n_save, spacing)
-    ts_np, ts_end = check_ts(ts)
-    if not math.isclose(ts_end, t_max, rel_tol=1e-12):
-        raise ValueError(
-            f"`ts` must end at t_max = {t_max}; got ts[-1] = {ts_end}. Pass "
-            "t_max=ts[-1], or append t_max to ts."
-        )
-    ts_np[-1] = t_max
-    return ts_np

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from typing import Any
 
 import equinox as eqx
@@ -11,36 +12,35 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._outcome import SUCCESS_RESULTS
 from ._tree import structure_from_json, structure_to_json
 
-#: `Trajectory.result` values that mean the run ended where it was asked to.
-SUCCESS_RESULTS = (
-    "successful",
-    "stopped_at_loss",
-    "stopped_at_grad_norm",
-    "stopped_by_condition",
-)
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 
 
 class Trajectory(eqx.Module):
     """Parameters, loss and metrics of a run, saved at times `ts`.
 
-    Every array field has a leading time axis of length `T = len(ts)`. Only valid
-    rows are kept: when a run stops early (an event, a failure with `throw=False`)
-    the trajectory ends at the time it reached.
+    `ts`, `loss`, `grad_norm` and `metrics` have a leading time axis of length
+    `T = len(ts)`. Parameters and velocities are kept at the rows `param_rows`:
+    every row by default, fewer with `params_at=` (for large models); the last row
+    always holds them (`final`). Only valid rows are kept: when a run stops early
+    (an event, a failure with `throw=False`) the trajectory ends at the time it
+    reached.
 
     An ensemble (`gflow.simulate_ensemble`) is a *batched* Trajectory: every array
     has leading axes `(batch, time)`, `result` is an array of strings and `stats`
     holds per-member arrays; `traj.member(i)` is member `i` as an ordinary
-    Trajectory.
+    Trajectory. A member that ended early repeats its last row (and its final
+    parameters) after its end.
 
     Attributes:
         ts: `(T,)` save times; `ts[0] == 0`, and `ts[-1] == t_max` unless the run
             stopped early.
-        params: the parameter pytree, each leaf with a leading axis of length `T`.
-        velocity: `dθ/dt = -∇L(θ)` at the saved states, same structure as `params`
-            (used by `at` for cubic Hermite interpolation).
+        params: the parameter pytree, each leaf with a leading axis of length
+            `len(param_rows)` (`T` unless `params_at=` kept fewer).
+        velocity: dθ/dt at the same rows (`-∇L(θ)` for the gradient flow), same
+            structure as `params` (used by `at` for cubic Hermite interpolation).
         loss: `(T,)` loss at the saved states.
         grad_norm: `(T,)` Euclidean norm of the gradient at the saved states.
         metrics: `{name: values}`, each value with a leading axis of length `T`.
@@ -52,6 +52,7 @@ class Trajectory(eqx.Module):
             `num_rejected_steps`, `num_grad_evals`, `wall_time_s`,
             `compile_time_s`, ...).
         meta: how it was made (gflow version, solver, tolerances, seed, dtype, ...).
+        param_rows: the rows (indices into `ts`) whose parameters are kept.
 
     Example:
         >>> traj = gflow.simulate(loss, None, 10.0, params0={"w": jnp.ones(3)})
@@ -70,6 +71,7 @@ class Trajectory(eqx.Module):
     result: str
     stats: dict[str, Any]
     meta: dict[str, Any]
+    param_rows: np.ndarray
 
     @property
     def batch_size(self) -> int | None:
@@ -80,6 +82,11 @@ class Trajectory(eqx.Module):
     def final(self) -> Any:
         """The parameters at the last save time (of each member, for an ensemble:
         leading batch axis)."""
+        if len(self.param_rows) == 0:
+            raise ValueError(
+                "this trajectory kept no parameters: the run diverged before its "
+                "first kept row (params_at=...)."
+            )
         if self.batch_size is None:
             return jax.tree.map(lambda x: x[-1], self.params)
         return jax.tree.map(lambda x: x[:, -1], self.params)
@@ -105,31 +112,37 @@ class Trajectory(eqx.Module):
         if not isinstance(i, int | np.integer) or not -batch <= i < batch:
             raise IndexError(f"member index {i!r} out of range for {batch} members.")
         n = int(self.stats["num_saved"][i])
+        # Its parameter rows before its last row, then its last row (final slot).
+        slots = np.flatnonzero(self.param_rows < n - 1)
+        slots = np.append(slots, len(self.param_rows) - 1)
 
-        def take(x):
+        def rows(x):
             return x[i, :n]
+
+        def kept(x):
+            return x[i, slots]
 
         per_member = {
             k: np.asarray(v)[i].item()
             for k, v in self.stats.items()
             if np.ndim(v) == 1 and len(v) == batch
         }
-        fields = (self.ts, self.params, self.velocity, self.loss, self.grad_norm)
-        ts, params, velocity, loss, grad_norm = jax.tree.map(take, fields)
         return Trajectory(
-            ts=ts,
-            params=params,
-            velocity=velocity,
-            loss=loss,
-            grad_norm=grad_norm,
-            metrics=jax.tree.map(take, self.metrics),
+            ts=rows(self.ts),
+            params=jax.tree.map(kept, self.params),
+            velocity=jax.tree.map(kept, self.velocity),
+            loss=rows(self.loss),
+            grad_norm=rows(self.grad_norm),
+            metrics=jax.tree.map(rows, self.metrics),
             result=str(self.result[i]),
             stats=per_member,
             meta=dict(self.meta, member=int(i) % batch),
+            param_rows=np.append(self.param_rows[slots[:-1]], n - 1),
         )
 
     def __getitem__(self, index: slice | Any) -> Trajectory:
-        """The trajectory restricted to some save indices (a slice or index array)."""
+        """The trajectory restricted to some save indices (a slice or index array);
+        the parameters kept at those rows come along."""
         if self.batch_size is not None:
             raise TypeError(
                 "this is an ensemble: take a member with traj.member(i), or index "
@@ -141,34 +154,36 @@ class Trajectory(eqx.Module):
                 "for the parameters at one save use jax.tree.map(lambda x: x[i], "
                 "traj.params)."
             )
+        rows = np.arange(len(self))[index]
+        slots = np.flatnonzero(np.isin(self.param_rows, rows))
+        new_rows = np.searchsorted(rows, self.param_rows[slots]) if (
+            np.all(np.diff(rows) > 0)
+        ) else np.array([int(np.flatnonzero(rows == r)[0])
+                         for r in self.param_rows[slots]], dtype=np.int64)  # fmt: skip
 
         def take(x):
-            return x[index]
+            return x[rows]
+
+        def kept(x):
+            return x[slots]
 
         return eqx.tree_at(
-            lambda t: (t.ts, t.params, t.velocity, t.loss, t.grad_norm, t.metrics),
+            lambda t: (t.ts, t.loss, t.grad_norm, t.metrics, t.params, t.velocity,
+                       t.param_rows),
             self,
-            jax.tree.map(
-                take,
-                (
-                    self.ts,
-                    self.params,
-                    self.velocity,
-                    self.loss,
-                    self.grad_norm,
-                    self.metrics,
-                ),
-            ),
-        )
+            (take(self.ts), take(self.loss), take(self.grad_norm),
+             jax.tree.map(take, self.metrics), jax.tree.map(kept, self.params),
+             jax.tree.map(kept, self.velocity), new_rows),
+        )  # fmt: skip
 
     def at(self, t: Any) -> Any:
-        """Parameters at any time(s) `t` in `[ts[0], ts[-1]]`.
+        """Parameters at any time(s) `t` between the first and last kept parameters.
 
-        Interpolated between the two neighbouring saves with a cubic Hermite
-        polynomial that matches the saved states and their velocities `-∇L`: third
-        order in the gap between saves, and exact at the save times. It is an
-        interpolation of the saved states, not the solver's dense output: save more
-        densely (`n_save`, `ts`) where you need more accuracy in between.
+        Interpolated between the two neighbouring rows that hold parameters with a
+        cubic Hermite polynomial that matches the saved states and their velocities
+        dθ/dt: third order in the gap between saves, and exact at the save times. It
+        is an interpolation of the saved states, not the solver's dense output: save
+        more densely (`n_save`, `ts`) where you need more accuracy in between.
 
         Args:
             t: a time, or an array of times (the result then has their shape as
@@ -176,19 +191,35 @@ class Trajectory(eqx.Module):
 
         Returns:
             A parameter pytree like `final`.
+
+        Raises:
+            ValueError: `t` outside the rows that hold parameters (with
+                `params_at="final"` only the final time).
         """
         if self.batch_size is not None:
             raise TypeError("this is an ensemble: use traj.member(i).at(t).")
+        ts = self.ts[self.param_rows]
         t = jnp.asarray(t, dtype=self.ts.dtype)
         if not isinstance(t, jax.core.Tracer):
-            lo, hi = float(self.ts[0]), float(self.ts[-1])
+            if len(ts) == 0:
+                raise ValueError("this trajectory kept no parameters to interpolate.")
+            lo, hi = float(ts[0]), float(ts[-1])
             if np.any(np.asarray(t) < lo) or np.any(np.asarray(t) > hi):
+                kept = "" if len(ts) == len(self) else (
+                    f" (parameters are kept at {len(ts)} of {len(self)} save times: "
+                    "params_at=...; simulate with params_at='all' or the times you "
+                    "need)"
+                )  # fmt: skip
                 raise ValueError(
-                    f"`t` must lie within the saved times [{lo}, {hi}]; got {t}."
+                    f"`t` must lie within the saved times that hold parameters "
+                    f"[{lo}, {hi}]{kept}; got {t}."
                 )
-        i = jnp.clip(jnp.searchsorted(self.ts, t, side="right") - 1, 0, len(self) - 2)
-        h = self.ts[i + 1] - self.ts[i]
-        s = (t - self.ts[i]) / h
+        if len(ts) == 1:
+            return jax.tree.map(lambda y: jnp.broadcast_to(y[0], t.shape + y.shape[1:]),
+                                self.params)  # fmt: skip
+        i = jnp.clip(jnp.searchsorted(ts, t, side="right") - 1, 0, len(ts) - 2)
+        h = ts[i + 1] - ts[i]
+        s = (t - ts[i]) / h
         h00 = 2 * s**3 - 3 * s**2 + 1
         h10 = s**3 - 2 * s**2 + s
         h01 = -2 * s**3 + 3 * s**2
@@ -269,7 +300,7 @@ class Trajectory(eqx.Module):
         """
         arrays: dict[str, np.ndarray] = {}
         layout = {}
-        for name in ("ts", "loss", "grad_norm"):
+        for name in ("ts", "loss", "grad_norm", "param_rows"):
             arrays[name] = np.asarray(getattr(self, name))
         for name in ("params", "velocity", "metrics"):
             tree = getattr(self, name)
@@ -289,16 +320,38 @@ class Trajectory(eqx.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Trajectory:
-        """Read a trajectory written by `save`."""
-        with np.load(path, allow_pickle=False) as npz:
-            if "__gflow__" not in npz:
-                raise ValueError(f"{os.fspath(path)!r} is not a gflow trajectory file.")
-            header = json.loads(str(npz["__gflow__"]))
-            fields = {n: _as_array(npz[n]) for n in ("ts", "loss", "grad_norm")}
-            for name, description in header["layout"].items():
-                count = sum(1 for k in npz.files if k.startswith(name + "/"))
-                leaves = [_as_array(npz[f"{name}/{i}"]) for i in range(count)]
-                fields[name] = structure_from_json(description, leaves)
+        """Read a trajectory written by `save`.
+
+        Raises:
+            ValueError: the file is not a complete gflow trajectory file (another
+                kind of file, or one cut short).
+        """
+        name = os.fspath(path)
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                if "__gflow__" not in npz:
+                    raise ValueError(f"{name!r} is not a gflow trajectory file.")
+                header = json.loads(str(npz["__gflow__"]))
+                fields = {
+                    n: _as_array(npz[n])
+                    for n in ("ts", "loss", "grad_norm", "param_rows")
+                }
+                for tree, description in header["layout"].items():
+                    count = sum(1 for k in npz.files if k.startswith(tree + "/"))
+                    leaves = [_as_array(npz[f"{tree}/{i}"]) for i in range(count)]
+                    fields[tree] = structure_from_json(description, leaves)
+        except (zipfile.BadZipFile, EOFError, KeyError, OSError) as e:
+            if isinstance(e, FileNotFoundError):
+                raise
+            raise ValueError(
+                f"{name!r} is not a complete gflow trajectory file (it may be "
+                f"truncated, or not written by Trajectory.save): {e}"
+            ) from e
+        except ValueError as e:
+            if "gflow trajectory" in str(e):
+                raise
+            raise ValueError(f"{name!r} is not a gflow trajectory file: {e}") from e
+        fields["param_rows"] = np.asarray(fields["param_rows"], dtype=np.int64)
         # An ensemble's per-member results and counters come back as arrays.
         result = header["result"]
         stats = {
