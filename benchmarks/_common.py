@@ -12,6 +12,8 @@ import time
 import jax
 
 RESULTS = pathlib.Path(__file__).parent / "results"
+# Figures live once, in the documentation, which shows them.
+FIGURES = pathlib.Path(__file__).parent.parent / "docs" / "figures"
 
 
 def timed(run, seconds_of=None, repeats=3, slow_s=float("inf")):

@@ -119,7 +119,6 @@ def scaling(sizes) -> list[dict]:
                 "members_per_s": size / seconds,
                 "member_steps": warm.stats["member_steps"],
                 "lane_steps": warm.stats["lane_steps"],
-                "calls": warm.stats["num_calls"],
             }
         )
         print(

@@ -63,30 +63,34 @@ def make_problem(seed=0):
     return data, init_mlp(k_student)
 
 
-def model_compile_times():
-    """simulate's compile time for each built-in model (float32, default solver)."""
+def compile_cases():
+    """The built-in models at the sizes the examples use, with their data."""
     key = jax.random.key(0)
-    cases = {
+    return {
         "CooccurrenceTransformer (paper scale)": (
             models.CooccurrenceTransformer(d=64, L=5, m=128, m1=256),
-            models.cooccurrence_data(key, 60, 5, 64),
+            models.cooccurrence_data(key, n=60, L=5, d=64),
         ),
         "MarkovTransformer (d=8, 256 x 16)": (
             models.MarkovTransformer(d=8, seq_len=16, init="makkuva"),
-            models.markov_data(key, 0.5, 0.8, 256, 16),
+            models.markov_data(key, 0.5, 0.8, n_seqs=256, seq_len=16),
         ),
         "MarkovCanonical": (models.MarkovCanonical(0.5, 0.8), None),
         "CondensationTransformer (d_m=8, 64 x 10)": (
             models.CondensationTransformer(d_m=8, s=10, eps=1e-3),
-            models.anchor_data(key, 64, 8),
+            models.anchor_data(key, n=64, d_m=8),
         ),
         "DeepLinearNetwork (6-8-6)": (
             models.DeepLinearNetwork((6, 8, 6)),
             {"x": jnp.ones((32, 6)), "y": jnp.zeros((32, 6))},
         ),
     }
+
+
+def model_compile_times():
+    """simulate's compile time for each built-in model (float32, default solver)."""
     times = {}
-    for name, (model, data) in cases.items():
+    for name, (model, data) in compile_cases().items():
         traj = gflow.simulate(model, data, 1.0, key=1)
         times[name] = traj.stats["compile_time_s"]
         print(f"compile time, {name:<42} {times[name]:.2f} s")

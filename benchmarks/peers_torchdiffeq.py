@@ -111,7 +111,7 @@ def main(argv=None):
         return None
 
     model = CooccurrenceTransformer(d=64, L=5, m=128, m1=256)
-    data = cooccurrence_data(jax.random.key(0), 60, 5, 64)
+    data = cooccurrence_data(jax.random.key(0), n=60, L=5, d=64)
     params0 = model.init(jax.random.key(1))
     t_max = 3.0 if args.quick else 300.0
     repeats = 1 if args.quick else args.repeats

@@ -47,7 +47,7 @@ MATRICES = ("W_Q", "W_K", "W_V", "W1")
 
 def run(d_m, n, eps, t_max, seed=0):
     model = CondensationTransformer(d_m=d_m, s=10, eps=eps)
-    data = anchor_data(jax.random.key(seed), n, d_m)
+    data = anchor_data(jax.random.key(seed), n=n, d_m=d_m)
     metrics = {
         "effective_rank": lambda p, d: {k: effective_rank(p[k]) for k in MATRICES},
         "balances": model.stage1_balances,
@@ -89,9 +89,12 @@ def dynamics_figure(traj, end1, collapse):
         title="(b) zoom: W_Q, W_K move only after condensation",
     )
     gflow.plot.effective_rank(traj[zoom], MATRICES, ax=ax_rank, lw=2)
+    # W_Q and W_K follow each other closely: draw W_Q dashed, on top.
+    for ax in (ax_norm, ax_rank):
+        ax.get_lines()[0].set(ls=(0, (4, 3)), zorder=3)
     ax_rank.set(
         ylabel="effective rank (Roy & Vetterli)",
-        title="(c) zoom: W_Q collapses towards rank one",
+        title="(c) zoom: W_Q collapses towards rank one, then partly recovers",
     )
     gflow.plot.series(
         ts[zoom],
@@ -103,11 +106,15 @@ def dynamics_figure(traj, end1, collapse):
         lw=2,
     )
     ax_loss.set(ylabel="loss", title="(d) zoom: loss")
+    condensed = f"condensed (t = {ts[end1]:.0f})"
+    collapsed = f"rank collapse (t = {ts[collapse]:.0f})"
     for ax in axes.ravel():
-        gflow.plot.mark_time(ax, ts[end1], "condensed", y=0.98)
-        gflow.plot.mark_time(ax, ts[collapse], "rank collapse", y=0.90)
+        gflow.plot.mark_time(ax, ts[end1], condensed, legend=True)
+        gflow.plot.mark_time(ax, ts[collapse], collapsed, legend=True, ls=":", lw=1.5)
     ax_escape.legend(fontsize=9, loc="upper left")
-    ax_rank.legend(fontsize=9, loc="center right")
+    ax_norm.legend(fontsize=9, loc="lower right")
+    ax_rank.legend(fontsize=9, loc="upper right")
+    ax_loss.legend(fontsize=9, loc="lower left")
     fig.suptitle(
         "Condensation, then key–query rank collapse (Chen & Luo), "
         "gradient flow from ε-small init",

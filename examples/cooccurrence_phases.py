@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 
 import gflow  # noqa: E402
 from gflow.models import (  # noqa: E402
+    ATTENTION_PAIRS,
     COMMON,
     TARGET_1,
     TARGET_2,
@@ -53,17 +54,10 @@ from gflow.models import (  # noqa: E402
     cooccurrence_data,
 )
 
-PAIRS = {  # (key word i, query word j) of µ_iᵀ W_Kᵀ W_Q µ_j
-    "µ2ᵀ W_KᵀW_Q µ1": (TARGET_2, TARGET_1),
-    "µ1ᵀ W_KᵀW_Q µ2": (TARGET_1, TARGET_2),
-    "µ3ᵀ W_KᵀW_Q µ1": (COMMON, TARGET_1),
-    "µ3ᵀ W_KᵀW_Q µ2": (COMMON, TARGET_2),
-}
-
 
 def run(t_max=300.0, init="paper", seed=0, n_save=301):
     model = CooccurrenceTransformer(d=64, L=5, m=128, m1=256, init=init)
-    data = cooccurrence_data(jax.random.key(seed), 60, 5, 64)
+    data = cooccurrence_data(jax.random.key(seed), n=60, L=5, d=64)
     words = jnp.array([TARGET_1, TARGET_2, COMMON])
 
     def balance(params, data):  # Lemma 4.4: groups I2 (µ1 only) and I3 (µ2 only)
@@ -97,7 +91,7 @@ def figure(traj, phases, model, data):
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
     ax_scores, ax_loss, ax_g, ax_balance = axes.ravel()
 
-    gflow.plot.attention_scores(traj, PAIRS, ax=ax_scores, lw=2)
+    gflow.plot.attention_scores(traj, model, ax=ax_scores, lw=2)
     ax_scores.set(title="(a) attention scores µᵢᵀW_KᵀW_Qµⱼ (their Fig. 1a)")
 
     gflow.plot.group_losses(traj, model, data, ax=ax_loss)
@@ -153,9 +147,11 @@ def summary(traj, t1_index):
         "final_loss": float(traj.loss[-1]),
         "score_change_over_phase2": {
             name: float(kq[-1, i, j] - kq[t1_index, i, j])
-            for name, (i, j) in PAIRS.items()
+            for name, (i, j) in ATTENTION_PAIRS.items()
         },
-        "score_initial": {name: float(kq[0, i, j]) for name, (i, j) in PAIRS.items()},
+        "score_initial": {
+            name: float(kq[0, i, j]) for name, (i, j) in ATTENTION_PAIRS.items()
+        },
         "balance_ratio_max_phase2": float(
             np.max(np.asarray(traj.metrics["balance"])[t1_index:])
         ),

@@ -44,7 +44,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
 
     model = CooccurrenceTransformer(d=64, L=5, m=128, m1=256)
-    data = cooccurrence_data(jax.random.key(0), 60, 5, 64)
+    data = cooccurrence_data(jax.random.key(0), n=60, L=5, d=64)
     params0 = model.init(jax.random.key(1))
     # Save times on a log grid, rounded to multiples of 0.3 so that every learning
     # rate lands on them exactly.

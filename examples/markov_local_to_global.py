@@ -79,8 +79,8 @@ def canonical_flows(t_max=2000.0):
 
 
 def full_model_flows(n_seqs, seq_len, t_max):
-    train = markov_data(jax.random.key(0), P, Q, n_seqs, seq_len)
-    held_out = markov_data(jax.random.key(1), P, Q, 4000, seq_len)
+    train = markov_data(jax.random.key(0), P, Q, n_seqs=n_seqs, seq_len=seq_len)
+    held_out = markov_data(jax.random.key(1), P, Q, n_seqs=4000, seq_len=seq_len)
     model = MarkovTransformer(d=8, seq_len=seq_len)  # one loss, one compile
     runs = {}
     for init in ("gaussian", "makkuva"):
@@ -115,8 +115,8 @@ def basin_maps(n):
 def init_ensembles(n_members, n_seqs, seq_len, t_max):
     """The full transformer from n Gaussian inits and from n perturbations of the
     proposed init: which minimum does each flow reach (by held-out loss)?"""
-    train = markov_data(jax.random.key(0), P, Q, n_seqs, seq_len)
-    held_out = markov_data(jax.random.key(1), P, Q, 4000, seq_len)
+    train = markov_data(jax.random.key(0), P, Q, n_seqs=n_seqs, seq_len=seq_len)
+    held_out = markov_data(jax.random.key(1), P, Q, n_seqs=4000, seq_len=seq_len)
     unigram, entropy_rate = markov_reference_losses(P, Q)
     # One model for the loss of both (the inits differ, the loss does not): one
     # compiled program serves both ensembles.

@@ -7,17 +7,16 @@ Diffrax solver in one compiled JAX program and returns a `gflow.Trajectory`.
 from . import flows as flows
 from . import metrics as metrics
 from . import models as models
-from . import plot as plot
 from ._basins import Basins as Basins
 from ._basins import basins as basins
 from ._basins import grid as grid
+from ._declarations import PhaseSpec as PhaseSpec
 from ._discrete import Comparison as Comparison
 from ._discrete import compare as compare
 from ._discrete import gradient_descent as gradient_descent
 from ._ensemble import simulate_ensemble as simulate_ensemble
 from ._errors import SimulationError as SimulationError
 from ._phases import Phases as Phases
-from ._phases import PhaseSpec as PhaseSpec
 from ._phases import detect_condensation_stages as detect_condensation_stages
 from ._phases import detect_phases as detect_phases
 from ._run import gflow_version as _gflow_version
@@ -27,3 +26,17 @@ from ._times import save_times as save_times
 from ._trajectory import Trajectory as Trajectory
 
 __version__ = _gflow_version()
+
+
+def __getattr__(name: str):
+    # gflow.plot (and with it matplotlib) loads on first use, so that `import gflow`
+    # stays light for runs that draw nothing.
+    if name == "plot":
+        import importlib
+
+        return importlib.import_module(".plot", __name__)
+    raise AttributeError(f"module 'gflow' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), "plot"])

@@ -281,14 +281,16 @@ def _sizes(lanes, budget, one, opts: Options, members: int, n_devices: int):
 
 def _initial_batch(model: Any, params0: Any, keys: Any) -> Any:
     """The batched initial parameters, checked."""
+    init = getattr(model, "init", None)
     if (params0 is None) == (keys is None):
         raise ValueError(
-            "pass exactly one of `params0` (initial parameters with a leading batch "
-            "axis) and `keys` (a batch of PRNG keys for model.init)."
+            ("`params0` is required" if params0 is None else "got both")
+            + ": pass exactly one of `params0` (initial parameters with a leading "
+            "batch axis) and `keys` (a batch of PRNG keys for model.init, for a model "
+            "that has one)."
         )
     if keys is not None:
-        init = getattr(model, "init", None)
-        if init is None or not callable(init):
+        if not callable(init):
             raise ValueError(
                 "`keys` needs a model with an `init(key)` method; for a plain loss "
                 "function pass the batched initial parameters as `params0=`."

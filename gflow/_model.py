@@ -76,7 +76,9 @@ def check_params(params: Any, name: str) -> Any:
     leaves = []
     for path, leaf in leaves_with_path:
         where = jax.tree_util.keystr(path) or "(the root)"
-        if not isinstance(leaf, jax.Array | np.ndarray | float | np.floating):
+        if not isinstance(leaf, jax.Array | np.ndarray | float | np.floating) or (
+            isinstance(leaf, np.ndarray) and not np.issubdtype(leaf.dtype, np.number)
+        ):
             raise TypeError(
                 f"`{name}` leaf {where} is a {type(leaf).__name__}; every leaf must "
                 "be a floating-point array. Keep fixed settings in the model or the "

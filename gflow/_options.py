@@ -273,8 +273,10 @@ class Metrics(eqx.Module):
         for name, fn in self.fns:
             try:
                 values[name] = fn(params, data)
-            except Exception as e:
-                raise type(e)(f"metric {name!r} failed: {e}") from e
+            except Exception as e:  # noqa: BLE001 - re-raised naming the metric
+                raise ValueError(
+                    f"metric {name!r} failed on the parameters: {type(e).__name__}: {e}"
+                ) from e
         return values
 
 
@@ -290,25 +292,29 @@ def matmul_precision_context(matmul_precision: str | None):
 
 @dataclass(frozen=True)
 class Keyword:
-    """One flat keyword: its default and its documentation."""
+    """One flat keyword: its default, its type (as written) and its documentation."""
 
     default: Any
+    type: str
     doc: str
 
 
 KEYWORDS: dict[str, Keyword] = {
     "ts": Keyword(
         None,
+        "ArrayLike | None",
         "explicit save times: a strictly increasing 1-D array from 0 to `t_max`.",
     ),
-    "n_save": Keyword(101, "the number of save times when `ts` is not given."),
+    "n_save": Keyword(101, "int", "the number of save times when `ts` is not given."),
     "spacing": Keyword(
         "log",
+        'Literal["log", "linear"]',
         '`"log"`: 0, then geometrically spaced from `t_max * 1e-4` to `t_max` '
         '(see `gflow.save_times`); or `"linear"`.',
     ),
     "params_at": Keyword(
         "all",
+        'Literal["all", "final"] | ArrayLike',
         'where to keep the parameters and velocities: `"all"` save times, '
         '`"final"` (and t = 0), or an increasing array of save times (t = 0 and '
         "the end are always kept). Loss, gradient norm and metrics are kept at "
@@ -316,59 +322,73 @@ KEYWORDS: dict[str, Keyword] = {
     ),
     "solver": Keyword(
         "tsit5",
+        "str | diffrax.AbstractSolver",
         'a name in `gflow.SOLVERS` or any diffrax solver instance: `"tsit5"`, '
         '`"dopri5"`, `"dopri8"`, `"bosh3"`, `"heun"`, `"euler"` (fixed step '
         '`dt0`: exactly gradient descent with learning rate `dt0`), `"kvaerno5"` '
         "(implicit, dense Jacobian: small models only).",
     ),
-    "rtol": Keyword(1e-6, "relative tolerance of the adaptive step-size control."),
-    "atol": Keyword(1e-8, "absolute tolerance of the adaptive step-size control."),
+    "rtol": Keyword(
+        1e-6, "float", "relative tolerance of the adaptive step-size control."
+    ),
+    "atol": Keyword(
+        1e-8, "float", "absolute tolerance of the adaptive step-size control."
+    ),
     "dt0": Keyword(
         None,
+        "float | None",
         "the first step of an adaptive solver (default: chosen automatically); the "
         'step of a fixed-step solver such as `"euler"` (required there).',
     ),
     "max_steps": Keyword(
-        100_000, "the most solver steps (accepted and rejected) of one flow."
+        100_000, "int", "the most solver steps (accepted and rejected) of one flow."
     ),
     "metrics": Keyword(
         None,
+        "Mapping[str, Callable] | None",
         "`{name: fn(params, data)}`, each evaluated on every saved state; results in "
         "`traj.metrics[name]` with a leading time axis. Define the functions once "
         "and reuse them: a new function object recompiles.",
     ),
     "stop_at_loss": Keyword(
         None,
+        "float | None",
         "stop where the loss first falls to this value, located to round-off "
         "within the step by a Newton root find on the solver's dense output. Costs "
         "one loss evaluation per step.",
     ),
     "stop_at_grad_norm": Keyword(
         None,
+        "float | None",
         "stop at the end of the first step where the gradient norm is at most this "
         "value. Costs one gradient per step (counted in `num_grad_evals`).",
     ),
     "stop_when": Keyword(
         None,
+        "Callable | None",
         "`fn(params, data) -> bool`: stop at the end of the first step where it "
         "holds (e.g. a model's `phase_spec.alignment`, to stop at the end of Phase "
         "1).",
     ),
     "throw": Keyword(
         True,
+        "bool",
         "raise `gflow.SimulationError` when a run fails (max_steps reached, "
         "divergence to inf/NaN, step size collapse). With False the trajectory up "
         "to the failure is returned and `traj.result` says why.",
     ),
     "matmul_precision": Keyword(
         "highest",
+        "str | None",
         "the precision of float32 matrix products (`jax.default_matmul_precision`). "
         '`"highest"` computes them in full float32: on GPUs JAX otherwise uses '
         "TF32 (about 1e-3 relative error), whose noise makes the adaptive step "
         "control reject step after step (measured on an H100: 3,890 steps instead "
         "of 93 for the quickstart). None keeps JAX's default. No effect on CPUs.",
     ),
-    "progress": Keyword(False, "show a progress bar (tqdm if installed, else text)."),
+    "progress": Keyword(
+        False, "bool", "show a progress bar (tqdm if installed, else text)."
+    ),
 }
 
 #: The keywords of each kind of entry point.
@@ -469,7 +489,8 @@ def takes_options(*keywords: str):
         params = [p for p in signature.parameters.values() if p.kind != p.VAR_KEYWORD]
         params += [
             inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
-                              default=KEYWORDS[name].default)
+                              default=KEYWORDS[name].default,
+                              annotation=KEYWORDS[name].type)
             for name in keywords
         ]  # fmt: skip
         fn.__signature__ = signature.replace(parameters=params)

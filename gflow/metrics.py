@@ -8,6 +8,7 @@ as `lambda params, data: effective_rank(params["W_Q"])`) or on a saved trajector
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -127,7 +128,15 @@ def _power_iteration(apply, v, iters):
     return value, v
 
 
-def sharpness(loss, params, data, *, v0=None, iters: int = 50, key=None):
+def sharpness(
+    loss: Callable,
+    params: Any,
+    data: Any,
+    *,
+    v0: Any = None,
+    iters: int = 50,
+    key: jax.Array | None = None,
+) -> tuple[jax.Array, Any]:
     """The top (algebraically largest) Hessian eigenvalue λ_max by power iteration.
 
     Uses Hessian-vector products only (forward-over-reverse), never the Hessian.
@@ -140,13 +149,15 @@ def sharpness(loss, params, data, *, v0=None, iters: int = 50, key=None):
 
     Args:
         loss: `loss(params, data)`.
-        params, data: where to evaluate the Hessian.
+        params: where to evaluate the Hessian.
+        data: the data of the loss.
         v0: starting vector (a pytree like params); default random from `key`.
         iters: power iterations (each one HVP).
         key: PRNG key for the default `v0` (default key 0).
 
     Returns:
-        `(λ_max, eigenvector)`.
+        `(λ_max, eigenvector)`: the eigenvalue (a scalar) and its unit eigenvector
+        (a pytree like `params`).
     """
     if v0 is None:
         leaves, treedef = jax.tree.flatten(params)

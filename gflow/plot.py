@@ -8,17 +8,22 @@ first save is left out there (it is drawn on linear axes).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.image import AxesImage
+from numpy.typing import ArrayLike
 
+from ._phases import Phases
 from ._trajectory import Trajectory
 
 
-def _axes(ax):
+def _axes(ax: Axes | None) -> Axes:
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 4))
     return ax
@@ -31,15 +36,15 @@ def _time(ts, log_time: bool) -> tuple[np.ndarray, slice]:
 
 
 def series(
-    ts,
-    values,
+    ts: ArrayLike,
+    values: ArrayLike,
     *,
     label: str | Sequence[str] | None = None,
-    ax=None,
+    ax: Axes | None = None,
     log_time: bool = True,
     log_y: bool = False,
-    **style,
-):
+    **style: Any,
+) -> Axes:
     """Values over time: `values` has a leading time axis (and may have one more).
 
     Args:
@@ -47,7 +52,8 @@ def series(
         values: `(T,)` or `(T, k)`; with k columns, `label` may name each.
         label: legend label(s).
         ax: the Axes to draw on (default: a new figure).
-        log_time, log_y: logarithmic axes.
+        log_time: logarithmic time axis (`t = 0` is left out).
+        log_y: logarithmic value axis.
         **style: passed to `ax.plot`.
 
     Returns:
@@ -74,12 +80,12 @@ def loss(
     trajectories: Trajectory | Sequence[Trajectory],
     labels: str | Sequence[str] | None = None,
     *,
-    phases=None,
-    ax=None,
+    phases: Phases | None = None,
+    ax: Axes | None = None,
     log_time: bool = True,
     log_y: bool = True,
-    **style,
-):
+    **style: Any,
+) -> Axes:
     """Loss curves of one or several trajectories on a common time axis.
 
     Args:
@@ -88,7 +94,10 @@ def loss(
         labels: their legend labels.
         phases: a `gflow.detect_phases` result: Phase 1 and Phase 2 are shaded and
             the end of Phase 1 is marked.
-        ax, log_time, log_y, **style: as in `series` (log-log by default).
+        ax: the Axes to draw on (default: a new figure).
+        log_time: logarithmic time axis (`t = 0` is left out).
+        log_y: logarithmic loss axis.
+        **style: passed to `ax.plot`.
 
     Returns:
         The Axes.
@@ -122,11 +131,32 @@ def loss(
     return ax
 
 
-def mark_time(ax, t: float, label: str | None = None, *, y=1.0):
-    """A vertical line at time `t` (e.g. a phase boundary); the label sits at
-    height `y` (axes fraction) beside the line."""
-    ax.axvline(t, color="0.3", ls="--", lw=1)
-    if label:
+def mark_time(
+    ax: Axes,
+    t: float,
+    label: str | None = None,
+    *,
+    y: float = 1.0,
+    legend: bool = False,
+    **style: Any,
+) -> Axes:
+    """A vertical line at time `t` (e.g. a phase boundary).
+
+    Args:
+        ax: the Axes to draw on.
+        t: the time.
+        label: what the line marks.
+        y: the height (axes fraction) of the label written beside the line.
+        legend: put the label in the legend instead of beside the line (where it
+            may cover data).
+        **style: passed to `ax.axvline` (default: a thin dark dashed line).
+
+    Returns:
+        The Axes.
+    """
+    style = {"color": "0.3", "ls": "--", "lw": 1, **style}
+    ax.axvline(t, label=label if legend else None, **style)
+    if label and not legend:
         ax.annotate(
             label,
             (t, y),
@@ -138,11 +168,22 @@ def mark_time(ax, t: float, label: str | None = None, *, y=1.0):
     return ax
 
 
-def phases(ax, phases, *, colors=("0.88", "#fde7c8", "#d9ecf7", "#e6f2dc")):
+_PHASE_COLORS = ("0.88", "#fde7c8", "#d9ecf7", "#e6f2dc")
+
+
+def phases(ax: Axes, phases: Phases, *, colors: Sequence[str] = _PHASE_COLORS) -> Axes:
     """Shade the phases found by `gflow.detect_phases` (or
     `detect_condensation_stages`) on a time axis, each labelled in the legend.
 
     Nothing is drawn when no phase boundary was found.
+
+    Args:
+        ax: the Axes (with a time axis) to shade.
+        phases: what `gflow.detect_phases` found.
+        colors: the colours of the phases, in order.
+
+    Returns:
+        The Axes.
 
     Example:
         >>> ax = gflow.plot.loss(traj)
@@ -151,7 +192,7 @@ def phases(ax, phases, *, colors=("0.88", "#fde7c8", "#d9ecf7", "#e6f2dc")):
     return _shade_phases(ax, phases, colors)
 
 
-def _shade_phases(ax, found, colors=("0.88", "#fde7c8", "#d9ecf7", "#e6f2dc")):
+def _shade_phases(ax, found, colors=_PHASE_COLORS):
     if not found.found:
         return ax
     labels = np.array(found.labels)
@@ -167,18 +208,40 @@ def _shade_phases(ax, found, colors=("0.88", "#fde7c8", "#d9ecf7", "#e6f2dc")):
     return ax
 
 
-def reorder_by_top_eigenvector(similarity: np.ndarray) -> np.ndarray:
+def reorder_by_top_eigenvector(similarity: ArrayLike) -> np.ndarray:
     """Row order that sorts a symmetric similarity matrix by its top eigenvector,
-    so that condensed groups of rows appear as blocks."""
+    so that condensed groups of rows appear as blocks.
+
+    Args:
+        similarity: a symmetric matrix.
+
+    Returns:
+        The row indices in their new order.
+    """
     _, vectors = np.linalg.eigh(np.asarray(similarity))
     return np.argsort(vectors[:, -1])
 
 
-def row_similarity(matrix, *, ax=None, title: str | None = None, reorder: bool = True):
+def row_similarity(
+    matrix: ArrayLike,
+    *,
+    ax: Axes | None = None,
+    title: str | None = None,
+    reorder: bool = True,
+) -> tuple[Axes, AxesImage]:
     """Heat map of the cosine similarity between the rows of `matrix`.
 
     Rows are reordered by the top eigenvector of the similarity matrix (Chen & Luo's
     convention), so rows condensed onto ± one direction form two blocks.
+
+    Args:
+        matrix: a 2-D array.
+        ax: the Axes to draw on (default: a new figure).
+        title: the Axes title.
+        reorder: reorder the rows (and columns) by the top eigenvector.
+
+    Returns:
+        The Axes and the image (for a colour bar).
     """
     ax = _axes(ax)
     m = np.asarray(matrix)
@@ -196,31 +259,34 @@ def row_similarity(matrix, *, ax=None, title: str | None = None, reorder: bool =
 
 
 def phase_portrait(
-    loss,
+    loss: Any,
     names: tuple[str, str],
     xlim: tuple[float, float],
     ylim: tuple[float, float],
     *,
-    data=None,
+    data: Any = None,
     trajectories: Sequence[Trajectory] = (),
     labels: Sequence[str] | None = None,
-    invariant=None,
-    levels=None,
-    ax=None,
+    invariant: Callable[[np.ndarray, np.ndarray], Any] | None = None,
+    levels: int | Sequence[float] | None = None,
+    ax: Axes | None = None,
     density: float = 1.2,
-):
+) -> Axes:
     """The flow field `-∇L` of a two-parameter model, with trajectories on it.
 
     Args:
         loss: `loss(params, data)` (or a model with `.loss`) of parameters
             `{names[0]: scalar, names[1]: scalar}`.
         names: the two parameter names: the x and y axes.
-        xlim, ylim: the plotted ranges.
+        xlim: the plotted range of `names[0]`.
+        ylim: the plotted range of `names[1]`.
         data: passed to the loss.
         trajectories: flows to draw (start: circle, end: star).
         labels: their legend labels.
         invariant: optional `fn(x, y)` of a conserved quantity (e.g. an energy),
-            drawn as level curves (`levels`).
+            drawn as level curves.
+        levels: the level curves of `invariant` (a count or the values; default
+            15).
         ax: the Axes to draw on (default: a new figure).
         density: streamline density.
 
@@ -258,19 +324,20 @@ def phase_portrait(
 
 
 def basin_map(
-    x,
-    y,
-    labels,
+    x: ArrayLike,
+    y: ArrayLike,
+    labels: ArrayLike,
     *,
     names: Sequence[str],
-    exact=None,
-    ax=None,
+    exact: ArrayLike | None = None,
+    ax: Axes | None = None,
     colors: Sequence[str] = ("#f3c89b", "#a9cfe8", "0.6"),
-):
+) -> Axes:
     """Which basin each initial point of a 2-D grid flowed to.
 
     Args:
-        x, y: the grid axes (1-D), as passed to `gflow.grid({xname: x, yname: y})`.
+        x: the first grid axis (1-D), as passed to `gflow.grid({xname: x, ...})`.
+        y: the second grid axis (1-D).
         labels: the basin label of each grid point: `gflow.basins(...).labels`
             (row-major, `len(x) * len(y)`); -1 for unresolved.
         names: the basin names, in label order (`gflow.basins(...).names`).
@@ -316,74 +383,84 @@ def basin_map(
     return ax
 
 
-def _over_saves(fn, traj: Trajectory):
-    """`fn(params)` at every saved state, stacked (leading time axis)."""
+def _over_saves(fn: Callable, traj: Trajectory) -> np.ndarray:
+    """`fn(params)` at every row that holds parameters, stacked (leading time
+    axis; `traj.ts[traj.param_rows]` are its times)."""
     return np.asarray(jax.lax.map(fn, traj.params))
 
 
 def attention_scores(
     traj: Trajectory,
-    pairs=None,
+    model: Any,
+    pairs: Mapping[str, tuple[int, int]] | None = None,
     *,
     relative: bool = True,
-    ax=None,
+    ax: Axes | None = None,
     log_time: bool = True,
-    **style,
-):
-    """Attention scores `µ_iᵀ W_Kᵀ W_Q µ_j` over time (Yang et al. Fig. 1a).
+    **style: Any,
+) -> Axes:
+    """Attention scores over time, for a model that declares them (Yang et al.
+    Fig. 1a for `gflow.models.CooccurrenceTransformer`).
 
     Args:
-        traj: a flow of `gflow.models.CooccurrenceTransformer` (parameters `W_K`,
-            `W_Q` whose columns are the words' embeddings).
-        pairs: `{label: (key word i, query word j)}`; default: the four scores of
-            the paper (µ2/µ1, µ1/µ2 rise; µ3/µ1, µ3/µ2 fall).
-        relative: plot the change since `t = 0` (default), which is what moves:
-            the scores start at random values of size σ0².
-        ax, log_time, **style: as in `series`.
+        traj: a flow of `model`.
+        model: a model with `attention_score(params, i, j)` and, unless `pairs` is
+            given, `attention_pairs` (`{label: (i, j)}`).
+        pairs: `{label: (i, j)}`: which scores to draw (default: the model's).
+        relative: plot the change since `t = 0` (default), which is what moves
+            when the scores start at random values.
+        ax: the Axes to draw on (default: a new figure).
+        log_time: logarithmic time axis.
+        **style: passed to `ax.plot`.
 
     Returns:
         The Axes.
 
     Example:
-        >>> gflow.plot.attention_scores(traj)
+        >>> gflow.plot.attention_scores(traj, model)
     """
-    from .models import COMMON, TARGET_1, TARGET_2
-
-    if pairs is None:
-        pairs = {
-            "µ2ᵀ W_KᵀW_Q µ1": (TARGET_2, TARGET_1),
-            "µ1ᵀ W_KᵀW_Q µ2": (TARGET_1, TARGET_2),
-            "µ3ᵀ W_KᵀW_Q µ1": (COMMON, TARGET_1),
-            "µ3ᵀ W_KᵀW_Q µ2": (COMMON, TARGET_2),
-        }
-    rows = np.array([i for i, _ in pairs.values()])
-    cols = np.array([j for _, j in pairs.values()])
+    pairs = _declared(model, "attention_pairs") if pairs is None else pairs
+    score = _declared(model, "attention_score")
 
     def scores(params):
-        return (params["W_K"].T @ params["W_Q"])[rows, cols]
+        return jnp.stack([score(params, i, j) for i, j in pairs.values()])
 
     values = _over_saves(scores, traj)
     if relative:
         values = values - values[0]
-    ax = series(traj.ts, values, label=list(pairs), ax=ax, log_time=log_time, **style)
+    ax = series(
+        traj.ts[traj.param_rows], values, label=list(pairs), ax=ax,
+        log_time=log_time, **style,
+    )  # fmt: skip
     ax.axhline(0, color="0.5", lw=0.8)
     ax.set_ylabel("change since t = 0" if relative else "attention score")
     ax.legend(fontsize=9)
     return ax
 
 
+def _declared(model, name: str):
+    """What `model` declares under `name`, or a TypeError saying it declares none."""
+    value = getattr(model, name, None)
+    if value is None:
+        raise TypeError(
+            f"{type(model).__name__} declares no `{name}`: this figure needs it "
+            "(see gflow.models.CooccurrenceTransformer for an example)."
+        )
+    return value
+
+
 def group_losses(
     traj: Trajectory,
-    model,
-    data,
+    model: Any,
+    data: Any,
     names: Sequence[str] | None = None,
     *,
     total: bool = True,
-    ax=None,
+    ax: Axes | None = None,
     log_time: bool = True,
     log_y: bool = True,
-    **style,
-):
+    **style: Any,
+) -> Axes:
     """The loss of each group of samples over time (Yang et al. Fig. 1b).
 
     Args:
@@ -391,10 +468,13 @@ def group_losses(
         model: a model with `group_losses(params, data) -> (k,)`, such as
             `gflow.models.CooccurrenceTransformer` (groups I1..I4).
         data: the data the groups are taken from.
-        names: the groups' names (default: the model's `GROUP_NAMES` if it has
-            four groups, else "group 0", ...).
+        names: the groups' names (default: the model's `group_names` if it
+            declares them, else "group 0", ...).
         total: also draw the total loss `traj.loss`.
-        ax, log_time, log_y, **style: as in `series`.
+        ax: the Axes to draw on (default: a new figure).
+        log_time: logarithmic time axis.
+        log_y: logarithmic loss axis.
+        **style: passed to `ax.plot`.
 
     Returns:
         The Axes.
@@ -404,18 +484,15 @@ def group_losses(
     """
     values = _over_saves(lambda p: model.group_losses(p, data), traj)
     if names is None:
-        from .models import GROUP_NAMES
-
-        k = values.shape[1]
-        names = list(GROUP_NAMES) if k == len(GROUP_NAMES) else [
-            f"group {i}" for i in range(k)
-        ]  # fmt: skip
+        names = getattr(model, "group_names", None) or [
+            f"group {i}" for i in range(values.shape[1])
+        ]
     ax = _axes(ax)
     if total:
         series(traj.ts, traj.loss, label="total", ax=ax, log_time=log_time,
                log_y=log_y, color="k", lw=2.5)  # fmt: skip
-    series(traj.ts, values, label=list(names), ax=ax, log_time=log_time,
-           log_y=log_y, **style)  # fmt: skip
+    series(traj.ts[traj.param_rows], values, label=list(names), ax=ax,
+           log_time=log_time, log_y=log_y, **style)  # fmt: skip
     ax.set_ylabel("loss")
     ax.legend(fontsize=9)
     return ax
@@ -425,17 +502,19 @@ def effective_rank(
     traj: Trajectory,
     keys: Sequence[str],
     *,
-    ax=None,
+    ax: Axes | None = None,
     log_time: bool = False,
-    **style,
-):
+    **style: Any,
+) -> Axes:
     """The effective rank (`gflow.metrics.effective_rank`) of weight matrices over
     time: rank collapse shows as a fall towards 1 (Chen & Luo Fig. 1).
 
     Args:
         traj: a flow whose parameters are a dict holding the matrices.
         keys: the names of the matrices, e.g. `["W_Q", "W_K"]`.
-        ax, log_time, **style: as in `series` (linear time by default).
+        ax: the Axes to draw on (default: a new figure).
+        log_time: logarithmic time axis (linear by default).
+        **style: passed to `ax.plot`.
 
     Returns:
         The Axes.
@@ -446,21 +525,32 @@ def effective_rank(
     from .metrics import effective_rank as rank
 
     values = _over_saves(lambda p: jnp.stack([rank(p[k]) for k in keys]), traj)
-    ax = series(traj.ts, values, label=list(keys), ax=ax, log_time=log_time, **style)
+    ax = series(traj.ts[traj.param_rows], values, label=list(keys), ax=ax,
+                log_time=log_time, **style)  # fmt: skip
     ax.set_ylabel("effective rank")
     ax.legend(fontsize=9)
     return ax
 
 
-def work_precision(rows, *, ax=None, title: str | None = None):
+def work_precision(
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    ax: Axes | None = None,
+    title: str | None = None,
+    work: str = "grad_evals",
+) -> Axes:
     """Error against work, one line per method family (lower left is better).
 
     Args:
         rows: dicts with `"family"` (the legend entry: rows of one family are
-            joined by a line, e.g. one solver at several tolerances), `"grad_evals"`
-            and `"error"`, as the benchmark scripts write them.
+            joined by a line, e.g. one solver at several tolerances), the work
+            (`"grad_evals"` by default) and `"error"`, as the benchmark scripts
+            write them. A row's `"label"` (e.g. `"rtol 1e-6"`, `"lr 0.01"`) is
+            written beside its point.
         ax: the Axes to draw on (default: a new figure).
         title: the Axes title.
+        work: the key of the work: `"grad_evals"`, or another count or time the
+            rows hold (e.g. `"run_time_s"`).
 
     Returns:
         The Axes.
@@ -474,10 +564,21 @@ def work_precision(rows, *, ax=None, title: str | None = None):
     families = dict.fromkeys(r["family"] for r in rows)
     for family in families:
         mine = [r for r in rows if r["family"] == family and np.isfinite(r["error"])]
-        mine.sort(key=lambda r: r["grad_evals"])
-        ax.loglog([r["grad_evals"] for r in mine], [r["error"] for r in mine],
-                  "o-" if len(mine) > 1 else "s", label=family, ms=7, lw=2)  # fmt: skip
-    ax.set(xlabel="gradient evaluations", ylabel="trajectory error", title=title)
+        mine.sort(key=lambda r: r[work])
+        (line,) = ax.loglog([r[work] for r in mine], [r["error"] for r in mine],
+                            "o-" if len(mine) > 1 else "s", label=family, ms=7,
+                            lw=2)  # fmt: skip
+        for r in mine:
+            if r.get("label"):
+                ax.annotate(r["label"], (r[work], r["error"]), xytext=(5, 4),
+                            textcoords="offset points", fontsize=7,
+                            color=line.get_color())  # fmt: skip
+    xlabel = {"grad_evals": "gradient evaluations", "run_time_s": "run time (s)"}
+    ax.set(
+        xlabel=xlabel.get(work, work),
+        ylabel="relative trajectory error (max over save times)",
+        title=title,
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     return ax

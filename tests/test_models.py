@@ -138,7 +138,7 @@ def test_markov_canonical_with_trained_bias():
 
 
 def test_markov_data_statistics():
-    seqs = np.asarray(markov_data(jax.random.key(0), P, Q, 4000, 50))
+    seqs = np.asarray(markov_data(jax.random.key(0), P, Q, n_seqs=4000, seq_len=50))
     assert seqs.shape == (4000, 50) and set(np.unique(seqs)) <= {0, 1}
     prev, nxt = seqs[:, :-1].ravel(), seqs[:, 1:].ravel()
     assert abs(np.mean(nxt[prev == 0]) - P) < 0.01  # P(0 -> 1) = p
@@ -151,8 +151,8 @@ def test_markov_data_statistics():
 
 def test_markov_transformer_gaussian_local_and_proposed_global():
     seq_len = 16
-    train = markov_data(jax.random.key(0), P, Q, 256, seq_len)
-    held_out = markov_data(jax.random.key(1), P, Q, 2000, seq_len)
+    train = markov_data(jax.random.key(0), P, Q, n_seqs=256, seq_len=seq_len)
+    held_out = markov_data(jax.random.key(1), P, Q, n_seqs=2000, seq_len=seq_len)
     unigram, entropy_rate = markov_reference_losses(P, Q)
     for init, target in (("gaussian", unigram), ("makkuva", entropy_rate)):
         model = MarkovTransformer(d=8, seq_len=seq_len, init=init)
@@ -177,7 +177,7 @@ def test_markov_transformer_shapes_and_causality():
 
 
 def test_cooccurrence_data_definition():
-    data = cooccurrence_data(jax.random.key(0), 60, 5, 64)
+    data = cooccurrence_data(jax.random.key(0), n=60, L=5, d=64)
     tokens, y, group = (np.asarray(data[k]) for k in ("tokens", "y", "group"))
     assert np.bincount(group).tolist() == [30, 10, 10, 10]
     for row, label, g in zip(tokens, y, group, strict=True):
@@ -186,7 +186,7 @@ def test_cooccurrence_data_definition():
         assert (has1, has2) == {0: (1, 1), 1: (1, 0), 2: (0, 1), 3: (0, 0)}[g]
         assert label == (1.0 if g == 0 else -1.0)
         assert np.all(row[(row != TARGET_1) & (row != TARGET_2) & (row != COMMON)] >= 3)
-    distinct = cooccurrence_data(jax.random.key(1), 12, 4, 64, fillers="distinct")
+    distinct = cooccurrence_data(jax.random.key(1), n=12, L=4, d=64, fillers="distinct")
     t = np.asarray(distinct["tokens"])
     fillers = t[t >= 3]
     assert len(np.unique(fillers)) == len(fillers)
@@ -196,7 +196,7 @@ def test_cooccurrence_model_matches_equation_one():
     """F(X) against a literal transcription of their eq. (1) with one-hot X."""
     model = CooccurrenceTransformer(d=8, L=4, m=5, m1=6)
     params = model.init(jax.random.key(3))
-    data = cooccurrence_data(jax.random.key(4), 6, 4, 8)
+    data = cooccurrence_data(jax.random.key(4), n=6, L=4, d=8)
     a = np.array(model.readout, dtype=float)
     wq, wk, wv, w = (np.asarray(params[k]) for k in ("W_Q", "W_K", "W_V", "W"))
     outputs = model.output(params, data)
@@ -222,7 +222,7 @@ def test_cooccurrence_helpers():
     a = np.array(model.readout, dtype=float)
     g = a @ np.asarray(params["W"]) @ np.asarray(params["W_V"])
     np.testing.assert_allclose(model.mlp_value(params, jnp.arange(8)), g, atol=1e-12)
-    data = cooccurrence_data(jax.random.key(6), 12, 4, 8)
+    data = cooccurrence_data(jax.random.key(6), n=12, L=4, d=8)
     weights = model.gradient_weights(params, data)
     margins = model.margins(params, data)
     np.testing.assert_allclose(weights, 1 / (1 + np.exp(np.asarray(margins))))
@@ -233,7 +233,7 @@ def test_cooccurrence_helpers():
 
 def test_cooccurrence_two_phases_at_paper_scale():
     model = CooccurrenceTransformer(d=64, L=5, m=128, m1=256)
-    data = cooccurrence_data(jax.random.key(0), 60, 5, 64)
+    data = cooccurrence_data(jax.random.key(0), n=60, L=5, d=64)
     metrics = {
         "margin_min": lambda p, d: jnp.min(model.margins(p, d)),
         "G": lambda p, d: model.mlp_value(p, jnp.array([TARGET_1, TARGET_2, COMMON])),
@@ -275,7 +275,7 @@ def effective_rank(w):
 def test_condensation_then_rank_collapse():
     eps = 1e-3
     model = CondensationTransformer(d_m=8, s=10, eps=eps)
-    data = anchor_data(jax.random.key(0), 64, 8)
+    data = anchor_data(jax.random.key(0), n=64, d_m=8)
     ts = np.concatenate([[0.0], np.geomspace(1.0, 12000.0, 300)])
     metrics = {"balances": model.stage1_balances}
     traj = gflow.simulate(model, data, 12000.0, ts=ts, key=1, metrics=metrics)
@@ -307,7 +307,7 @@ def test_condensation_then_rank_collapse():
 def test_condensation_stage2_matrix_is_the_linearised_gradient():
     """For small W_Q, W_K and outer weights, −∂L/∂W_Q ≈ F W_K (papers.md)."""
     model = CondensationTransformer(d_m=6, s=5, eps=1e-4)
-    data = anchor_data(jax.random.key(2), 32, 6, s=5)
+    data = anchor_data(jax.random.key(2), n=32, d_m=6, s=5)
     params = model.init(jax.random.key(3))
     grad = jax.grad(model.loss)(params, data)
     f = model.stage2_matrix(params, data)
@@ -323,21 +323,41 @@ def test_condensation_stage2_matrix_is_the_linearised_gradient():
     [
         (lambda: MarkovCanonical(0.0, 0.5), "`p` must be a probability"),
         (lambda: MarkovCanonical(0.5, 1.2), "`q` must be a probability"),
-        (lambda: markov_data(jax.random.key(0), 0.5, 1.0, 4, 8), "`q`"),
-        (lambda: markov_data(jax.random.key(0), 0.5, 0.5, 4, 1), "`seq_len`"),
+        (lambda: markov_data(jax.random.key(0), 0.5, 1.0, n_seqs=4, seq_len=8), "`q`"),
+        (
+            lambda: markov_data(jax.random.key(0), 0.5, 0.5, n_seqs=4, seq_len=1),
+            "`seq_len`",
+        ),
         (lambda: MarkovTransformer(d=0), "`d` must be an integer >= 1"),
         (lambda: MarkovTransformer(init="xavier"), "`init` must be 'gaussian'"),
-        (lambda: CooccurrenceTransformer(64, 2, 8, 8), "`L` must be an integer >= 3"),
-        (lambda: CooccurrenceTransformer(3, 5, 8, 8), "`d` must be an integer >= 4"),
-        (lambda: CooccurrenceTransformer(64, 5, 8, 0), "`m1` must be an integer >= 1"),
-        (lambda: CooccurrenceTransformer(64, 5, 8, 8, init="he"), "`init` must be"),
-        (lambda: CooccurrenceTransformer(64, 5, 8, 8, sigma0=-1.0), "`sigma0`"),
         (
-            lambda: cooccurrence_data(jax.random.key(0), 60, 5, 64, fillers="distinct"),
+            lambda: CooccurrenceTransformer(d=64, L=2, m=8, m1=8),
+            "`L` must be an integer >= 3",
+        ),
+        (
+            lambda: CooccurrenceTransformer(d=3, L=5, m=8, m1=8),
+            "`d` must be an integer >= 4",
+        ),
+        (
+            lambda: CooccurrenceTransformer(d=64, L=5, m=8, m1=0),
+            "`m1` must be an integer >= 1",
+        ),
+        (
+            lambda: CooccurrenceTransformer(d=64, L=5, m=8, m1=8, init="he"),
+            "`init` must be",
+        ),
+        (
+            lambda: CooccurrenceTransformer(d=64, L=5, m=8, m1=8, sigma0=-1.0),
+            "`sigma0`",
+        ),
+        (
+            lambda: cooccurrence_data(
+                jax.random.key(0), n=60, L=5, d=64, fillers="distinct"
+            ),
             "needs at most d − 3 = 61 filler slots",
         ),
         (
-            lambda: cooccurrence_data(jax.random.key(0), 6, 5, 64, fillers="x"),
+            lambda: cooccurrence_data(jax.random.key(0), n=6, L=5, d=64, fillers="x"),
             "fillers",
         ),
         (lambda: CondensationTransformer(d_m=4, eps=0.0), "`eps` must be a positive"),
@@ -356,3 +376,23 @@ def test_canonical_rejects_data():
     model = MarkovCanonical(P, Q)
     with pytest.raises(ValueError, match="pass data=None"):
         gflow.simulate(model, jnp.ones(3), 1.0, params0={"e": 0.1, "w": 0.2})
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: CooccurrenceTransformer(64, 5, 128, 256),
+        lambda: cooccurrence_data(jax.random.key(0), 60, 5, 64),
+        lambda: MarkovTransformer(8, 16),
+        lambda: markov_data(jax.random.key(0), 0.5, 0.8, 256, 16),
+        lambda: CondensationTransformer(8),
+        lambda: anchor_data(jax.random.key(0), 64, 8),
+        lambda: LinearRegression(3),
+    ],
+)
+def test_sizes_are_keyword_only(make):
+    # A model and its data generator take their sizes by name, so that
+    # cooccurrence_data(key, n, L, d) and CooccurrenceTransformer(d, L, m, m1)
+    # cannot be mixed up.
+    with pytest.raises(TypeError, match="positional argument"):
+        make()

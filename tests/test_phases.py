@@ -20,7 +20,7 @@ from gflow.models import (
 @pytest.fixture(scope="module")
 def cooccurrence():
     model = CooccurrenceTransformer(d=64, L=5, m=128, m1=256)
-    data = cooccurrence_data(jax.random.key(0), 60, 5, 64)
+    data = cooccurrence_data(jax.random.key(0), n=60, L=5, d=64)
     ts = gflow.save_times(300.0, 121, t_first=1e-3)
     return model, data, gflow.simulate(model, data, 300.0, key=1, ts=ts)
 
@@ -77,7 +77,7 @@ def test_quadratic_has_no_phases():
 
 def test_condensation_stages():
     model = CondensationTransformer(d_m=8, s=10, eps=1e-3)
-    data = anchor_data(jax.random.key(0), 64, 8)
+    data = anchor_data(jax.random.key(0), n=64, d_m=8)
     ts = np.union1d(np.geomspace(1.0, 12000.0, 100), np.linspace(0, 12000.0, 241))
     traj = gflow.simulate(model, data, 12000.0, ts=ts, key=1)
     stages = gflow.detect_condensation_stages(traj)
@@ -124,7 +124,7 @@ def test_sharpness_on_a_quadratic():
 
 def test_sharpness_matches_the_dense_hessian_of_a_model():
     model = CondensationTransformer(d_m=3, s=4, eps=0.5)
-    data = anchor_data(jax.random.key(1), 16, 3, s=4)
+    data = anchor_data(jax.random.key(1), n=16, d_m=3, s=4)
     params = model.init(jax.random.key(2))
     flat, unravel = ravel_pytree(params)
     hessian = jax.hessian(lambda x: model.loss(unravel(x), data))(flat)

@@ -81,7 +81,7 @@ def test_model_figures_plot_what_the_parameters_say():
     model = CooccurrenceTransformer(d=8, L=3, m=4, m1=6)
     data = cooccurrence_data(jax.random.key(0), n=12, L=3, d=8)
     traj = gflow.simulate(model, data, 2.0, key=1, n_save=5)
-    ax = gflow.plot.attention_scores(traj, {"s": (1, 0)}, relative=False)
+    ax = gflow.plot.attention_scores(traj, model, {"s": (1, 0)}, relative=False)
     kq = np.asarray(traj.params["W_K"][:, :, 1] * traj.params["W_Q"][:, :, 0]).sum(1)
     np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), kq[1:], rtol=1e-10)
     plt.close(ax.figure)

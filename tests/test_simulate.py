@@ -287,3 +287,5 @@ def test_progress_bar_runs(capsys):
     loss, data, params0, _ = quadratic_problem()
     traj = gflow.simulate(loss, data, 1.0, params0=params0, progress=True)
     assert traj.result == "successful"
+    # tqdm (a test extra) draws the bar on stderr, and ends it full.
+    assert "100.00%" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from ._base import AbstractExampleModel as AbstractExampleModel
 from ._base import AbstractModel as AbstractModel
 from ._condensation import CondensationTransformer as CondensationTransformer
 from ._condensation import anchor_data as anchor_data
+from ._cooccurrence import ATTENTION_PAIRS as ATTENTION_PAIRS
 from ._cooccurrence import COMMON as COMMON
 from ._cooccurrence import GROUP_NAMES as GROUP_NAMES
 from ._cooccurrence import TARGET_1 as TARGET_1

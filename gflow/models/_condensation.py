@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,9 +32,9 @@ KEYS = tuple(range(5, 101))
 
 def anchor_data(
     key,
+    *,
     n: int,
     d_m: int,
-    *,
     s: int = 10,
     vocab: int = 201,
     embedding_seed: int = 0,
@@ -82,7 +83,7 @@ class CondensationTransformer(AbstractExampleModel):
     `X ∈ R^{s × d_m}`; only the last row (position s) feeds the output. Loss: the
     exponential loss `mean_i exp(−y_i f(X_i))`. All weights start N(0, ε²).
 
-    Args:
+    Attributes:
         d_m: model width (W_Q, W_K, W_V, W1 are d_m × d_m, W2 has d_m entries).
         s: sequence length.
         eps: the initialisation scale ε (small: the regime the paper analyses).
@@ -92,13 +93,13 @@ class CondensationTransformer(AbstractExampleModel):
 
     Example:
         >>> model = gflow.models.CondensationTransformer(d_m=16, s=10, eps=1e-3)
-        >>> data = gflow.models.anchor_data(jax.random.key(0), 128, 16)
+        >>> data = gflow.models.anchor_data(jax.random.key(0), n=128, d_m=16)
         >>> traj = gflow.simulate(model, data, 1e5, key=1)
     """
 
-    d_m: int
-    s: int = 10
-    eps: float = 1e-3
+    d_m: int = eqx.field(kw_only=True)
+    s: int = eqx.field(default=10, kw_only=True)
+    eps: float = eqx.field(default=1e-3, kw_only=True)
 
     def __check_init__(self):
         require_int("d_m", self.d_m, 1)

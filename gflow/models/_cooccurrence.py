@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._phases import PhaseSpec
+from .._declarations import PhaseSpec
 from ._base import (
     AbstractExampleModel,
     numpy_rng,
@@ -28,14 +28,21 @@ from ._base import (
 TARGET_1, TARGET_2, COMMON = 0, 1, 2
 #: Sample groups of Definition 2.1: both targets (y = +1), µ1 only, µ2 only, neither.
 GROUP_NAMES = ("I1 (both)", "I2 (µ1 only)", "I3 (µ2 only)", "I4 (neither)")
+#: The attention scores of Yang et al.'s Fig. 1a: µ_iᵀ W_Kᵀ W_Q µ_j for (i, j).
+ATTENTION_PAIRS = {
+    "µ2ᵀ W_KᵀW_Q µ1": (TARGET_2, TARGET_1),
+    "µ1ᵀ W_KᵀW_Q µ2": (TARGET_1, TARGET_2),
+    "µ3ᵀ W_KᵀW_Q µ1": (COMMON, TARGET_1),
+    "µ3ᵀ W_KᵀW_Q µ2": (COMMON, TARGET_2),
+}
 
 
 def cooccurrence_data(
-    key,
+    key: jax.Array | int,
+    *,
     n: int,
     L: int,
     d: int,
-    *,
     fillers: str = "random",
     exact_proportions: bool = True,
 ) -> dict[str, jax.Array]:
@@ -131,14 +138,15 @@ class CooccurrenceTransformer(AbstractExampleModel):
             σ0 = 1/√(L m) and W ~ N(0, σ1²) with σ1 = 1/√m1; or `"kaiming"` (their
             experiment's wording): N(0, 1/fan_in), i.e. σ = 1/√d for the attention
             matrices and 1/√m for W.
-        sigma0, sigma1: override the standard deviations of either init.
+        sigma0: the standard deviation of W_Q, W_K, W_V (overrides `init`'s).
+        sigma1: the standard deviation of W (overrides `init`'s).
         readout_seed: seed of the fixed readout a.
 
     Data: `cooccurrence_data(...)`. Parameters: `{"W_Q", "W_K", "W_V", "W"}`.
 
     Example:
         >>> model = gflow.models.CooccurrenceTransformer(d=64, L=5, m=128, m1=256)
-        >>> data = gflow.models.cooccurrence_data(jax.random.key(0), 60, 5, 64)
+        >>> data = gflow.models.cooccurrence_data(jax.random.key(0), n=60, L=5, d=64)
         >>> traj = gflow.simulate(model, data, 300.0, key=1)
     """
 
@@ -153,6 +161,7 @@ class CooccurrenceTransformer(AbstractExampleModel):
 
     def __init__(
         self,
+        *,
         d: int,
         L: int,
         m: int,
@@ -223,6 +232,12 @@ class CooccurrenceTransformer(AbstractExampleModel):
     def gradient_weights(self, params, data):
         """Each sample's gradient weight g_i = −ℓ'(y_i F_i) = 1 / (1 + exp(y_i F_i))."""
         return jax.nn.sigmoid(-self.margins(params, data))
+
+    #: Names of the groups of `group_losses` (read by `gflow.plot.group_losses`).
+    group_names = GROUP_NAMES
+    #: The scores of Yang et al.'s Fig. 1a (read by `gflow.plot.attention_scores`):
+    #: in Phase 2 the first two rise and the last two fall.
+    attention_pairs = ATTENTION_PAIRS
 
     @staticmethod
     def groups(data):

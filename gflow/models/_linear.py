@@ -3,6 +3,7 @@ networks (Saxe, McClelland & Ganguli 2014)."""
 
 from __future__ import annotations
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 
@@ -15,6 +16,9 @@ class LinearRegression(AbstractExampleModel):
     Its gradient flow is linear: θ(t) = θ* + expm(−tH)(θ0 − θ*) with H the Hessian
     of the loss, so it is the plainest closed-form check of a solver.
 
+    Attributes:
+        n_features: the number of input features (keyword only).
+
     Data: `{"x": (n, n_features), "y": (n,)}`. Parameters: `{"w": (n_features,),
     "b": ()}`, initialised to zero.
 
@@ -23,7 +27,7 @@ class LinearRegression(AbstractExampleModel):
         >>> traj = gflow.simulate(model, {"x": x, "y": y}, 10.0, key=0)
     """
 
-    n_features: int
+    n_features: int = eqx.field(kw_only=True)
 
     def __check_init__(self):
         require_int("n_features", self.n_features, 1)
@@ -45,7 +49,7 @@ class DeepLinearNetwork(AbstractExampleModel):
     from a small initialisation it learns the singular modes of the input–output
     correlation one at a time, strongest first (Saxe et al. 2014).
 
-    Args:
+    Attributes:
         dims: layer widths `(d_in, h_1, ..., d_out)`, at least two entries.
         init_scale: standard deviation of the Gaussian initial entries (small
             values give the stage-like "saddle to saddle" dynamics).
@@ -59,7 +63,7 @@ class DeepLinearNetwork(AbstractExampleModel):
     """
 
     dims: tuple[int, ...]
-    init_scale: float = 1e-2
+    init_scale: float = eqx.field(default=1e-2, kw_only=True)
 
     def __check_init__(self):
         require(

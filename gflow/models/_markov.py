@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,7 +62,7 @@ def markov_energy(e, w):
     return e**2 - w**2 - jnp.sign(w) * jnp.log(jnp.abs(w))
 
 
-def markov_data(key, p: float, q: float, n_seqs: int, seq_len: int) -> jax.Array:
+def markov_data(key, p: float, q: float, *, n_seqs: int, seq_len: int) -> jax.Array:
     """`n_seqs` binary sequences of length `seq_len` from the chain (p, q).
 
     The first symbol is drawn from the stationary law π1 = p / (p + q), so every
@@ -106,9 +107,10 @@ class MarkovCanonical(AbstractModel):
     the flow conserves `markov_energy(e, w)`; with `train_bias=True` the bias is a
     third parameter `b` trained jointly (no conserved energy then).
 
-    Args:
-        p, q: the chain's switching probabilities, each in (0, 1).
-        train_bias: train `b` instead of using `b*(e, w)`.
+    Attributes:
+        p: the chain's switching probability P(0 → 1), in (0, 1).
+        q: the chain's switching probability P(1 → 0), in (0, 1).
+        train_bias: train `b` instead of using `b*(e, w)` (keyword only).
         init_scale: standard deviation of the Gaussian `init` (near the origin).
 
     Example:
@@ -120,8 +122,8 @@ class MarkovCanonical(AbstractModel):
 
     p: float
     q: float
-    train_bias: bool = False
-    init_scale: float = 0.1
+    train_bias: bool = eqx.field(default=False, kw_only=True)
+    init_scale: float = eqx.field(default=0.1, kw_only=True)
 
     def __check_init__(self):
         require_probability("p", self.p)
@@ -227,7 +229,8 @@ class MarkovTransformer(AbstractExampleModel):
 
     Example:
         >>> model = gflow.models.MarkovTransformer(d=8, seq_len=32, init="makkuva")
-        >>> data = gflow.models.markov_data(jax.random.key(0), 0.5, 0.8, 256, 32)
+        >>> data = gflow.models.markov_data(jax.random.key(0), 0.5, 0.8, n_seqs=256,
+        ...                                   seq_len=32)
         >>> traj = gflow.simulate(model, data, 500.0, key=1)
     """
 
@@ -238,6 +241,7 @@ class MarkovTransformer(AbstractExampleModel):
 
     def __init__(
         self,
+        *,
         d: int = 8,
         seq_len: int = 32,
         init: str = "gaussian",
