@@ -15,7 +15,7 @@ from . import _engine
 from ._compile import CompileTimer
 from ._options import Options, matmul_precision_context
 from ._outcome import result_code, result_names
-from ._trajectory import Trajectory
+from ._trajectory import Trajectory, take_fields
 from .flows import AbstractFlow
 
 #: Iterations of the engine's loop when a run is not cut into segments.
@@ -181,12 +181,7 @@ def trajectory(out: _engine.Outputs, opts: Options, meta: dict, timer, *,
         compiled=timer.num_compilations > 0,
     )
     batch = Trajectory(
-        ts=by_row(out.ts),
-        params=jax.tree.map(by_slot, out.params),
-        velocity=jax.tree.map(by_slot, out.velocity),
-        loss=by_row(out.loss),
-        grad_norm=by_row(out.grad_norm),
-        metrics=jax.tree.map(by_row, out.metrics),
+        **take_fields(out, by_row, by_slot),
         result=result_names(code),
         stats=all_stats,
         meta=meta,
@@ -200,12 +195,7 @@ def trajectory(out: _engine.Outputs, opts: Options, meta: dict, timer, *,
         {k: v for k, v in all_stats.items() if np.ndim(v) == 0 or v is None}
     )
     return Trajectory(
-        ts=jnp.asarray(single.ts),
-        params=jax.tree.map(jnp.asarray, single.params),
-        velocity=jax.tree.map(jnp.asarray, single.velocity),
-        loss=jnp.asarray(single.loss),
-        grad_norm=jnp.asarray(single.grad_norm),
-        metrics=jax.tree.map(jnp.asarray, single.metrics),
+        **take_fields(single, jnp.asarray, jnp.asarray),
         result=single.result,
         stats=single_stats,
         meta=meta,

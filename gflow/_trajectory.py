@@ -128,12 +128,7 @@ class Trajectory(eqx.Module):
             if np.ndim(v) == 1 and len(v) == batch
         }
         return Trajectory(
-            ts=rows(self.ts),
-            params=jax.tree.map(kept, self.params),
-            velocity=jax.tree.map(kept, self.velocity),
-            loss=rows(self.loss),
-            grad_norm=rows(self.grad_norm),
-            metrics=jax.tree.map(rows, self.metrics),
+            **take_fields(self, rows, kept),
             result=str(self.result[i]),
             stats=per_member,
             meta=dict(self.meta, member=int(i) % batch),
@@ -161,20 +156,14 @@ class Trajectory(eqx.Module):
         ) else np.array([int(np.flatnonzero(rows == r)[0])
                          for r in self.param_rows[slots]], dtype=np.int64)  # fmt: skip
 
-        def take(x):
-            return x[rows]
-
-        def kept(x):
-            return x[slots]
-
-        return eqx.tree_at(
-            lambda t: (t.ts, t.loss, t.grad_norm, t.metrics, t.params, t.velocity,
-                       t.param_rows),
-            self,
-            (take(self.ts), take(self.loss), take(self.grad_norm),
-             jax.tree.map(take, self.metrics), jax.tree.map(kept, self.params),
-             jax.tree.map(kept, self.velocity), new_rows),
-        )  # fmt: skip
+        fields = take_fields(self, lambda x: x[rows], lambda x: x[slots])
+        return Trajectory(
+            **fields,
+            result=self.result,
+            stats=self.stats,
+            meta=self.meta,
+            param_rows=new_rows,
+        )
 
     def at(self, t: Any) -> Any:
         """Parameters at any time(s) `t` between the first and last kept parameters.
@@ -240,46 +229,37 @@ class Trajectory(eqx.Module):
 
     def summary(self) -> str:
         """A few human-readable lines: time span, loss, solver work, outcome."""
-        if self.batch_size is not None:
-            return self._ensemble_summary()
         s = self.stats
-        lines = [
-            f"Trajectory: {len(self)} saves over t in [{float(self.ts[0]):g}, "
-            f"{float(self.ts[-1]):g}], result: {self.result}",
-            f"  loss {float(self.loss[0]):.6g} -> {float(self.loss[-1]):.6g}, "
-            f"|grad| {float(self.grad_norm[0]):.3g} -> "
-            f"{float(self.grad_norm[-1]):.3g}",
-        ]
-        if "num_steps" in s:
-            lines.append(
-                f"  {self.meta.get('solver', '?')}: {s['num_steps']} steps "
-                f"({s.get('num_rejected_steps', 0)} rejected), "
-                f"{s.get('num_grad_evals')} gradient evaluations"
+        if self.batch_size is None:
+            lines = [
+                f"Trajectory: {len(self)} saves over t in [{float(self.ts[0]):g}, "
+                f"{float(self.ts[-1]):g}], result: {self.result}",
+                f"  loss {float(self.loss[0]):.6g} -> {float(self.loss[-1]):.6g}, "
+                f"|grad| {float(self.grad_norm[0]):.3g} -> "
+                f"{float(self.grad_norm[-1]):.3g}",
+            ]
+            work = "num_steps" in s and (
+                f"{s['num_steps']} steps ({s.get('num_rejected_steps', 0)} "
+                f"rejected), {s.get('num_grad_evals')} gradient evaluations"
             )
-        if "wall_time_s" in s:
-            lines.append(
-                f"  wall time {s['wall_time_s']:.3f} s "
-                f"(compile {s.get('compile_time_s', 0.0):.3f} s)"
+        else:
+            names, counts = np.unique(self.result, return_counts=True)
+            final = np.asarray(self.loss[:, -1])
+            results = zip(names, counts, strict=True)
+            lines = [
+                f"Ensemble: {self.batch_size} members, {len(self)} saves each, t_max "
+                f"{self.meta.get('t_max', float(np.max(self.ts))):g}; results: "
+                + ", ".join(f"{n} {name}" for name, n in results),
+                f"  final loss min {final.min():.6g}, median {np.median(final):.6g}"
+                f", max {final.max():.6g}",
+            ]
+            work = "member_steps" in s and (
+                f"{s['member_steps']} member steps; the lanes paid for "
+                f"{s['lane_steps']} ({s['member_steps'] / max(s['lane_steps'], 1):.0%}"
+                " useful)"
             )
-        return "\n".join(lines)
-
-    def _ensemble_summary(self) -> str:
-        s = self.stats
-        names, counts = np.unique(self.result, return_counts=True)
-        final = np.asarray(self.loss[:, -1])
-        lines = [
-            f"Ensemble: {self.batch_size} members, {len(self)} saves each, t_max "
-            f"{self.meta.get('t_max', float(np.max(self.ts))):g}; results: "
-            + ", ".join(f"{n} {name}" for name, n in zip(names, counts, strict=True)),
-            f"  final loss min {final.min():.6g}, median {np.median(final):.6g}, "
-            f"max {final.max():.6g}",
-        ]
-        if "member_steps" in s:
-            lines.append(
-                f"  {self.meta.get('solver', '?')}: {s['member_steps']} member steps; "
-                f"the vmapped batches paid for {s['lane_steps']} "
-                f"({s['member_steps'] / max(s['lane_steps'], 1):.0%} useful)"
-            )
+        if work:
+            lines.append(f"  {self.meta.get('solver', '?')}: {work}")
         if "wall_time_s" in s:
             lines.append(
                 f"  wall time {s['wall_time_s']:.3f} s "
@@ -364,6 +344,21 @@ class Trajectory(eqx.Module):
             meta=header["meta"],
             **fields,
         )
+
+
+def take_fields(source: Any, by_row, by_slot) -> dict[str, Any]:
+    """A trajectory's arrays (from `source`: a Trajectory, or anything with the same
+    fields) with `by_row` applied to those with a row axis (`ts`, `loss`,
+    `grad_norm`, `metrics`) and `by_slot` to those kept at the parameter rows
+    (`params`, `velocity`)."""
+    return dict(
+        ts=by_row(source.ts),
+        loss=by_row(source.loss),
+        grad_norm=by_row(source.grad_norm),
+        metrics=jax.tree.map(by_row, source.metrics),
+        params=jax.tree.map(by_slot, source.params),
+        velocity=jax.tree.map(by_slot, source.velocity),
+    )
 
 
 def _as_array(array: np.ndarray) -> jax.Array | np.ndarray:

@@ -57,6 +57,12 @@ def require_int(name: str, value: Any, minimum: int) -> None:
     )
 
 
+def require_ints(**sizes: tuple[Any, int]) -> None:
+    """`require_int` for each `name=(value, minimum)`."""
+    for name, (value, minimum) in sizes.items():
+        require_int(name, value, minimum)
+
+
 def require_probability(name: str, value: Any) -> None:
     require(
         isinstance(value, int | float) and 0 < value < 1,

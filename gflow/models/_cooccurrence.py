@@ -22,6 +22,7 @@ from ._base import (
     numpy_rng,
     require,
     require_int,
+    require_ints,
     require_positive,
 )
 
@@ -69,9 +70,7 @@ def cooccurrence_data(
     Returns:
         `{"tokens": (n, L) int32, "y": (n,) ±1 float, "group": (n,) int32 in 0..3}`.
     """
-    require_int("n", n, 1)
-    require_int("L", L, 3)
-    require_int("d", d, 4)
+    require_ints(n=(n, 1), L=(L, 3), d=(d, 4))
     require(
         fillers in ("random", "distinct"),
         f"`fillers` must be 'random' or 'distinct'; got {fillers!r}.",
@@ -171,10 +170,7 @@ class CooccurrenceTransformer(AbstractExampleModel):
         sigma1: float | None = None,
         readout_seed: int = 0,
     ):
-        require_int("d", d, 4)
-        require_int("L", L, 3)
-        require_int("m", m, 1)
-        require_int("m1", m1, 1)
+        require_ints(d=(d, 4), L=(L, 3), m=(m, 1), m1=(m1, 1))
         require(
             init in ("paper", "kaiming"),
             f"`init` must be 'paper' or 'kaiming'; got {init!r}.",
