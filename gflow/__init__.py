@@ -10,6 +10,7 @@ from . import models as models
 from ._basins import Basins as Basins
 from ._basins import basins as basins
 from ._basins import grid as grid
+from ._compile import enable_persistent_cache as _enable_persistent_cache
 from ._declarations import PhaseSpec as PhaseSpec
 from ._discrete import Comparison as Comparison
 from ._discrete import compare as compare
@@ -22,10 +23,14 @@ from ._phases import detect_phases as detect_phases
 from ._run import gflow_version as _gflow_version
 from ._simulate import simulate as simulate
 from ._solvers import SOLVERS as SOLVERS
+from ._stabilized import RKC2 as RKC2
+from ._stabilized import ROCK4 as ROCK4
+from ._stabilized import AutoTsit5 as AutoTsit5
 from ._times import save_times as save_times
 from ._trajectory import Trajectory as Trajectory
 
 __version__ = _gflow_version()
+_enable_persistent_cache()
 
 
 def __getattr__(name: str):

@@ -1,17 +1,25 @@
-"""Measure how long JAX spends compiling during a call.
+"""Compilation: JAX's persistent cache, and how long a call spends compiling.
+
+gflow turns on JAX's persistent compilation cache (`enable_persistent_cache`), so
+that a program compiled once is loaded from disk by the next process instead of
+compiled again.
 
 JAX reports the duration of each tracing, lowering and XLA compilation through
 `jax.monitoring`. One listener is registered when gflow is imported; it adds the
 durations to whichever `CompileTimer` is active on the current thread. A call that
-hits JAX's compilation cache records nothing, so `compiled` is also the
-"did this call recompile?" signal the tests rely on.
+hits JAX's in-memory cache records nothing; one that loads from the persistent
+cache records a cache hit, so `num_compilations` counts real compilations only
+(the "did this call recompile?" signal the tests rely on).
 """
 
 from __future__ import annotations
 
+import os
+import pathlib
 import threading
 import time
 
+import jax
 import jax.monitoring
 
 _COMPILE_EVENTS = (
@@ -33,18 +41,55 @@ def _listener(event: str, duration: float, **kwargs) -> None:
             timer.num_compilations += 1
 
 
+def _hit_listener(event: str, **kwargs) -> None:
+    timer = getattr(_active, "timer", None)
+    if timer is not None and event == "/jax/compilation_cache/cache_hits":
+        # A program loaded from the persistent cache: its "compile" was a load.
+        timer.num_cache_hits += 1
+
+
 jax.monitoring.register_event_duration_secs_listener(_listener)
+jax.monitoring.register_event_listener(_hit_listener)
+
+#: Set to "0" (or "false", "off", "no") to keep gflow from turning on JAX's
+#: persistent compilation cache.
+CACHE_SWITCH = "GFLOW_COMPILATION_CACHE"
+#: Where the cache lives, if not in the user's cache directory.
+CACHE_DIR = "GFLOW_CACHE_DIR"
+
+
+def cache_directory() -> pathlib.Path:
+    """$GFLOW_CACHE_DIR, else $XDG_CACHE_HOME/gflow/jax, else ~/.cache/gflow/jax."""
+    if os.environ.get(CACHE_DIR):
+        return pathlib.Path(os.environ[CACHE_DIR])
+    root = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    return pathlib.Path(root) / "gflow" / "jax"
+
+
+def enable_persistent_cache() -> None:
+    """Turn on JAX's persistent compilation cache in `cache_directory()`, unless it
+    is switched off (`GFLOW_COMPILATION_CACHE=0`) or the user set JAX's own cache
+    directory (which then stays as it is)."""
+    switch = os.environ.get(CACHE_SWITCH, "1").strip().lower()
+    if switch in ("0", "false", "off", "no") or jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(cache_directory()))
+    # Every program, however quick to compile: a rerun then compiles nothing.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 class CompileTimer:
     """Context manager: wall time of the block, split into compiling and running.
 
     Attributes set on exit: `wall_time_s`, `compile_time_s` (0 when everything was
-    cached), `run_time_s`, `num_compilations`.
+    in JAX's in-memory cache; the tracing and the load when a program came from the
+    persistent cache), `run_time_s`, `num_compilations` (real compilations: programs
+    loaded from the persistent cache are `num_cache_hits`).
     """
 
     def __enter__(self) -> CompileTimer:
         self.num_compilations = 0
+        self.num_cache_hits = 0
         self._outer = getattr(_active, "timer", None)
         _active.timer = self
         self._start = self._last_compile_end = time.perf_counter()
@@ -56,8 +101,10 @@ class CompileTimer:
         self.compile_time_s = self._last_compile_end - self._start
         self.run_time_s = end - self._last_compile_end
         _active.timer = self._outer
+        self.num_compilations -= self.num_cache_hits
         if self._outer is not None:
             self._outer._last_compile_end = max(
                 self._outer._last_compile_end, self._last_compile_end
             )
             self._outer.num_compilations += self.num_compilations
+            self._outer.num_cache_hits += self.num_cache_hits

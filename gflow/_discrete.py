@@ -117,6 +117,7 @@ def gradient_descent(
         (steps * tau, opts.saves.params_at[keep]),
     )
     params0, seed = initial_params(model, params0, key)
+    params0, fixed, loss_fn, opts = _run.trained_part(loss_fn, opts, params0)
     dtype = jnp.result_type(*jax.tree.leaves(params0))
     _run.checked_loss(loss_fn, params0, data)
     _run.checked_metrics(opts, params0, data)
@@ -148,7 +149,7 @@ def gradient_descent(
         seed=seed,
         t_max=n_steps * tau,
     )
-    traj = _run.trajectory(out, opts, meta, timer, batched=False)
+    traj = _run.trajectory(out, opts, meta, timer, batched=False, fixed=fixed)
     return raise_if_failed(traj, "gradient_descent", "discrete") if opts.throw else traj
 
 
@@ -272,28 +273,34 @@ def compare(a: Trajectory, b: Trajectory, *, tol: float = 1e-2) -> Comparison:
         raise TypeError("compare(a, b) takes two gflow.Trajectory objects.")
     if not positive_finite(tol):
         raise ValueError(f"`tol` must be a positive finite number; got {tol!r}.")
-    shapes_a = jax.tree.map(lambda x: x.shape[1:], a.params)
-    shapes_b = jax.tree.map(lambda x: x.shape[1:], b.params)
-    if jax.tree.structure(a.params) != jax.tree.structure(b.params) or jax.tree.leaves(
-        shapes_a
-    ) != jax.tree.leaves(shapes_b):
+    # Compared: the trained leaves (floating-point arrays), in the same structure.
+    trained_a = eqx.filter(a.params, eqx.is_inexact_array)
+    trained_b = eqx.filter(b.params, eqx.is_inexact_array)
+    shapes_a = jax.tree.map(lambda x: x.shape[1:], trained_a)
+    shapes_b = jax.tree.map(lambda x: x.shape[1:], trained_b)
+    if jax.tree.structure(shapes_a) != jax.tree.structure(shapes_b) or (
+        jax.tree.leaves(shapes_a) != jax.tree.leaves(shapes_b)
+    ):
         raise ValueError("the two trajectories have different parameter structures.")
-    ts_a, ts_b = np.asarray(a.ts, dtype=np.float64), np.asarray(b.ts, dtype=np.float64)
+    # The times at which both hold parameters (every save unless params_at=...).
+    ts_a = np.asarray(a.ts, dtype=np.float64)[a.param_rows]
+    ts_b = np.asarray(b.ts, dtype=np.float64)[b.param_rows]
     j = np.clip(np.searchsorted(ts_b, ts_a), 0, len(ts_b) - 1)
     j_left = np.clip(j - 1, 0, len(ts_b) - 1)
     j = np.where(np.abs(ts_b[j_left] - ts_a) < np.abs(ts_b[j] - ts_a), j_left, j)
     match = np.isclose(ts_b[j], ts_a, rtol=1e-9, atol=1e-12)
     if match.sum() < 2:
         raise ValueError(
-            "the trajectories share fewer than two save times; run both with the "
-            "same `ts` (e.g. simulate(..., ts=gd.ts))."
+            "the trajectories share fewer than two save times with parameters; run "
+            "both with the same `ts` (e.g. simulate(..., ts=gd.ts)) and "
+            "params_at='all'."
         )
     i, j = np.nonzero(match)[0], j[match]
 
     def flat(traj, rows):
         leaves = [
             np.asarray(x)[rows].reshape(len(rows), -1)
-            for x in jax.tree.leaves(traj.params)
+            for x in jax.tree.leaves(eqx.filter(traj.params, eqx.is_inexact_array))
         ]
         return np.concatenate(leaves, axis=1).astype(np.float64)
 
@@ -303,7 +310,8 @@ def compare(a: Trajectory, b: Trajectory, *, tol: float = 1e-2) -> Comparison:
     scale = np.maximum(np.linalg.norm(theta_a, axis=1), np.linalg.norm(theta_b, axis=1))
     gap = np.linalg.norm(theta_b - theta_a, axis=1)
     distance = np.where(scale > 0, gap / np.where(scale > 0, scale, 1.0), 0.0)
-    loss_gap = np.asarray(b.loss, np.float64)[j] - np.asarray(a.loss, np.float64)[i]
+    loss_gap = (np.asarray(b.loss, np.float64)[b.param_rows[j]]
+                - np.asarray(a.loss, np.float64)[a.param_rows[i]])  # fmt: skip
     over = np.nonzero(distance > tol)[0]
     return Comparison(
         ts=ts_a[i],

@@ -32,7 +32,14 @@ from diffrax._root_finder import use_stepsize_tol
 
 from ._options import Metrics
 from ._outcome import result_code
-from ._solvers import is_fsal, start, step_cost
+from ._solvers import (
+    after_rejection,
+    error_order,
+    lands_on_saves,
+    needs_f0,
+    start,
+    step_cost,
+)
 from ._tree import tree_norm
 from .flows import AbstractFlow
 
@@ -48,12 +55,12 @@ class Problem(eqx.Module):
     """What is solved. Everything here is part of the compiled program's identity
     (changing it recompiles); numbers that change from run to run are `Controls`."""
 
-    loss_fn: Callable = eqx.field(static=True)
+    loss_fn: Callable
     flow: AbstractFlow
     solver: diffrax.AbstractSolver
     adaptive: bool = eqx.field(static=True)
     metrics: Metrics
-    stop_when: Callable | None = eqx.field(static=True)
+    stop_when: Callable | None
     lanes: int = eqx.field(static=True)
     width: int = eqx.field(static=True)
     progress: bool = eqx.field(static=True)
@@ -154,6 +161,23 @@ def _where(pred, a, b):
         return jnp.where(pred.reshape(pred.shape + (1,) * (ndim - pred.ndim)), x, y)
 
     return jax.tree.map(pick, a, b)
+
+
+def _per_lane(fn: Callable, width: int) -> Callable:
+    """`fn` of one lane, applied to `width` lanes (leading axis of every array).
+
+    One lane is not vmapped, so that the solver's `lax.cond`s (e.g. whether to
+    estimate the spectral radius, which method "auto" takes) stay branches instead
+    of becoming selects that evaluate both sides.
+    """
+    if width > 1:
+        return eqx.filter_vmap(fn)
+
+    def one(*args):
+        out = fn(*jax.tree.map(lambda x: x[0] if eqx.is_array(x) else x, args))
+        return jax.tree.map(lambda x: x[None] if eqx.is_array(x) else x, out)
+
+    return one
 
 
 def _if_any(mask, fn, *args):
@@ -299,7 +323,7 @@ def _load(problem: Problem, controls: Controls, params0, data):
     error_order = problem.solver.error_order(terms)
     grads = 0
     f0 = None
-    if is_fsal(problem.solver) or (problem.adaptive and controls.dt0 is None):
+    if needs_f0(problem.solver) or (problem.adaptive and controls.dt0 is None):
         f0 = field(t0, y0, data)
         grads += 1
     if controls.dt0 is None and problem.adaptive:
@@ -372,10 +396,19 @@ def _attempt(problem: Problem, controls: Controls, lane: Lane, data):
     keep, tprev, tnext, _, controller_state, controller_result = (
         controller.adapt_step_size(
             lane.t, lane.tnext, lane.y, y1, data, y_error,
-            solver.error_order(terms), lane.controller_state,
+            error_order(solver, terms, solver_state), lane.controller_state,
         )
     )  # fmt: skip
     tprev = jnp.minimum(tprev, t_max)
+    lands = lands_on_saves(solver, _where(keep, solver_state, lane.solver_state))
+    if lands is not None:
+        # Its dense output is of lower order than its steps: end the steps on the
+        # save times instead of interpolating to them.
+        ts = controls.ts
+        following = ts[jnp.minimum(jnp.searchsorted(ts, tprev, side="right"),
+                                   ts.shape[0] - 1)]  # fmt: skip
+        tnext = jnp.where(lands & (following > tprev), jnp.minimum(tnext, following),
+                          tnext)  # fmt: skip
     tnext = _clip_to_end(tprev, tnext, t_max, keep)
     grads, hvps = step_cost(solver, solver_state)
     failed = (solver_result != diffrax.RESULTS.successful) & keep
@@ -397,7 +430,8 @@ def _attempt(problem: Problem, controls: Controls, lane: Lane, data):
             tprev,
             tnext,
             _where(keep, y1, lane.y),
-            _where(keep, solver_state, lane.solver_state),
+            _where(keep, solver_state,
+                   after_rejection(solver, lane.solver_state, solver_state)),
             controller_state,
             lane.steps + 1,
             lane.accepted + keep,
@@ -454,7 +488,9 @@ def _step_all(problem: Problem, controls: Controls, queue, state: State, data):
     members and refills follow, a few lanes at a time."""
     lanes, out = state.lanes, state.out
     t_before = lanes.t
-    attempt = eqx.filter_vmap(lambda lane: _attempt(problem, controls, lane, data))
+    attempt = _per_lane(
+        lambda lane: _attempt(problem, controls, lane, data), problem.lanes
+    )
     stepped, dense, accepted = attempt(lanes)
     stepped = _where(lanes.running, stepped, lanes)
     accepted &= lanes.running
@@ -466,7 +502,9 @@ def _step_all(problem: Problem, controls: Controls, queue, state: State, data):
         or controls.stop_at_grad_norm is not None
         or (problem.stop_when is not None)
     ):
-        events = eqx.filter_vmap(lambda lane: _events(problem, controls, lane, data))
+        events = _per_lane(
+            lambda lane: _events(problem, controls, lane, data), problem.lanes
+        )
         gap, held, extra = events(stepped)
         stepped = eqx.tree_at(
             lambda s: (s.row_grads, s.loss_gap),
@@ -527,8 +565,9 @@ def _locate_crossings(problem, controls, crossed, t0, t1, dense, t_end, y_end, d
     def work(carry, index):
         todo, t_end, y_end = carry
         lane = jnp.minimum(index, todo.shape[0] - 1)
-        locate = eqx.filter_vmap(
-            lambda a, b, d: _loss_crossing(problem, controls, a, b, d, data)
+        locate = _per_lane(
+            lambda a, b, d: _loss_crossing(problem, controls, a, b, d, data),
+            problem.width,
         )
         root, y = locate(t0[lane], t1[lane], _take(dense, lane))
         return (
@@ -566,7 +605,7 @@ def _write_crossed_rows(problem, controls, state, accepted, t0, limit, done, den
             interpolation = problem.solver.interpolation_cls(t0=a, t1=b, **d)
             return _row(problem, interpolation.evaluate(t), data)
 
-        new_values = eqx.filter_vmap(values)(
+        new_values = _per_lane(values, problem.width)(
             t0[lane], lanes.t[lane], _take(dense, lane), t
         )
         member = jnp.where(index < problem.lanes, lanes.member[lane], out.n_rows.size)
@@ -609,7 +648,7 @@ def _finish_and_refill(problem, controls, queue, state, t_end, y_end, data):
         member = jnp.where(has_member, picked.member, n_members)
         values = _if_any(
             has_member,
-            eqx.filter_vmap(lambda y: _row(problem, y, data)),
+            _per_lane(lambda y: _row(problem, y, data), problem.width),
             _take(y_end, lane),
         )
         out = _write(out, member, row, t_last, values, final_slot)
@@ -630,7 +669,7 @@ def _finish_and_refill(problem, controls, queue, state, t_end, y_end, data):
         members = jnp.where(takes, queued, n_members)
         new_lanes, first_rows = _if_any(
             takes,
-            eqx.filter_vmap(lambda p: _load(problem, controls, p, data)),
+            _per_lane(lambda p: _load(problem, controls, p, data), problem.width),
             _take(queue, jnp.minimum(members, n_members - 1)),
         )
         new_lanes = eqx.tree_at(lambda s: s.member, new_lanes, members)

@@ -16,6 +16,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,8 +69,9 @@ def simulate_ensemble(
         model: as in `gflow.simulate`.
         data: as in `gflow.simulate`, shared by every member.
         t_max: as in `gflow.simulate`.
-        params0: the initial parameters of all members: a pytree whose leaves all
-            have the same leading (batch) axis. See `gflow.grid` for planes.
+        params0: the initial parameters of all members: a pytree (an equinox
+            Module included) whose floating-point leaves all have the same leading
+            (batch) axis; other leaves are held fixed. See `gflow.grid` for planes.
         keys: instead of `params0`, a batch of PRNG keys for `model.init`: a key
             array of shape `(B,)` (`jax.random.split(key, B)`), or raw uint32 keys
             of shape `(B, 2)`.
@@ -125,6 +127,7 @@ def simulate_ensemble(
                  options)  # fmt: skip
     flow = resolve_flow(flow)
     params0 = _initial_batch(model, params0, keys)
+    params0, fixed, loss_fn, opts = _run.trained_part(loss_fn, opts, params0)
     batch = jax.tree.leaves(params0)[0].shape[0]
     dtype = jnp.result_type(*jax.tree.leaves(params0))
     opts.solver.warn_precision(dtype)
@@ -139,6 +142,7 @@ def simulate_ensemble(
     n_devices = len(devices)
     n_lanes, block = _sizes(lanes, memory_budget, one, opts, share.size, n_devices)
     mesh = None if n_devices == 1 else Mesh(np.asarray(devices), (_MEMBER_AXIS,))
+    opts = _run.checked_solver(opts, loss_fn, flow, one, data)
     problem, controls = _run.build(
         loss_fn, flow, opts, dtype, lanes=n_lanes // n_devices,
         width=max(1, n_lanes // n_devices // _MEMBERS_PER_LANE),
@@ -162,7 +166,8 @@ def simulate_ensemble(
             counts["busy_before_drain"] / max(counts["lane_steps_before_drain"], 1)
         ),
     )
-    traj = _run.trajectory(out, opts, meta, timer, batched=True, stats=stats)
+    traj = _run.trajectory(out, opts, meta, timer, batched=True, stats=stats,
+                           fixed=fixed)  # fmt: skip
     return raise_if_failed(traj, "simulate_ensemble") if opts.throw else traj
 
 
@@ -296,13 +301,14 @@ def _initial_batch(model: Any, params0: Any, keys: Any) -> Any:
                 "function pass the batched initial parameters as `params0=`."
             )
         keys = _check_keys(keys)
-        return check_params(jax.vmap(init)(keys), "params0")
+        return check_params(eqx.filter_vmap(init)(keys), "params0")
     params0 = check_params(params0, "params0")
     sizes = {
         jax.tree_util.keystr(path) or "(the root)": (
             leaf.shape[0] if leaf.ndim else None
         )
         for path, leaf in jax.tree_util.tree_leaves_with_path(params0)
+        if eqx.is_inexact_array(leaf)
     }
     if None in sizes.values():
         where = next(k for k, v in sizes.items() if v is None)

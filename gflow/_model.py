@@ -2,7 +2,8 @@
 
 A model is either an object with `loss(params, data)` (and `init(key)` when no
 `params0` is given), or a plain function `loss(params, data)` together with
-`params0`. Parameters are plain pytrees of floating-point arrays.
+`params0`. Parameters are any pytree (an equinox Module included): its
+floating-point array leaves are trained, the rest held fixed.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,26 +71,49 @@ def initial_params(model: Any, params0: Any, key: Any) -> tuple[Any, int | None]
 
 
 def check_params(params: Any, name: str) -> Any:
-    """Every leaf as a floating-point JAX array, or a TypeError naming the leaf."""
-    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
-    if not leaves_with_path:
+    """`params` with Python floats as arrays, checked to have something to train:
+    at least one floating-point array leaf. Every other leaf (functions, ints,
+    strings, integer arrays, static fields of an equinox Module) is held fixed."""
+    params = jax.tree.map(
+        lambda x: jnp.asarray(x) if isinstance(x, float | np.floating) else x, params
+    )
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    if not leaves:
         raise ValueError(f"`{name}` has no array leaves: there is nothing to train.")
-    leaves = []
-    for path, leaf in leaves_with_path:
-        where = jax.tree_util.keystr(path) or "(the root)"
-        if not isinstance(leaf, jax.Array | np.ndarray | float | np.floating) or (
-            isinstance(leaf, np.ndarray) and not np.issubdtype(leaf.dtype, np.number)
-        ):
-            raise TypeError(
-                f"`{name}` leaf {where} is a {type(leaf).__name__}; every leaf must "
-                "be a floating-point array. Keep fixed settings in the model or the "
-                "data instead."
-            )
-        array = jnp.asarray(leaf)
-        if not jnp.issubdtype(array.dtype, jnp.floating):
-            raise TypeError(
-                f"`{name}` leaf {where} has dtype {array.dtype}; gradient flow needs "
-                "floating-point parameters. Convert it, e.g. with .astype(float)."
-            )
-        leaves.append(array)
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+    if not any(eqx.is_inexact_array(leaf) for _, leaf in leaves):
+        fixed = ", ".join(
+            f"leaf {jax.tree_util.keystr(path) or '(the root)'} "
+            f"({getattr(leaf, 'dtype', type(leaf).__name__)})"
+            for path, leaf in leaves[:5]
+        )
+        raise TypeError(
+            f"`{name}` has no floating-point array leaf: there is nothing to train "
+            f"(every leaf would be held fixed: {fixed}). Gradient flow needs "
+            "floating-point parameters; convert them, e.g. with .astype(float)."
+        )
+    return params
+
+
+def split(params: Any) -> tuple[Any, Any]:
+    """(trained, fixed): the floating-point array leaves, and the rest, as
+    `eqx.partition` splits them (`None` where the other part has the leaf)."""
+    return eqx.partition(params, eqx.is_inexact_array)
+
+
+class Bound(eqx.Module):
+    """`fn(params, data)` called on the trained leaves alone: the fixed leaves are
+    put back first. A Module, so that the same model and function reuse the
+    compiled program (its fixed arrays are arguments, its functions static)."""
+
+    fn: Callable
+    fixed: Any
+
+    def __call__(self, trained: Any, data: Any) -> Any:
+        return self.fn(eqx.combine(trained, self.fixed), data)
+
+
+def bind(fn: Callable | None, fixed: Any) -> Callable | None:
+    """`fn` on the trained leaves (`Bound`), or `fn` itself when nothing is fixed."""
+    if fn is None or not jax.tree.leaves(fixed):
+        return fn
+    return Bound(fn, fixed)

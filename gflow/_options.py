@@ -168,7 +168,7 @@ class Stopping(eqx.Module):
 
     at_loss: float | None = None
     at_grad_norm: float | None = None
-    when: Callable | None = eqx.field(default=None, static=True)
+    when: Callable | None = None
 
     def __check_init__(self):
         for name, value in (
@@ -254,7 +254,7 @@ class Metrics(eqx.Module):
             compiled program's identity).
     """
 
-    fns: tuple[tuple[str, Callable], ...] = eqx.field(static=True)
+    fns: tuple[tuple[str, Callable], ...]
 
     @classmethod
     def build(cls, metrics: Mapping[str, Callable] | None) -> Metrics:
@@ -321,12 +321,16 @@ KEYWORDS: dict[str, Keyword] = {
         "every save time; this bounds the memory of large models.",
     ),
     "solver": Keyword(
-        "tsit5",
+        "auto",
         "str | diffrax.AbstractSolver",
-        'a name in `gflow.SOLVERS` or any diffrax solver instance: `"tsit5"`, '
-        '`"dopri5"`, `"dopri8"`, `"bosh3"`, `"heun"`, `"euler"` (fixed step '
-        '`dt0`: exactly gradient descent with learning rate `dt0`), `"kvaerno5"` '
-        "(implicit, dense Jacobian: small models only).",
+        'a name in `gflow.SOLVERS` or any diffrax solver instance. `"auto"`: Tsit5 '
+        "while the flow is not stiff, the stabilized RKC2 while it is (stiffness "
+        "is read off Tsit5's stages at no cost; it falls back to Tsit5, with a "
+        "warning, for a loss without forward-mode derivatives). Explicit: "
+        '`"tsit5"`, `"dopri5"`, `"dopri8"`, `"bosh3"`, `"heun"`. Stabilized, for '
+        'stiff flows (they use Hessian-vector products): `"rkc2"`, `"rock4"`. '
+        '`"euler"`: fixed step `dt0`, exactly gradient descent with learning rate '
+        '`dt0`. `"kvaerno5"`: implicit, dense Jacobian, small models only.',
     ),
     "rtol": Keyword(
         1e-6, "float", "relative tolerance of the adaptive step-size control."

@@ -4,19 +4,25 @@ on the host from the engine's outputs."""
 
 from __future__ import annotations
 
+import warnings
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+import diffrax
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from . import _engine
 from ._compile import CompileTimer
+from ._model import bind, split
 from ._options import Options, matmul_precision_context
 from ._outcome import result_code, result_names
+from ._stabilized import AutoTsit5
 from ._trajectory import Trajectory, take_fields
 from .flows import AbstractFlow
+from .metrics import power_iteration
 
 #: Iterations of the engine's loop when a run is not cut into segments.
 UNBOUNDED = np.iinfo(np.int32).max
@@ -27,6 +33,22 @@ def gflow_version() -> str:
         return version("gflow")
     except PackageNotFoundError:  # a source tree that is not installed
         return "0+unknown"
+
+
+def trained_part(loss_fn, opts: Options, params: Any):
+    """The leaves a run trains, the leaves it holds fixed, and the loss and options
+    as functions of the trained leaves (the fixed ones put back inside)."""
+    trained, fixed = split(params)
+    opts = eqx.tree_at(
+        lambda o: (o.metrics.fns, o.stopping.when),
+        opts,
+        (
+            tuple((name, bind(fn, fixed)) for name, fn in opts.metrics.fns),
+            bind(opts.stopping.when, fixed),
+        ),
+        is_leaf=lambda x: x is None,
+    )
+    return trained, fixed, bind(loss_fn, fixed), opts
 
 
 def checked_loss(loss_fn, params: Any, data: Any) -> jax.ShapeDtypeStruct:
@@ -50,6 +72,60 @@ def checked_loss(loss_fn, params: Any, data: Any) -> jax.ShapeDtypeStruct:
             f"loss(params, data) must be floating-point; got {value.dtype}."
         )
     return value
+
+
+def checked_solver(
+    opts: Options, loss_fn, flow: AbstractFlow, params: Any, data: Any
+) -> Options:
+    """Lower the Hessian-vector products a stiff solver needs, in a power iteration
+    as the solver runs them (some losses fail only there: a `jax.custom_vjp`
+    function is refused forward-mode differentiation when lowered inside a loop).
+    A loss that fails is refused with the cause, or, for `"auto"`, which only
+    chooses a method for the user, served by Tsit5 with a warning (the options
+    returned say so)."""
+    solver = opts.solver.solver
+    if not getattr(solver, "uses_jvp", False):
+        return opts
+    field = flow.vector_field(loss_fn)
+
+    def top_eigenvalue(y):
+        def hvp(v):
+            return jax.jvp(lambda z: field(0.0, z, data), (y,), (v,))[1]
+
+        return power_iteration(hvp, y, 1)[0]
+
+    try:
+        jax.jit(top_eigenvalue).lower(flow.initial_state(params))
+    except Exception as e:  # noqa: BLE001 - re-raised with context below
+        if not isinstance(solver, AutoTsit5):
+            raise _no_hvp(solver, e) from e
+        warnings.warn(
+            "solver 'auto' falls back to 'tsit5': the Hessian-vector products it "
+            f"uses to detect stiffness fail for this loss ({type(e).__name__}). "
+            "Pass solver='tsit5' to silence this warning.",
+            stacklevel=3,
+        )
+        return eqx.tree_at(lambda o: o.solver.solver, opts, diffrax.Tsit5())
+    return opts
+
+
+def _no_hvp(solver, error: Exception) -> ValueError:
+    return ValueError(
+        f"solver {solver_name(solver)!r} needs Hessian-vector products "
+        "(forward-mode derivatives of the gradient) to measure the stiffness, and "
+        f"they fail for this loss: {type(error).__name__}: {error}\nUse "
+        "solver='tsit5', which needs gradients only, or write the loss with "
+        "operations JAX can differentiate in forward mode (a jax.custom_vjp "
+        "function has no forward mode: give it a custom_jvp instead)."
+    )
+
+
+def solver_name(solver) -> str:
+    """The name of a solver in `gflow.SOLVERS`, or its class name."""
+    from ._solvers import SOLVERS
+
+    names = [name for name, cls in SOLVERS.items() if type(solver) is cls]
+    return names[0] if names else type(solver).__name__
 
 
 def checked_metrics(opts: Options, params: Any, data: Any) -> None:
@@ -129,13 +205,15 @@ def work_stats(steps, accepted, grads, row_grads, hvps) -> dict[str, Any]:
 
 
 def trajectory(out: _engine.Outputs, opts: Options, meta: dict, timer, *,
-               batched: bool, stats: dict | None = None) -> Trajectory:  # fmt: skip
+               batched: bool, stats: dict | None = None,
+               fixed: Any = None) -> Trajectory:  # fmt: skip
     """The Trajectory of the engine's outputs: a batch of members, or member 0.
 
     Each member is cut at its first row with an inf/NaN loss or parameters (its
     result becomes "diverged"); it then ends at the last row before that which holds
     parameters, so its last row always holds its final parameters. Rows past a
-    member's end repeat its last row.
+    member's end repeat its last row. The leaves held `fixed` are put back into the
+    parameters and velocities, which keep the user's structure.
     """
     out = jax.device_get(out)
     param_rows = opts.saves.param_rows
@@ -179,9 +257,16 @@ def trajectory(out: _engine.Outputs, opts: Options, meta: dict, timer, *,
         compile_time_s=timer.compile_time_s,
         run_time_s=timer.run_time_s,
         compiled=timer.num_compilations > 0,
+        compile_cache_hits=timer.num_cache_hits,
     )
+    fields = take_fields(out, by_row, by_slot)
+    if fixed is not None:
+        fields.update(
+            params=eqx.combine(fields["params"], fixed),
+            velocity=eqx.combine(fields["velocity"], fixed),
+        )
     batch = Trajectory(
-        **take_fields(out, by_row, by_slot),
+        **fields,
         result=result_names(code),
         stats=all_stats,
         meta=meta,

@@ -57,7 +57,10 @@ def simulate(
         data: the data, passed to the loss unchanged (any pytree, or None).
         t_max: the final gradient-flow time (positive). Gradient descent with
             learning rate `lr` reaches time `t = k * lr` after `k` steps.
-        params0: initial parameters, a pytree of floating-point arrays.
+        params0: initial parameters: any pytree (an equinox Module included).
+            Its floating-point array leaves flow; every other leaf (functions,
+            integers, strings, integer arrays) is held fixed, and the trajectory's
+            parameters keep the structure (`traj.final` of a Module is that Module).
         key: an int seed or `jax.random.key`, for `model.init` when `params0` is
             None.
         flow: what to integrate (`gflow.flows`); the gradient flow by default.
@@ -88,13 +91,15 @@ def simulate(
     opts = parse("simulate", t_max, simulate.__gflow_keywords__, options)
     flow = resolve_flow(flow)
     params0, seed = initial_params(model, params0, key)
+    params0, fixed, loss_fn, opts = _run.trained_part(loss_fn, opts, params0)
     dtype = jnp.result_type(*jax.tree.leaves(params0))
     opts.solver.warn_precision(dtype)
     _run.checked_loss(loss_fn, params0, data)
     _run.checked_metrics(opts, params0, data)
+    opts = _run.checked_solver(opts, loss_fn, flow, params0, data)
     problem, controls = _run.build(loss_fn, flow, opts, dtype, progress=opts.progress)
     queue = jax.tree.map(lambda x: x[None], params0)
     state, timer = _run.run(problem, controls, queue, data, opts)
     meta = dict(opts.meta("flow", dtype), seed=seed)
-    traj = _run.trajectory(state.out, opts, meta, timer, batched=False)
+    traj = _run.trajectory(state.out, opts, meta, timer, batched=False, fixed=fixed)
     return raise_if_failed(traj, "simulate") if opts.throw else traj

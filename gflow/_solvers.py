@@ -8,8 +8,13 @@ from typing import Any
 import diffrax
 import jax.numpy as jnp
 
+from ._stabilized import RKC2, ROCK4, AutoTsit5
+
 SOLVERS: dict[str, type[diffrax.AbstractSolver]] = {
+    "auto": AutoTsit5,
     "tsit5": diffrax.Tsit5,
+    "rkc2": RKC2,
+    "rock4": ROCK4,
     "dopri5": diffrax.Dopri5,
     "dopri8": diffrax.Dopri8,
     "bosh3": diffrax.Bosh3,
@@ -47,17 +52,49 @@ def is_fsal(solver: diffrax.AbstractSolver) -> bool:
     return tableau is not None and tableau.fsal
 
 
+def needs_f0(solver: diffrax.AbstractSolver) -> bool:
+    """Whether the solver starts from the vector field at t0 (see `start`)."""
+    return is_fsal(solver) or hasattr(solver, "start")
+
+
 def start(solver, terms, t0, t1, y0, args, f0) -> Any:
     """The solver state at `t0`, given the vector field `f0` there.
 
     diffrax's FSAL Runge-Kutta methods evaluate `f0` in their first step; under
     vmap a lane on its first step makes every lane evaluate it. Handing them `f0`
-    makes the first step cost what every other step costs.
+    makes the first step cost what every other step costs. gflow's own solvers
+    take it through their `start`.
     """
+    if hasattr(solver, "start"):
+        return solver.start(terms, t0, t1, y0, args, f0)
     state = solver.init(terms, t0, t1, y0, args)
     if is_fsal(solver) and isinstance(solver, diffrax.AbstractRungeKutta):
         return jnp.asarray(False), f0
     return state
+
+
+def after_rejection(solver: diffrax.AbstractSolver, state: Any, attempt: Any) -> Any:
+    """The solver state to retry a rejected step from: the state before it, which
+    gflow's solvers may amend from the rejected attempt's state (e.g. to estimate
+    the spectral radius again, from the mode that made the step fail)."""
+    rejected = getattr(solver, "rejected", None)
+    return state if rejected is None else rejected(state, attempt)
+
+
+def error_order(solver: diffrax.AbstractSolver, terms: Any, state: Any) -> Any:
+    """The order of the solver's error estimate, for the step-size controller. A
+    solver that switches methods (`"auto"`) says it per state."""
+    per_state = getattr(solver, "state_error_order", None)
+    return solver.error_order(terms) if per_state is None else per_state(state)
+
+
+def lands_on_saves(solver: diffrax.AbstractSolver, state: Any) -> Any:
+    """Whether the next step should end on the next save time (a solver whose dense
+    output is weaker than its steps asks for it): None when it never does."""
+    lands = getattr(solver, "lands_on_saves", False)
+    if callable(lands):
+        return lands(state)
+    return True if lands else None
 
 
 def step_cost(solver: diffrax.AbstractSolver, state_after: Any) -> tuple[Any, Any]:

@@ -88,8 +88,8 @@ class Trajectory(eqx.Module):
                 "first kept row (params_at=...)."
             )
         if self.batch_size is None:
-            return jax.tree.map(lambda x: x[-1], self.params)
-        return jax.tree.map(lambda x: x[:, -1], self.params)
+            return map_trained(lambda x: x[-1], self.params)
+        return map_trained(lambda x: x[:, -1], self.params)
 
     @property
     def succeeded(self) -> bool | np.ndarray:
@@ -204,8 +204,9 @@ class Trajectory(eqx.Module):
                     f"[{lo}, {hi}]{kept}; got {t}."
                 )
         if len(ts) == 1:
-            return jax.tree.map(lambda y: jnp.broadcast_to(y[0], t.shape + y.shape[1:]),
-                                self.params)  # fmt: skip
+            return map_trained(
+                lambda y: jnp.broadcast_to(y[0], t.shape + y.shape[1:]), self.params
+            )
         i = jnp.clip(jnp.searchsorted(ts, t, side="right") - 1, 0, len(ts) - 2)
         h = ts[i + 1] - ts[i]
         s = (t - ts[i]) / h
@@ -215,6 +216,9 @@ class Trajectory(eqx.Module):
         h11 = s**3 - s**2
 
         def hermite(y, v):
+            if not eqx.is_inexact_array(y):  # a leaf held fixed
+                return y
+
             def bc(c):  # broadcast the time-shaped weights against one leaf
                 return c.reshape(c.shape + (1,) * (y.ndim - 1)).astype(y.dtype)
 
@@ -275,8 +279,11 @@ class Trajectory(eqx.Module):
 
         Arrays keep their dtypes, so `Trajectory.load` returns an identical
         trajectory. The metadata (gflow version, solver, tolerances, seed, stats,
-        result) is stored as JSON inside the file. Parameters must be dicts, lists
-        and tuples of arrays.
+        result) is stored as JSON inside the file. Parameters that are dicts, lists
+        and tuples of arrays are stored with their structure; of other pytrees (an
+        equinox Module) only the trained leaves are stored, and `load` takes the
+        structure from a template (`like=`). Metrics must be dicts, lists and tuples
+        of arrays.
         """
         arrays: dict[str, np.ndarray] = {}
         layout = {}
@@ -284,7 +291,14 @@ class Trajectory(eqx.Module):
             arrays[name] = np.asarray(getattr(self, name))
         for name in ("params", "velocity", "metrics"):
             tree = getattr(self, name)
-            layout[name] = structure_to_json(tree)
+            if name != "metrics":
+                tree = eqx.filter(tree, eqx.is_inexact_array)
+            try:
+                layout[name] = structure_to_json(tree)
+            except TypeError:
+                if name == "metrics":
+                    raise
+                layout[name] = None  # restored from the template given to `load`
             for i, leaf in enumerate(jax.tree.leaves(tree)):
                 arrays[f"{name}/{i}"] = np.asarray(leaf)
         header = {
@@ -299,12 +313,22 @@ class Trajectory(eqx.Module):
             np.savez(f, **arrays)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Trajectory:
+    def load(cls, path: str | os.PathLike, *, like: Any = None) -> Trajectory:
         """Read a trajectory written by `save`.
+
+        Args:
+            path: the file.
+            like: for parameters that are not plain dicts, lists and tuples (an
+                equinox Module): a template of the same structure (e.g. the model
+                it started from), whose fixed leaves are put back.
 
         Raises:
             ValueError: the file is not a complete gflow trajectory file (another
-                kind of file, or one cut short).
+                kind of file, or one cut short), or its parameters need `like`.
+
+        Example:
+            >>> traj.save("run.npz")
+            >>> gflow.Trajectory.load("run.npz", like=mlp)  # an equinox MLP
         """
         name = os.fspath(path)
         try:
@@ -319,7 +343,11 @@ class Trajectory(eqx.Module):
                 for tree, description in header["layout"].items():
                     count = sum(1 for k in npz.files if k.startswith(tree + "/"))
                     leaves = [_as_array(npz[f"{tree}/{i}"]) for i in range(count)]
-                    fields[tree] = structure_from_json(description, leaves)
+                    fields[tree] = (
+                        _from_template(name, like, leaves)
+                        if description is None
+                        else structure_from_json(description, leaves)
+                    )
         except (zipfile.BadZipFile, EOFError, KeyError, OSError) as e:
             if isinstance(e, FileNotFoundError):
                 raise
@@ -346,6 +374,25 @@ class Trajectory(eqx.Module):
         )
 
 
+def _from_template(name: str, like: Any, leaves: list) -> Any:
+    """Stored trained leaves put into the structure of `like` (fixed leaves too)."""
+    if like is None:
+        raise ValueError(
+            f"{name!r} holds parameters of a structure that is not plain dicts, lists "
+            "and tuples (e.g. an equinox Module): pass a template of that structure, "
+            "Trajectory.load(path, like=model)."
+        )
+    trained, fixed = eqx.partition(like, eqx.is_inexact_array)
+    treedef = jax.tree.structure(trained)
+    if treedef.num_leaves != len(leaves):
+        raise ValueError(
+            f"`like` has {treedef.num_leaves} floating-point leaves, but {name!r} "
+            f"stores {len(leaves)}: it is not the structure the trajectory was made "
+            "of."
+        )
+    return eqx.combine(jax.tree.unflatten(treedef, leaves), fixed)
+
+
 def take_fields(source: Any, by_row, by_slot) -> dict[str, Any]:
     """A trajectory's arrays (from `source`: a Trajectory, or anything with the same
     fields) with `by_row` applied to those with a row axis (`ts`, `loss`,
@@ -356,9 +403,15 @@ def take_fields(source: Any, by_row, by_slot) -> dict[str, Any]:
         loss=by_row(source.loss),
         grad_norm=by_row(source.grad_norm),
         metrics=jax.tree.map(by_row, source.metrics),
-        params=jax.tree.map(by_slot, source.params),
-        velocity=jax.tree.map(by_slot, source.velocity),
+        params=map_trained(by_slot, source.params),
+        velocity=map_trained(by_slot, source.velocity),
     )
+
+
+def map_trained(fn, tree: Any) -> Any:
+    """`fn` on the trained leaves of a parameter pytree (floating-point arrays, with
+    the leading time or batch axes); the leaves held fixed are left as they are."""
+    return jax.tree.map(lambda x: fn(x) if eqx.is_inexact_array(x) else x, tree)
 
 
 def _as_array(array: np.ndarray) -> jax.Array | np.ndarray:

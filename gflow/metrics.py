@@ -10,8 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
+
+from ._tree import tree_norm
 
 
 def effective_rank(matrix: jax.Array) -> jax.Array:
@@ -117,15 +120,43 @@ def _hvp(loss, params, data, v):
     return jax.jvp(lambda p: jax.grad(loss)(p, data), (params,), (v,))[1]
 
 
-def _power_iteration(apply, v, iters):
-    def unit(x):
-        n = jnp.sqrt(sum(jnp.sum(leaf**2) for leaf in jax.tree.leaves(x)))
-        return jax.tree.map(lambda leaf: leaf / n, x)
+def power_iteration(
+    apply: Callable[[Any], Any], v: Any, max_iters: int | jax.Array, rtol: float = 0.0
+) -> tuple[jax.Array, Any, jax.Array, jax.Array]:
+    """The eigenvalue of largest magnitude of a symmetric linear map, by power
+    iteration: `(Rayleigh quotient q, unit vector v, applications of the map,
+    residual ‖Av − q v‖)`.
 
-    v = jax.lax.fori_loop(0, iters, lambda _, v: unit(apply(v)), unit(v))
-    hv = apply(v)
-    value = sum(jax.tree.leaves(jax.tree.map(lambda a, b: jnp.sum(a * b), v, hv)))
-    return value, v
+    Each iteration applies the map once. It stops after `max_iters` iterations, or
+    once the residual is at most `rtol |q|`: then an eigenvalue lies within
+    `rtol |q|` of q. (A test on the change of q alone stops too early when the top
+    two eigenvalues are close.) `|q| + residual` bounds the top eigenvalue from above
+    once v lies mostly in the span of the top eigenvectors. Warm-start it with the
+    previous vector (`v`) when the map changes slowly, as it does along a flow.
+    """
+
+    def unit(x):
+        return jax.tree.map(lambda leaf: leaf / tree_norm(x), x)
+
+    def cond(carry):
+        i, value, residual, _ = carry
+        return (i < max_iters) & ((i < 1) | (residual > rtol * jnp.abs(value)))
+
+    def body(carry):
+        i, _, _, v = carry
+        w = apply(v)
+        quotient = sum(jax.tree.leaves(jax.tree.map(lambda a, b: jnp.sum(a * b), v, w)))
+        residual = tree_norm(jax.tree.map(lambda a, b: a - quotient * b, w, v))
+        return i + 1, quotient, residual, unit(w)
+
+    dtype = jnp.result_type(*jax.tree.leaves(v))
+    start = (
+        jnp.zeros((), jnp.int32),
+        jnp.asarray(jnp.inf, dtype),
+        jnp.asarray(jnp.inf, dtype),
+    )
+    count, value, residual, v = jax.lax.while_loop(cond, body, (*start, unit(v)))
+    return value, v, count, residual
 
 
 def sharpness(
@@ -159,6 +190,9 @@ def sharpness(
         `(λ_max, eigenvector)`: the eigenvalue (a scalar) and its unit eigenvector
         (a pytree like `params`).
     """
+    # Any pytree (an equinox Module included): the Hessian of its floating-point
+    # leaves, the others held fixed.
+    params, fixed = eqx.partition(params, eqx.is_inexact_array)
     if v0 is None:
         leaves, treedef = jax.tree.flatten(params)
         keys = jax.random.split(jax.random.key(0) if key is None else key, len(leaves))
@@ -169,17 +203,18 @@ def sharpness(
                 for k, x in zip(keys, leaves, strict=True)
             ],
         )
+    v0 = eqx.filter(v0, eqx.is_inexact_array)
 
     def apply(v):
-        return _hvp(loss, params, data, v)
+        return _hvp(lambda p, d: loss(eqx.combine(p, fixed), d), params, data, v)
 
-    mu, v = _power_iteration(apply, v0, iters)
+    mu, v, _, _ = power_iteration(apply, v0, iters + 1)
 
     def shifted(_):
         def apply_shifted(w):
             return jax.tree.map(lambda hw, x: hw - mu * x, apply(w), w)
 
-        nu, w = _power_iteration(apply_shifted, v0, iters)
+        nu, w, _, _ = power_iteration(apply_shifted, v0, iters + 1)
         return mu + nu, w
 
     return jax.lax.cond(mu < 0, shifted, lambda _: (mu, v), None)
@@ -191,16 +226,22 @@ def gd_is_stable(top_eigenvalue, lr) -> jax.Array:
 
 
 def sharpness_along(traj, loss, data, *, iters: int = 30):
-    """λ_max at every save of a trajectory, each power iteration warm-started from
-    the previous save's eigenvector (so few iterations suffice). Shape `(T,)`."""
-    first = jax.tree.map(lambda x: x[0], traj.params)
-    _, v0 = sharpness(loss, first, data, iters=iters)
+    """λ_max at every save that holds parameters (`traj.param_rows`), each power
+    iteration warm-started from the previous save's eigenvector (so few iterations
+    suffice). Shape `(len(traj.param_rows),)`."""
+    trained, fixed = eqx.partition(traj.params, eqx.is_inexact_array)
+
+    def on_trained(p, d):
+        return loss(eqx.combine(p, fixed), d)
+
+    first = jax.tree.map(lambda x: x[0], trained)
+    _, v0 = sharpness(on_trained, first, data, iters=iters)
 
     def step(v, params):
-        value, v = sharpness(loss, params, data, v0=v, iters=iters)
+        value, v = sharpness(on_trained, params, data, v0=v, iters=iters)
         return v, value
 
-    _, values = jax.lax.scan(step, v0, traj.params)
+    _, values = jax.lax.scan(step, v0, trained)
     return values
 
 

@@ -119,3 +119,33 @@ def test_ensemble_benchmark_runs_and_labels_agree(tmp_path):
     assert [row["members"] for row in out["scaling"]] == [64, 256]
     assert json.loads((tmp_path / f"ensemble_quick_{jax.default_backend()}.json")
                       .read_text())["grid_race"]["members"] == 144  # fmt: skip
+
+
+@pytest.mark.slow
+def test_stiff_benchmark_runs(tmp_path):
+    pytest.importorskip("sklearn", reason="the 'bench' extra is not installed")
+    out = load("stiff").main(
+        ["--quick", "--results", str(tmp_path), "--figures", str(tmp_path)]
+    )
+    rows = {r["method"]: r for r in out["rows"]}
+    # Gradient-equivalents count each Hessian-vector product as two gradients.
+    for row in rows.values():
+        assert row["grad_evals"] == row["num_grad_evals"] + 2 * row["num_hvp_evals"]
+    assert rows["tsit5 rtol=0.0001"]["num_hvp_evals"] == 0
+    assert rows["rkc2 rtol=0.0001"]["num_hvp_evals"] > 0
+    # Every adaptive method follows the flow; tighter tolerances, smaller errors.
+    for solver in ("tsit5", "rkc2", "rock4", "auto"):
+        loose, tight = rows[f"{solver} rtol=0.0001"], rows[f"{solver} rtol=1e-06"]
+        assert tight["error"] < loose["error"] < 1e-2, solver
+    assert rows["GD lr=0.01"]["num_steps"] == 3000
+    # The defaults' sweep point is that run, not a second one.
+    assert (
+        rows["auto rtol=1e-06"]["run_time_s"] == out["defaults"]["auto"]["run_time_s"]
+    )
+    # λ_max is the top eigenvalue: positive, and the flow sharpens.
+    assert 0 < out["sharpness"]["values"][0] < out["sharpness"]["values"][-1]
+    assert out["markov_grid"]["auto"]["max_steps"] > 0
+    assert set(out["papers"]) == {"co-occurrence", "Markov transformer", "condensation"}
+    assert (
+        tmp_path / f"stiff_quick_{jax.default_backend()}.png"
+    ).stat().st_size > 10_000

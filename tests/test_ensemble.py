@@ -59,12 +59,13 @@ def test_finished_members_free_their_lanes():
     # fast and a slow rate: the fast one caps its steps (stability), the slow one
     # keeps it going for thousands of steps. Four lanes: while the slow member runs
     # in one, the others take the rest of the queue, so the lanes pay for little
-    # more than the slow member's steps.
+    # more than the slow member's steps. (Tsit5: "auto" would take the stiff member
+    # in a hundred steps.)
     rates = jnp.array([[50.0, 50.0]] * 63 + [[50.0, 0.05]])
     params0 = {"x": jnp.ones((64, 2)), "i": jnp.arange(64.0)}
     ens = gflow.simulate_ensemble(
         _two_rate_loss, rates, 400.0, params0=params0, stop_at_grad_norm=1e-6,
-        n_save=3, lanes=4,
+        n_save=3, lanes=4, solver="tsit5",
     )  # fmt: skip
     steps = ens.stats["num_steps"]
     assert np.all(ens.result == "stopped_at_grad_norm")
@@ -242,3 +243,59 @@ def test_sharded_across_four_devices_agrees_with_one():
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "AGREE 81" in run.stdout
+
+
+_DISTRIBUTED = """
+import json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import jax
+jax.config.update("jax_enable_x64", True)
+rank, port = int(sys.argv[1]), sys.argv[2]
+if rank >= 0:  # one of two processes; rank -1: a process alone
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=rank)
+import jax.numpy as jnp
+import gflow
+axis = jnp.linspace(-2.0, 2.0, 7)
+ens = gflow.simulate_ensemble(gflow.models.MarkovCanonical(0.5, 0.8), None, 300.0,
+                              params0=gflow.grid({"e": axis, "w": axis}), n_save=5,
+                              stop_at_grad_norm=1e-6)
+print(json.dumps({"processes": jax.process_count(), "devices": jax.device_count(),
+                  "loss": ens.loss.tolist(), "steps": ens.stats["num_steps"].tolist(),
+                  "e": ens.params["e"].tolist(), "result": ens.result.tolist()}))
+"""
+
+
+def test_two_processes_give_what_one_gives():
+    import json
+    import socket
+
+    with socket.socket() as s:  # a free port for the coordinator
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+
+    def start(rank):
+        return subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(_DISTRIBUTED), str(rank), port],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )  # fmt: skip
+
+    workers = [start(0), start(1)]
+    outputs = [w.communicate(timeout=600) for w in workers]
+    alone = start(-1).communicate(timeout=600)
+    results = []
+    for (out, err), worker in zip(outputs + [alone], workers + [None], strict=True):
+        assert worker is None or worker.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    two_a, two_b, one = results
+    assert two_a["processes"] == 2 and two_a["devices"] == 4
+    assert one["processes"] == 1 and one["devices"] == 2
+    # Every process ends with the whole ensemble, equal to one process's.
+    for key in ("steps", "result", "loss", "e"):
+        assert two_a[key] == two_b[key]
+    assert two_a["steps"] == one["steps"] and two_a["result"] == one["result"]
+    np.testing.assert_allclose(two_a["loss"], one["loss"], rtol=1e-12, atol=0)
+    # (round-off: the members run in lanes of different widths)
+    np.testing.assert_allclose(two_a["e"], one["e"], rtol=1e-12, atol=1e-12)

@@ -36,7 +36,7 @@ SHARED = [
     (dict(params_at=[0.3]), ValueError, "`params_at` times .* are not among"),
     (dict(params0=None), ValueError, "`params0` is required"),
     (dict(params0={"w": jnp.ones((2, 3), jnp.int32)}), TypeError, r"leaf \['w'\]"),
-    (dict(params0={"w": "weights"}), TypeError, "every leaf must be a floating"),
+    (dict(params0={"w": "weights"}), TypeError, "no floating-point array leaf"),
     (dict(params0={}), ValueError, "no array leaves"),
     (
         dict(data={"x": jnp.ones((5, 4)), "y": jnp.zeros((2, 4))}),

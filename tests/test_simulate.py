@@ -289,3 +289,39 @@ def test_progress_bar_runs(capsys):
     assert traj.result == "successful"
     # tqdm (a test extra) draws the bar on stderr, and ends it full.
     assert "100.00%" in capsys.readouterr().err
+
+
+_CACHED_RUN = """
+import json, jax.numpy as jnp, gflow
+def loss(params, data):
+    return 0.5 * jnp.sum(data * params["x"] ** 2)
+traj = gflow.simulate(loss, jnp.array([1.0, 3.0]), 2.0, params0={"x": jnp.ones(2)})
+print(json.dumps({k: traj.stats[k] for k in
+                  ("compiled", "compile_time_s", "compile_cache_hits")}))
+"""
+
+
+def test_a_rerun_in_a_new_process_loads_its_programs_from_the_cache(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, GFLOW_COMPILATION_CACHE="1",
+               GFLOW_CACHE_DIR=str(tmp_path / "cache"))  # fmt: skip
+
+    def run():
+        done = subprocess.run([sys.executable, "-c", _CACHED_RUN], env=env,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    first, second = run(), run()
+    assert first["compiled"]
+    assert any((tmp_path / "cache").iterdir())
+    # The second process compiles nothing: every program comes from the cache.
+    assert not second["compiled"] and second["compile_cache_hits"] >= 1
+    assert second["compile_time_s"] < first["compile_time_s"]
+    # Switched off, nothing is cached.
+    env.update(GFLOW_COMPILATION_CACHE="0", GFLOW_CACHE_DIR=str(tmp_path / "off"))
+    assert run()["compiled"] and not (tmp_path / "off").exists()
