@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import _engine, _run
+from . import _checkpoint, _engine, _run
 from ._compile import CompileTimer
-from ._model import LossFn, initial_params, resolve_loss
+from ._model import initial_params, resolve_loss
 from ._options import (
+    CHECKPOINT_KEYWORDS,
     COMMON_KEYWORDS,
-    Metrics,
     matmul_precision_context,
     parse,
     positive_finite,
@@ -26,7 +26,7 @@ from ._trajectory import Trajectory
 from .flows import GradientFlow
 
 
-@takes_options(*COMMON_KEYWORDS)
+@takes_options(*COMMON_KEYWORDS, *CHECKPOINT_KEYWORDS)
 def gradient_descent(
     model: Any,
     data: Any,
@@ -124,23 +124,39 @@ def gradient_descent(
     slot = np.where(opts.saves.params_at, np.cumsum(opts.saves.params_at) - 1,
                     opts.saves.params_at.sum())  # fmt: skip
 
-    with CompileTimer() as timer, matmul_precision_context(opts.matmul_precision):
-        out = jax.block_until_ready(
-            _descend(
-                loss_fn, params0, data, jnp.asarray(steps, jnp.int32),
-                jnp.asarray(slot, jnp.int32), jnp.asarray(lr, dtype=dtype),
-                optimizer, opts.metrics, int(opts.saves.params_at.sum()),
-            )
-        )  # fmt: skip
-    n_saves = len(steps)
-    out = eqx.tree_at(
-        lambda o: (o.ts, o.n_rows, o.steps, o.accepted, o.grads, o.row_grads),
-        out,
-        (jnp.asarray(steps * tau, dtype)[None], *(
-            jnp.full(1, n, jnp.int32)
-            for n in (n_saves, n_steps, n_steps, n_steps, n_saves)
-        )),
-    )  # fmt: skip
+    n_slots = int(opts.saves.params_at.sum())
+    save_steps = jnp.asarray(steps, jnp.int32)
+    args = (jnp.asarray(slot, jnp.int32), optimizer, opts.metrics)
+    lr_array = jnp.asarray(lr, dtype=dtype)
+
+    def fresh():
+        return _start(loss_fn, params0, data, *args, n_slots, len(steps))
+
+    def advance(state, budget):
+        budget = jnp.asarray(budget, jnp.int32)
+        return _descend(loss_fn, state, data, save_steps, args[0], lr_array,
+                        optimizer, opts.metrics, budget)  # fmt: skip
+
+    saving = opts.checkpointing
+    with matmul_precision_context(opts.matmul_precision):
+        if saving.folder is None:
+            with CompileTimer() as timer:
+                state = jax.block_until_ready(advance(fresh(), n_steps))
+            stats = {}
+        else:
+            call = _checkpoint.describe(model, opts, opts.meta("discrete", dtype),
+                                        lr=float(lr), time_per_step=tau,
+                                        optimizer=repr(optimizer))  # fmt: skip
+            stamp = _checkpoint.fingerprint(
+                "gradient_descent", call, params0, eqx.filter(fixed, eqx.is_array),
+                data, save_steps,
+            )  # fmt: skip
+            state, timer, stats = _checkpoint.run_in_segments(
+                fresh, advance, lambda s: int(s.steps) >= n_steps,
+                lambda s: int(s.steps), saving.folder, stamp, saving.every_s,
+                saving.every_steps,
+            )  # fmt: skip
+    out = _outputs(state, jnp.asarray(steps * tau, dtype))
     meta = opts.meta("discrete", dtype)
     meta.update(
         solver="gradient_descent" if optimizer is None else "optax",
@@ -149,29 +165,66 @@ def gradient_descent(
         seed=seed,
         t_max=n_steps * tau,
     )
-    traj = _run.trajectory(out, opts, meta, timer, batched=False, fixed=fixed)
+    traj = _run.trajectory(out, opts, meta, timer, batched=False, fixed=fixed,
+                           stats=stats)  # fmt: skip
     return raise_if_failed(traj, "gradient_descent", "discrete") if opts.throw else traj
 
 
-@eqx.filter_jit
-def _descend(
-    loss_fn: LossFn,
-    params0: Any,
-    data: Any,
-    save_steps: jax.Array,
-    slot: jax.Array,
-    lr: jax.Array,
-    optimizer: optax.GradientTransformation | None,
-    metrics: Metrics,
-    n_slots: int,
-) -> _engine.Outputs:
-    """The steps, and the rows at the save steps, as the engine's outputs."""
-    grad_fn = jax.grad(loss_fn)
-    opt_state0 = None if optimizer is None else optimizer.init(params0)
-    flow = GradientFlow()
+class _Descent(eqx.Module):
+    """Gradient descent part-way: the loop's carry, everything needed to go on."""
 
-    def row(params):
-        return _engine.row_values(loss_fn, flow, metrics, params, data)
+    params: Any
+    opt_state: Any
+    saved: Any  # (n_slots, ...): the parameters kept at the save rows
+    velocity: Any
+    loss: jax.Array  # (n_saves,): every save row
+    grad_norm: jax.Array
+    metrics: Any
+    next_save: jax.Array  # the next save row to reach
+    steps: jax.Array  # steps taken
+
+
+def _row_fn(loss_fn, metrics, data):
+    return lambda params: _engine.row_values(
+        loss_fn, GradientFlow(), metrics, params, data
+    )
+
+
+@eqx.filter_jit
+def _start(loss_fn, params0, data, slot, optimizer, metrics, n_slots: int,
+           n_saves: int) -> _Descent:  # fmt: skip
+    """The state before the first step: row 0 written."""
+    first = _row_fn(loss_fn, metrics, data)(params0)
+
+    def buffer(x, n, value):
+        return jnp.zeros((n,) + jnp.shape(x), jnp.result_type(x)).at[0].set(value)
+
+    kept = jax.tree.map(lambda x: jnp.zeros((n_slots,) + x.shape, x.dtype), params0)
+    return _Descent(
+        params=params0,
+        opt_state=None if optimizer is None else optimizer.init(params0),
+        saved=_put(kept, slot[0], params0),
+        velocity=_put(kept, slot[0], first.velocity),
+        loss=buffer(first.loss, n_saves, first.loss),
+        grad_norm=buffer(first.grad_norm, n_saves, first.grad_norm),
+        metrics=jax.tree.map(lambda x: buffer(x, n_saves, x), first.metrics),
+        next_save=jnp.asarray(1, jnp.int32),
+        steps=jnp.asarray(0, jnp.int32),
+    )
+
+
+def _put(buffer, at, values):
+    return jax.tree.map(lambda b, v: b.at[at].set(v, mode="drop"), buffer, values)
+
+
+@eqx.filter_jit
+def _descend(loss_fn, state: _Descent, data, save_steps, slot, lr, optimizer,
+             metrics, budget) -> _Descent:  # fmt: skip
+    """Step from save row to save row until the last, or until `budget` steps have
+    been taken (whole save intervals: at least one)."""
+    grad_fn = jax.grad(loss_fn)
+    row = _row_fn(loss_fn, metrics, data)
+    stop_at = state.steps + jnp.minimum(budget, save_steps[-1] - state.steps)
 
     def step(_, carry):
         params, opt_state = carry
@@ -181,38 +234,45 @@ def _descend(
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
-    first = row(params0)
-    kept = jax.tree.map(lambda x: jnp.zeros((n_slots,) + x.shape, x.dtype), params0)
+    def cond(state):
+        return (state.next_save < save_steps.shape[0]) & (state.steps < stop_at)
 
-    def put(buffer, i, values):
-        return jax.tree.map(lambda b, v: b.at[slot[i]].set(v, mode="drop"), buffer,
-                            values)  # fmt: skip
-
-    def segment(carry, i):
-        (params, opt_state), saved, velocity = carry
+    def interval(state):
+        i = state.next_save
         params, opt_state = jax.lax.fori_loop(
-            0, save_steps[i] - save_steps[i - 1], step, (params, opt_state)
-        )
+            0, save_steps[i] - save_steps[i - 1], step,
+            (state.params, state.opt_state),
+        )  # fmt: skip
         values = row(params)
-        saved, velocity = put(saved, i, params), put(velocity, i, values.velocity)
-        return ((params, opt_state), saved, velocity), values
+        return _Descent(
+            params=params,
+            opt_state=opt_state,
+            saved=_put(state.saved, slot[i], params),
+            velocity=_put(state.velocity, slot[i], values.velocity),
+            loss=state.loss.at[i].set(values.loss),
+            grad_norm=state.grad_norm.at[i].set(values.grad_norm),
+            metrics=_put(state.metrics, i, values.metrics),
+            next_save=i + 1,
+            steps=save_steps[i],
+        )
 
-    saved, velocity = put(kept, 0, params0), put(kept, 0, first.velocity)
-    (_, saved, velocity), rows = jax.lax.scan(
-        segment, ((params0, opt_state0), saved, velocity),
-        jnp.arange(1, save_steps.shape[0]),
-    )  # fmt: skip
-    rows = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, rows)
-    zero = jnp.zeros(1, jnp.int32)
+    return jax.lax.while_loop(cond, interval, state)
+
+
+def _outputs(state: _Descent, ts) -> _engine.Outputs:
+    """The finished descent as the engine's outputs (one member)."""
+    one = jnp.ones(1, jnp.int32)
+
+    def member(tree):
+        return jax.tree.map(lambda x: x[None], tree)
+
     return _engine.Outputs(
-        ts=jnp.zeros((1, save_steps.shape[0]), lr.dtype),
-        loss=rows.loss[None],
-        grad_norm=rows.grad_norm[None],
-        metrics=jax.tree.map(lambda x: x[None], rows.metrics),
-        params=jax.tree.map(lambda x: x[None], saved),
-        velocity=jax.tree.map(lambda x: x[None], velocity),
-        n_rows=zero, code=zero + result_code("successful"), steps=zero,
-        accepted=zero, grads=zero, row_grads=zero, hvps=zero,
+        ts=jnp.asarray(ts)[None], loss=state.loss[None],
+        grad_norm=state.grad_norm[None], metrics=member(state.metrics),
+        params=member(state.saved), velocity=member(state.velocity),
+        n_rows=one * ts.size, code=one * result_code("successful"),
+        steps=one * state.steps, accepted=one * state.steps, grads=one * state.steps,
+        row_grads=one * ts.size, hvps=0 * one,
     )  # fmt: skip
 
 

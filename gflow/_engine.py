@@ -49,6 +49,7 @@ _STOP_CODES = {
     "condition": result_code("stopped_by_condition"),
 }
 _RUNNING = result_code("successful")
+_MAX_ITERATIONS = jnp.iinfo(jnp.int32).max
 
 
 class Problem(eqx.Module):
@@ -754,7 +755,8 @@ def _loop(problem: Problem, controls: Controls, queue, data, state: State, budge
         state.lanes.y, data,
     )  # fmt: skip
     meter = _meter(problem.progress)
-    stop_at = state.iterations + budget
+    # (Capped: iterations + budget must not overflow int32.)
+    stop_at = state.iterations + jnp.minimum(budget, _MAX_ITERATIONS - state.iterations)
 
     def cond(carry):
         state, _ = carry

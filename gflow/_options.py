@@ -19,6 +19,7 @@ import contextlib
 import difflib
 import inspect
 import math
+import pathlib
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -393,6 +394,27 @@ KEYWORDS: dict[str, Keyword] = {
     "progress": Keyword(
         False, "bool", "show a progress bar (tqdm if installed, else text)."
     ),
+    "checkpoint": Keyword(
+        None,
+        "str | os.PathLike | None",
+        "a directory for checkpoints (created if missing). The run is cut into "
+        "segments and, after each, its whole state is written there atomically with "
+        "a fingerprint of the call (options, initial parameters, data, gflow "
+        "version; not the code of the loss). Calling again with the same arguments "
+        "and directory resumes from the last checkpoint and gives the same result "
+        "bit for bit; a finished run's checkpoint returns its result at once; a "
+        "checkpoint of a different call is refused.",
+    ),
+    "checkpoint_every": Keyword(
+        30.0, "float", "seconds of run time between checkpoints (about)."
+    ),
+    "checkpoint_steps": Keyword(
+        None,
+        "int | None",
+        "instead of `checkpoint_every`: a checkpoint every this many steps "
+        "(gradient descent checkpoints at save times, after whole intervals between "
+        "them).",
+    ),
 }
 
 #: The keywords of each kind of entry point.
@@ -401,6 +423,30 @@ COMMON_KEYWORDS = (*SAVE_KEYWORDS, "metrics", "throw", "matmul_precision")
 SOLVER_KEYWORDS = ("solver", "rtol", "atol", "dt0", "max_steps")
 STOP_KEYWORDS = ("stop_at_loss", "stop_at_grad_norm", "stop_when")
 FLOW_KEYWORDS = (*COMMON_KEYWORDS, *SOLVER_KEYWORDS, *STOP_KEYWORDS)
+CHECKPOINT_KEYWORDS = ("checkpoint", "checkpoint_every", "checkpoint_steps")
+
+
+class Checkpointing(eqx.Module):
+    """Where and how often a run writes checkpoints (`folder` None: it does not)."""
+
+    folder: pathlib.Path | None = eqx.field(default=None, static=True)
+    every_s: float = eqx.field(default=30.0, static=True)
+    every_steps: int | None = eqx.field(default=None, static=True)
+
+    @classmethod
+    def build(cls, folder, every_s, every_steps) -> Checkpointing:
+        from ._checkpoint import directory
+
+        if not positive_finite(every_s):
+            raise ValueError(
+                "`checkpoint_every` must be a positive number of seconds; got "
+                f"{every_s!r}."
+            )
+        if every_steps is not None:
+            every_steps = check_int("checkpoint_steps", every_steps, 1)
+        if folder is None:
+            return cls()
+        return cls(directory(folder), float(every_s), every_steps)
 
 
 class Options(eqx.Module):
@@ -413,6 +459,7 @@ class Options(eqx.Module):
     solver: SolverOptions | None = None
     stopping: Stopping = Stopping()
     progress: bool = eqx.field(default=False, static=True)
+    checkpointing: Checkpointing = Checkpointing()
 
     def __check_init__(self):
         if self.matmul_precision not in MATMUL_PRECISIONS:
@@ -478,6 +525,9 @@ def parse(entry: str, t_max: Any, allowed: tuple[str, ...], given: dict) -> Opti
         solver=solver,
         stopping=Stopping() if stopping is None else stopping,
         progress=bool(kw.get("progress", False)),
+        checkpointing=Checkpointing.build(
+            *(kw.get(k, KEYWORDS[k].default) for k in CHECKPOINT_KEYWORDS)
+        ),
     )
 
 

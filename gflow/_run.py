@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _engine
+from . import _checkpoint, _engine
 from ._compile import CompileTimer
 from ._model import bind, split
 from ._options import Options, matmul_precision_context
@@ -184,6 +184,31 @@ def run(problem, controls, queue, data, opts: Options, *, mesh=None, n_devices=N
         )
         state = jax.block_until_ready(state)
     return state, timer
+
+
+def run_in_segments(problem, controls, queue, data, opts: Options, stamp: str):
+    """`run`, cut into segments with a checkpoint after each (`_checkpoint`),
+    resumed from the checkpoint in `opts.checkpointing.folder` if there is one.
+    The segments run the same compiled program as an uncut run from the same
+    states, so the steps are the same bit for bit."""
+    n_members = jax.tree.leaves(queue)[0].shape[0]
+    saving = opts.checkpointing
+
+    def advance(state, budget):
+        return run(problem, controls, queue, data, opts, state=state, budget=budget)[0]
+
+    def finished(state):  # every member taken from the queue, none still running
+        running = bool(jnp.any(state.lanes.running))
+        return int(state.next_member) >= n_members and not running
+
+    def fresh():
+        n_slots = int(opts.saves.params_at.sum())
+        return _engine.fresh_state(problem, controls, queue, data, n_slots)
+
+    return _checkpoint.run_in_segments(
+        fresh, advance, finished, lambda state: int(state.iterations), saving.folder,
+        stamp, saving.every_s, saving.every_steps,
+    )  # fmt: skip
 
 
 def work_stats(steps, accepted, grads, row_grads, hvps) -> dict[str, Any]:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from . import _run
+from . import _checkpoint, _run
 from ._model import initial_params, resolve_loss
-from ._options import FLOW_KEYWORDS, parse, takes_options
+from ._options import CHECKPOINT_KEYWORDS, FLOW_KEYWORDS, parse, takes_options
 from ._outcome import raise_if_failed
 from ._trajectory import Trajectory
 from .flows import AbstractFlow, GradientFlow
@@ -27,7 +28,7 @@ def resolve_flow(flow: Any) -> AbstractFlow:
     return flow
 
 
-@takes_options(*FLOW_KEYWORDS, "progress")
+@takes_options(*FLOW_KEYWORDS, "progress", *CHECKPOINT_KEYWORDS)
 def simulate(
     model: Any,
     data: Any,
@@ -99,7 +100,20 @@ def simulate(
     opts = _run.checked_solver(opts, loss_fn, flow, params0, data)
     problem, controls = _run.build(loss_fn, flow, opts, dtype, progress=opts.progress)
     queue = jax.tree.map(lambda x: x[None], params0)
-    state, timer = _run.run(problem, controls, queue, data, opts)
     meta = dict(opts.meta("flow", dtype), seed=seed)
-    traj = _run.trajectory(state.out, opts, meta, timer, batched=False, fixed=fixed)
+    saving = opts.checkpointing
+    if saving.folder is None:
+        state, timer = _run.run(problem, controls, queue, data, opts)
+        stats = {}
+    else:
+        call = _checkpoint.describe(model, opts, meta, solver=repr(opts.solver.solver),
+                                    flow=repr(flow))  # fmt: skip
+        stamp = _checkpoint.fingerprint(
+            "simulate", call, params0, eqx.filter(fixed, eqx.is_array), data, controls
+        )
+        state, timer, stats = _run.run_in_segments(
+            problem, controls, queue, data, opts, stamp
+        )
+    traj = _run.trajectory(state.out, opts, meta, timer, batched=False, fixed=fixed,
+                           stats=stats)  # fmt: skip
     return raise_if_failed(traj, "simulate") if opts.throw else traj

@@ -113,12 +113,40 @@ def test_peers_torchdiffeq_runs(tmp_path):
 
 def test_ensemble_benchmark_runs_and_labels_agree(tmp_path):
     out = load("ensemble").main(["--quick", "--results", str(tmp_path)])
-    race = out["grid_race"]
-    assert race["same_labels"] == race["members"] == 144
-    assert race["gflow_member_steps"] <= race["gflow_lane_steps"]
+    (grid,) = out["grids"]
+    assert grid["members"] == 144
+    for way in ("gflow default", "gflow stopping"):
+        # Every point gets the label the straightforward solve gives it.
+        assert grid[way]["same_labels"] == 144, way
+        assert grid[way]["member_steps"] <= grid[way]["lane_steps"]
+    # Without a stopping rule every member runs to t_max: gflow's members take no
+    # fewer steps than with the rule.
+    assert (
+        grid["gflow default"]["member_steps"] > grid["gflow stopping"]["member_steps"]
+    )
     assert [row["members"] for row in out["scaling"]] == [64, 256]
-    assert json.loads((tmp_path / f"ensemble_quick_{jax.default_backend()}.json")
-                      .read_text())["grid_race"]["members"] == 144  # fmt: skip
+    for row in out["scaling"]:
+        assert 0 < row["useful_share_until_drained"] <= 1
+    saved = json.loads(
+        (tmp_path / f"ensemble_quick_{jax.default_backend()}.json").read_text()
+    )
+    assert saved["grids"][0]["members"] == 144
+
+
+def test_memory_benchmark_runs(tmp_path):
+    out = load("memory").main(["--quick", "--results", str(tmp_path)])
+    rows = {(r["width"], r["n_save"], r["params_at"]): r for r in out["rows"]}
+    # 4 w² + 4 w parameters; "final" keeps the parameters at two rows.
+    assert rows[(200, 100, "final")]["parameters"] == 4 * 200**2 + 4 * 200
+    assert rows[(200, 100, "final")]["rows_with_params"] == 2
+    assert rows[(200, 100, "all")]["rows_with_params"] == 100
+    assert out["target"]["peak_rss_bytes"] > 0
+
+
+def test_checkpoint_benchmark_runs(tmp_path):
+    out = load("checkpoint").main(["--quick", "--results", str(tmp_path)])
+    assert out["same_bit_for_bit"]
+    assert out["checkpoint_writes"] >= 1
 
 
 @pytest.mark.slow
