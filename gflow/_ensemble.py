@@ -183,11 +183,14 @@ def _solve_share(problem, controls, params0, share, data, opts: Options, mesh,
             opts, mesh, n_devices,
         )  # fmt: skip
         parts.append(out)
-        counts["lane_steps"] += int(np.sum(state.iterations)) * problem.lanes
-        counts["busy_before_drain"] += int(np.sum(state.queued_busy))
-        counts["lane_steps_before_drain"] += (
-            int(np.sum(state.queued_iterations)) * problem.lanes
+        # On the host: a reduction of device arrays would compile after the run,
+        # and be counted as compile time.
+        iterations, busy, queued = jax.device_get(
+            (state.iterations, state.queued_busy, state.queued_iterations)
         )
+        counts["lane_steps"] += int(np.sum(iterations)) * problem.lanes
+        counts["busy_before_drain"] += int(np.sum(busy))
+        counts["lane_steps_before_drain"] += int(np.sum(queued)) * problem.lanes
     return jax.tree.map(lambda *x: np.concatenate(x), *parts), counts
 
 

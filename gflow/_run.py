@@ -198,8 +198,9 @@ def run_in_segments(problem, controls, queue, data, opts: Options, stamp: str):
         return run(problem, controls, queue, data, opts, state=state, budget=budget)[0]
 
     def finished(state):  # every member taken from the queue, none still running
-        running = bool(jnp.any(state.lanes.running))
-        return int(state.next_member) >= n_members and not running
+        # (On the host: a jnp reduction here would compile, inside the timer.)
+        next_member, running = jax.device_get((state.next_member, state.lanes.running))
+        return int(next_member) >= n_members and not np.any(running)
 
     def fresh():
         n_slots = int(opts.saves.params_at.sum())
