@@ -103,8 +103,9 @@ class CompileTimer:
         _active.timer = self._outer
         self.num_compilations -= self.num_cache_hits
         if self._outer is not None:
-            self._outer._last_compile_end = max(
-                self._outer._last_compile_end, self._last_compile_end
-            )
+            if self._last_compile_end > self._start:  # the block compiled something
+                self._outer._last_compile_end = max(
+                    self._outer._last_compile_end, self._last_compile_end
+                )
             self._outer.num_compilations += self.num_compilations
             self._outer.num_cache_hits += self.num_cache_hits

@@ -182,3 +182,16 @@ def test_checkpoint_bad_input(tmp_path):
         locked.mkdir(mode=0o500)
         with pytest.raises(ValueError, match="cannot be written to"):
             gflow.simulate(loss, None, 1.0, params0=jnp.ones(2), checkpoint=locked)
+
+
+def test_segments_that_compile_nothing_count_as_run_time(tmp_path):
+    loss, data, params0 = problem()
+    kwargs = dict(KWARGS, max_steps=10**5, checkpoint_steps=20)
+    gflow.simulate(loss, data, 20.0, params0=params0, checkpoint=tmp_path / "a",
+                   **kwargs)  # fmt: skip
+    # The same program again: every segment runs, none compiles.
+    warm = gflow.simulate(loss, data, 20.0, params0=params0,
+                          checkpoint=tmp_path / "b", **kwargs)  # fmt: skip
+    assert warm.stats["checkpoint_writes"] > 1 and not warm.stats["compiled"]
+    assert warm.stats["compile_time_s"] == 0.0
+    assert warm.stats["run_time_s"] == warm.stats["wall_time_s"]
