@@ -12,9 +12,11 @@ The target: a 16.8M-parameter model (w = 2048) with 1,000 save times and
 params_at="final" peaks at ≤ 3 GiB.
 
     python benchmarks/memory.py            # the table and the target (minutes)
+    python benchmarks/memory.py --target   # the target run only
     python benchmarks/memory.py --quick    # small widths, for the test suite
 
-Writes benchmarks/results/memory_<backend>.json.
+Writes benchmarks/results/memory_<backend>.json (memory_target_<backend>.json with
+--target).
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ def show(row: dict) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small widths")
+    parser.add_argument("--target", action="store_true", help="the target run only")
     parser.add_argument("--results", default=str(RESULTS), help="output folder")
     parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -125,7 +128,7 @@ def main(argv=None):
     widths = (100, 200) if args.quick else (500, 1118, 2236)
     saves = (10, 100) if args.quick else (10, 100, 1000)
     rows = []
-    for width in widths:
+    for width in () if args.target else widths:
         for n_save in saves:
             for params_at in ("all", "final"):
                 rows.append(measure(width, n_save, params_at))
@@ -138,7 +141,7 @@ def main(argv=None):
         rows=rows,
         target=dict(target, peak_rss_at_most_3_gib=target["peak_rss_bytes"] <= 3 * GiB),
     )
-    name = "memory_quick" if args.quick else "memory"
+    name = "memory" + ("_quick" if args.quick else "_target" if args.target else "")
     path = write_results(name, result, args.results)
     print(f"wrote {path}")
     return result

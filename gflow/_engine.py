@@ -788,12 +788,22 @@ def _meter(progress: bool):
         return diffrax.TextProgressMeter()
 
 
-@eqx.filter_jit
 def advance(problem: Problem, controls: Controls, queue, data, state: State, budget,
             mesh=None):  # fmt: skip
     """Run the loop from `state` for at most `budget` iterations: one compiled
     program. With a `mesh`, lanes and members are split across its devices, each
-    device running its own loop on its own share (`problem.lanes` lanes each)."""
+    device running its own loop on its own share (`problem.lanes` lanes each).
+
+    `state` is donated: the result reuses its buffers (the lanes' solver states and
+    the members' outputs are then held once, not twice), so it must not be used
+    afterwards."""
+    return _advance((problem, controls, queue, data, budget, mesh), state)
+
+
+# Everything but the state is the first argument: only the state is donated.
+@eqx.filter_jit(donate="all-except-first")
+def _advance(rest, state: State):
+    problem, controls, queue, data, budget, mesh = rest
     if mesh is None:
         return _loop(problem, controls, queue, data, state, budget)
     spec = jax.sharding.PartitionSpec(mesh.axis_names[0])
