@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import re
 import sys
 import time
 
@@ -99,8 +100,18 @@ def row(name, family, label, traj, ref):
     )
 
 
+def save_grid(t_max, lrs):
+    """31 log-spaced save times rounded to whole steps of every learning rate, so
+    that gradient descent saves at the same times as the flows (but the last)."""
+    step = max(lrs)
+    assert all(abs(step / lr - round(step / lr)) < 1e-9 for lr in lrs)
+    ts = np.unique(np.round(gflow.save_times(t_max, 31) / step) * step)
+    ts[-1] = t_max  # the flows end at t_max; GD shares every save time before it
+    return ts
+
+
 def work_precision(mlp, loss, data, t_max, solvers, rtols, lrs):
-    ts = gflow.save_times(t_max, 31)
+    ts = save_grid(t_max, lrs)
     kwargs = dict(params0=mlp, ts=ts, max_steps=10**7)
     # The runs the targets compare come first, back to back: Tsit5 and auto at
     # gflow's defaults, and gradient descent.
@@ -228,12 +239,45 @@ def figure(ts, sharpness, rows, path):
     fig.savefig(path, dpi=110)
 
 
+def rows_from_log(path):
+    """The work-precision rows a run printed (its lines `  name  error E
+    gradient-equivalents N  run T s ...`), for a run that printed them but stopped
+    before writing its JSON."""
+    pattern = re.compile(
+        r"^  (\S+ (?:rtol|lr)=\S+|\S+ \(defaults\))\s+error\s+(\S+)\s+"
+        r"gradient-equivalents\s+([\d,]+)\s+run\s+(\S+) s"
+    )
+    rows = []
+    for line in pathlib.Path(path).read_text().splitlines():
+        match = pattern.match(line)
+        if not match:
+            continue
+        name, error, work, run = match.groups()
+        # The defaults (rtol 1e-6, atol 1e-8) are the sweep's rtol 1e-6 point.
+        name = name.replace("(defaults)", "rtol=1e-06")
+        family, setting = name.split(" ")
+        family = "gradient descent" if family == "GD" else family
+        label = setting.replace("=", " ")
+        rows.append(dict(method=name, family=family, label=label, error=float(error),
+                         grad_evals=int(work.replace(",", "")),
+                         run_time_s=float(run)))  # fmt: skip
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="t = 30, small grids")
     parser.add_argument("--results", default=str(RESULTS), help="output folder")
     parser.add_argument("--figures", default=str(FIGURES), help="figure folder")
+    parser.add_argument(
+        "--rows-from",
+        help="a log of a run that printed its "
+        "work-precision rows but stopped before writing them: run "
+        "only the rest (sharpness, papers, grid) and plot those rows",
+    )
     args = parser.parse_args(argv)
+    if args.rows_from:
+        return finish(args)
     if args.quick:
         t_max, n_examples, rtols = 30.0, 200, (1e-4, 1e-6)
         solvers = ("tsit5", "rkc2", "rock4", "auto")
@@ -260,6 +304,31 @@ def main(argv=None):
     path = write_results(name, result, args.results)
     png = pathlib.Path(args.figures) / f"{name}_{jax.default_backend()}.png"
     figure(np.asarray(ref.ts), sharpness, rows, png)
+    print(f"wrote {path} and {png}")
+    return result
+
+
+def finish(args):
+    """Sharpness along an accurate flow (auto at rtol 1e-8), the papers' flows and
+    the Markov grid; the work-precision figure from the rows of `args.rows_from`."""
+    mlp, loss, data = digits_problem(1000)
+    ts = save_grid(1000.0, (0.01, 0.03))
+    flow = gflow.simulate(loss, data, 1000.0, params0=mlp, rtol=1e-8, atol=1e-10,
+                          ts=ts, max_steps=10**7)  # fmt: skip
+    sharpness = np.asarray(gflow.metrics.sharpness_along(flow, loss, data, iters=40))
+    print(f"  λ_max from {sharpness[0]:.1f} to {sharpness[-1]:.1f}", flush=True)
+    rows = rows_from_log(args.rows_from)
+    result = dict(
+        t_max=1000.0,
+        rows_from=str(args.rows_from),
+        sharpness=dict(ts=np.asarray(flow.ts).tolist(), values=sharpness.tolist()),
+        rows=rows,
+        papers=papers(False),
+        markov_grid=markov_grid(100),
+    )
+    path = write_results("stiff_finish", result, args.results)
+    png = pathlib.Path(args.figures) / f"stiff_{jax.default_backend()}.png"
+    figure(np.asarray(flow.ts), sharpness, rows, png)
     print(f"wrote {path} and {png}")
     return result
 
