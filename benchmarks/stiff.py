@@ -261,7 +261,10 @@ def rows_from_log(path):
         rows.append(dict(method=name, family=family, label=label, error=float(error),
                          grad_evals=int(work.replace(",", "")),
                          run_time_s=float(run)))  # fmt: skip
-    return rows
+    # In sweep order (the defaults' lines come first in the log): loose to tight.
+    families = list(dict.fromkeys(row["family"] for row in rows))
+    return sorted(rows, key=lambda row: (families.index(row["family"]),
+                                         -float(row["label"].split()[1])))  # fmt: skip
 
 
 def main(argv=None):
