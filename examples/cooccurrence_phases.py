@@ -4,7 +4,7 @@ Their Appendix A setting: n = 60 samples (30 with both target words, 10 with µ1
 10 with µ2 only, 10 with neither), L = 5, d = 64, m = 128, m1 = 256, the Condition-1
 initialisation, and t = 300 (their 30,000 gradient-descent steps at lr 0.01).
 
-What the flow shows (float64, Tsit5 at rtol 1e-8):
+What the flow shows (float64, rtol 1e-8; the default solver stays on Tsit5 here):
 
 * Phase 1 ends at t ≈ 0.2 (found by `gflow.detect_phases`): every sample is
   classified correctly and G(µ1), G(µ2) > 0 > G(µ3), while W_Q, W_K and W_KᵀW_Q

@@ -1,16 +1,16 @@
 """Gradient flow against gradient descent on the co-occurrence transformer.
 
 Yang et al.'s setting (n = 60, L = 5, d = 64, m = 128, m1 = 256) to t = 300, their
-horizon. The flow (gflow, Tsit5 at the default tolerances) and gradient descent at
-learning rates 0.3, 0.1 and 0.03 are saved at the same times (whole GD steps), then
-compared with `gflow.compare`: how far each GD run strays from the flow, and when it
-first differs by more than 1%. GD's distance to the flow shrinks in proportion to its
-learning rate: it is the Euler discretisation of the flow. At lr = 0.3 gradient
-descent diverges early (in float32, at t ≈ 4.5): the third panel shows the
-sharpness λ_max along the flow (Hessian-vector-product power iteration) against
-the stability limit 2 / lr of each learning rate. At lr = 0.1, λ_max > 2 / lr until
-t ≈ 1: GD overshoots (the loss jumps at t = 0.3) and settles on a path about 8%
-away from the flow for good; at lr = 0.03 it stays within 0.2% of the flow.
+horizon. The flow (gflow's defaults: Tsit5 throughout on this flow) and gradient
+descent at learning rates 0.3, 0.1 and 0.03 are saved at the same times (whole GD
+steps), then compared with `gflow.compare`: how far each GD run strays from the
+flow, and when it first differs by more than 1%. GD's distance to the flow shrinks
+in proportion to its learning rate: it is the Euler discretisation of the flow. At
+lr = 0.3 gradient descent diverges early (in float32, at t ≈ 4.5): the third panel
+shows the sharpness λ_max along the flow (Hessian-vector-product power iteration)
+against the stability limit 2 / lr of each learning rate. At lr = 0.1, λ_max > 2 /
+lr until t ≈ 1: GD overshoots (the loss jumps at t = 0.3) and settles on a path
+about 8% away from the flow for good; at lr = 0.03 it stays within 0.2% of the flow.
 
 Run:  python examples/flow_vs_gradient_descent.py [--out DIR]
 Writes DIR/flow_vs_gradient_descent.png and DIR/flow_vs_gd_summary.json.

@@ -95,7 +95,7 @@ def main(argv=None):
     )
 
     fig, (ax_loss, ax_sv) = plt.subplots(1, 2, figsize=(11, 4.2))
-    ax_loss.semilogy(flow.ts, flow.loss, lw=2.5, label="gradient flow (gflow, Tsit5)")
+    ax_loss.semilogy(flow.ts, flow.loss, lw=2.5, label="gradient flow (gflow)")
     ax_loss.semilogy(gd.ts, gd.loss, "--", lw=1.5, label=f"gradient descent, lr={lr}")
     ax_loss.set(
         xlabel="gradient-flow time t",
