@@ -126,16 +126,25 @@ def gradient_descent(
 
     n_slots = int(opts.saves.params_at.sum())
     save_steps = jnp.asarray(steps, jnp.int32)
-    args = (jnp.asarray(slot, jnp.int32), optimizer, opts.metrics)
+    slot = jnp.asarray(slot, jnp.int32)
     lr_array = jnp.asarray(lr, dtype=dtype)
+    meta = opts.meta("discrete", dtype)
+    meta.update(
+        solver="gradient_descent" if optimizer is None else "optax",
+        lr=float(lr),
+        time_per_step=tau,
+        seed=seed,
+        t_max=n_steps * tau,
+    )
 
     def fresh():
-        return _start(loss_fn, params0, data, *args, n_slots, len(steps))
+        return _start(loss_fn, params0, data, slot, optimizer, opts.metrics, n_slots,
+                      len(steps))  # fmt: skip
 
     def advance(state, budget):
         budget = jnp.asarray(budget, jnp.int32)
-        return _descend(loss_fn, state, data, save_steps, args[0], lr_array,
-                        optimizer, opts.metrics, budget)  # fmt: skip
+        return _descend(loss_fn, state, data, save_steps, slot, lr_array, optimizer,
+                        opts.metrics, budget)  # fmt: skip
 
     saving = opts.checkpointing
     with matmul_precision_context(opts.matmul_precision):
@@ -144,9 +153,7 @@ def gradient_descent(
                 state = jax.block_until_ready(advance(fresh(), n_steps))
             stats = {}
         else:
-            call = _checkpoint.describe(model, opts, opts.meta("discrete", dtype),
-                                        lr=float(lr), time_per_step=tau,
-                                        optimizer=repr(optimizer))  # fmt: skip
+            call = _checkpoint.describe(model, opts, meta, optimizer=repr(optimizer))
             stamp = _checkpoint.fingerprint(
                 "gradient_descent", call, params0, eqx.filter(fixed, eqx.is_array),
                 data, save_steps,
@@ -157,14 +164,6 @@ def gradient_descent(
                 saving.every_steps,
             )  # fmt: skip
     out = _outputs(state, jnp.asarray(steps * tau, dtype))
-    meta = opts.meta("discrete", dtype)
-    meta.update(
-        solver="gradient_descent" if optimizer is None else "optax",
-        lr=float(lr),
-        time_per_step=tau,
-        seed=seed,
-        t_max=n_steps * tau,
-    )
     traj = _run.trajectory(out, opts, meta, timer, batched=False, fixed=fixed,
                            stats=stats)  # fmt: skip
     return raise_if_failed(traj, "gradient_descent", "discrete") if opts.throw else traj
