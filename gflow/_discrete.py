@@ -12,7 +12,7 @@ import optax
 
 from . import _checkpoint, _engine, _run
 from ._compile import CompileTimer
-from ._model import initial_params, resolve_loss
+from ._model import as_key, initial_params, resolve_loss
 from ._options import (
     CHECKPOINT_KEYWORDS,
     COMMON_KEYWORDS,
@@ -37,6 +37,8 @@ def gradient_descent(
     key: Any = None,
     optimizer: optax.GradientTransformation | None = None,
     time_per_step: float | None = None,
+    batch_size: int | None = None,
+    batch_key: Any = None,
     **options: Any,
 ) -> Trajectory:
     """Gradient descent (or any optax optimiser) on the gradient flow's time axis.
@@ -64,6 +66,14 @@ def gradient_descent(
             gradient descent. Reuse the same object across calls to avoid
             recompiling.
         time_per_step: flow time per step (default `lr`).
+        batch_size: minibatch SGD: each step's gradient is the loss gradient on
+            `batch_size` examples drawn at random without replacement (a fresh
+            draw each step). The examples are the leading axis of every leaf of
+            `data` (all leaves must share it). Default: full-batch gradients. The
+            saved rows (loss, gradient norm, metrics) are always on all the data.
+            `gflow.flows.SGD` is its continuous model.
+        batch_key: the key of the minibatch draws (an int seed or
+            `jax.random.key(seed)`); required with `batch_size`.
 
     {keyword_args}
 
@@ -105,17 +115,17 @@ def gradient_descent(
             "`optimizer` must be an optax.GradientTransformation (e.g. optax.sgd(0.1, "
             f"momentum=0.9)); got {type(optimizer).__name__}."
         )
-    steps = np.rint(opts.saves.ts / tau).astype(np.int64)
-    keep = np.ones(steps.size, bool)
-    keep[1:] = np.diff(np.minimum(steps, n_steps)) > 0
-    keep[-1] = True  # the last save is the last step, even if t_max rounds
-    steps = np.minimum(steps, n_steps)[keep]
-    steps[-1] = n_steps
+    steps = np.minimum(np.rint(opts.saves.ts / tau).astype(np.int64), n_steps)
+    steps[-1] = n_steps  # the last save is the last step, even if t_max rounds
+    # Of saves rounding to the same step, the last is kept (the final one included).
+    keep = np.append(np.diff(steps) > 0, True)
+    steps = steps[keep]
     opts = eqx.tree_at(
         lambda o: (o.saves.ts, o.saves.params_at),
         opts,
         (steps * tau, opts.saves.params_at[keep]),
     )
+    batches = _batches(batch_size, batch_key, data)
     params0, seed = initial_params(model, params0, key)
     params0, fixed, loss_fn, opts = _run.trained_part(loss_fn, opts, params0)
     dtype = jnp.result_type(*jax.tree.leaves(params0))
@@ -135,6 +145,7 @@ def gradient_descent(
         time_per_step=tau,
         seed=seed,
         t_max=n_steps * tau,
+        batch_size=batch_size,
     )
 
     def fresh():
@@ -144,7 +155,7 @@ def gradient_descent(
     def advance(state, budget):
         budget = jnp.asarray(budget, jnp.int32)
         return _descend(loss_fn, state, data, save_steps, slot, lr_array, optimizer,
-                        opts.metrics, budget)  # fmt: skip
+                        opts.metrics, budget, batches)  # fmt: skip
 
     saving = opts.checkpointing
     with matmul_precision_context(opts.matmul_precision):
@@ -156,7 +167,7 @@ def gradient_descent(
             call = _checkpoint.describe(model, opts, meta, optimizer=repr(optimizer))
             stamp = _checkpoint.fingerprint(
                 "gradient_descent", call, params0, eqx.filter(fixed, eqx.is_array),
-                data, save_steps,
+                data, save_steps, batches,
             )  # fmt: skip
             state, timer, stats = _checkpoint.run_in_segments(
                 fresh, advance, lambda s: int(s.steps) >= n_steps,
@@ -167,6 +178,56 @@ def gradient_descent(
     traj = _run.trajectory(out, opts, meta, timer, batched=False, fixed=fixed,
                            stats=stats)  # fmt: skip
     return raise_if_failed(traj, "gradient_descent", "discrete") if opts.throw else traj
+
+
+class _Batches(eqx.Module):
+    """Minibatches: `size` examples drawn without replacement, with the key
+    `fold_in(key, step)` at each step."""
+
+    key: jax.Array  # raw uint32
+    size: int = eqx.field(static=True)
+
+    def draw(self, data, step):
+        key = jax.random.fold_in(jax.random.wrap_key_data(self.key), step)
+        n = jax.tree.leaves(data)[0].shape[0]
+        picked = jax.random.choice(key, n, (self.size,), replace=False)
+        return jax.tree.map(lambda x: x[picked], data)
+
+
+def _batches(batch_size, batch_key, data) -> _Batches | None:
+    """The minibatches asked for, checked against the data; None for full batch."""
+    if batch_size is None:
+        if batch_key is not None:
+            raise ValueError("`batch_key` is only used with `batch_size`.")
+        return None
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, int | np.integer)
+        or batch_size < 1
+    ):
+        raise ValueError(f"`batch_size` must be an integer >= 1; got {batch_size!r}.")
+    if batch_key is None:
+        raise ValueError(
+            "`batch_size` needs `batch_key=` (an int seed or jax.random.key(seed)) "
+            "for the minibatch draws."
+        )
+    key, _ = as_key(batch_key)
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    leaves = jax.tree.leaves(data)
+    sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
+    if not leaves or None in sizes or len(sizes) > 1:
+        raise ValueError(
+            "`batch_size` draws examples along the leading axis of every leaf of "
+            "`data`, so every leaf must be an array with the same leading size; got "
+            f"leading sizes {sorted(map(str, sizes)) or 'none (no array leaves)'}."
+        )
+    (n,) = sizes
+    if batch_size > n:
+        raise ValueError(
+            f"`batch_size` = {batch_size} is larger than the data's {n} examples."
+        )
+    return _Batches(key, int(batch_size))
 
 
 class _Descent(eqx.Module):
@@ -218,16 +279,16 @@ def _put(buffer, at, values):
 
 @eqx.filter_jit
 def _descend(loss_fn, state: _Descent, data, save_steps, slot, lr, optimizer,
-             metrics, budget) -> _Descent:  # fmt: skip
+             metrics, budget, batches: _Batches | None) -> _Descent:  # fmt: skip
     """Step from save row to save row until the last, or until `budget` steps have
-    been taken (whole save intervals: at least one)."""
+    been taken (whole save intervals: at least one); on minibatches if `batches`."""
     grad_fn = jax.grad(loss_fn)
     row = _row_fn(loss_fn, metrics, data)
     stop_at = state.steps + jnp.minimum(budget, save_steps[-1] - state.steps)
 
-    def step(_, carry):
+    def step(k, carry):
         params, opt_state = carry
-        grads = grad_fn(params, data)
+        grads = grad_fn(params, data if batches is None else batches.draw(data, k))
         if optimizer is None:
             return jax.tree.map(lambda p, g: p - lr * g, params, grads), opt_state
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -239,9 +300,8 @@ def _descend(loss_fn, state: _Descent, data, save_steps, slot, lr, optimizer,
     def interval(state):
         i = state.next_save
         params, opt_state = jax.lax.fori_loop(
-            0, save_steps[i] - save_steps[i - 1], step,
-            (state.params, state.opt_state),
-        )  # fmt: skip
+            state.steps, save_steps[i], step, (state.params, state.opt_state)
+        )
         values = row(params)
         return _Descent(
             params=params,

@@ -66,8 +66,27 @@ class Problem(eqx.Module):
     width: int = eqx.field(static=True)
     progress: bool = eqx.field(static=True)
 
-    def terms(self):
-        return self.flow.terms(self.loss_fn)
+    def terms(self, controls: Controls, noise, y, data):
+        """The equation's terms; an SDE flow's Brownian motion is a virtual
+        Brownian tree drawn from the lane's key `noise`, resolved to dt0 / 2."""
+        if not self.flow.is_sde:
+            return self.flow.terms(self.loss_fn)
+        path = diffrax.VirtualBrownianTree(
+            controls.ts[0], controls.ts[-1], tol=controls.dt0 / 2,
+            shape=self.flow.noise_shape(self.flow.params(y), data),
+            key=jax.random.wrap_key_data(noise),
+        )  # fmt: skip
+        return self.flow.terms(self.loss_fn, path)
+
+    def cost(self, evaluations, solver_hvps):
+        """(gradients, Hessian-vector products) of `evaluations` of the terms,
+        with the solver's own Hessian-vector products."""
+        grads, hvps = self.flow.cost
+        counted = jnp.asarray(evaluations) >= 0  # implicit solvers: -1, not counted
+        return (
+            jnp.where(counted, evaluations * grads, evaluations),
+            jnp.where(counted, evaluations * hvps + solver_hvps, solver_hvps),
+        )
 
 
 class Controls(eqx.Module):
@@ -87,6 +106,7 @@ class Lane(eqx.Module):
     """One member's solve in progress (every field has a leading lane axis)."""
 
     member: jax.Array  # the member it holds; M when none
+    noise: Any  # an SDE flow's key (raw uint32), None otherwise
     t: jax.Array  # time reached (last accepted step)
     tnext: jax.Array  # end of the next step attempt
     y: Any
@@ -314,12 +334,14 @@ def _put_at(tree, at, values):
     return jax.tree.map(lambda x, v: x.at[at].set(v, mode="drop"), tree, values)
 
 
-def _load(problem: Problem, controls: Controls, params0, data):
-    """A lane starting a member at t = 0, and the values of its first row."""
+def _load(problem: Problem, controls: Controls, entry, data):
+    """A lane starting a member (`entry`: its queue entry, initial parameters and
+    noise key) at t = 0, and the values of its first row."""
+    params0, noise = entry
     ts = controls.ts
     t0, t_max = ts[0], ts[-1]
-    terms = problem.terms()
-    y0 = problem.flow.initial_state(params0)
+    y0 = problem.flow.initial_state(problem.loss_fn, params0, data)
+    terms = problem.terms(controls, noise, y0, data)
     field = problem.flow.vector_field(problem.loss_fn)
     error_order = problem.solver.error_order(terms)
     grads = 0
@@ -340,8 +362,11 @@ def _load(problem: Problem, controls: Controls, params0, data):
     values = _row(problem, y0, data)
     code, loss_gap = _stopped_at_start(problem, controls, values, y0, data)
     zero = jnp.zeros((), jnp.int32)
+    grads, hvps = problem.cost(grads, problem.flow.row_hvps)
+    grads += problem.flow.start_grads
     lane = Lane(
         member=zero,
+        noise=noise,
         t=t0,
         tnext=tnext,
         y=y0,
@@ -351,7 +376,7 @@ def _load(problem: Problem, controls: Controls, params0, data):
         accepted=zero,
         grads=zero + grads,
         row_grads=zero + 1,
-        hvps=zero,
+        hvps=zero + hvps,
         row=zero + 1,
         last_t=t0,
         loss_gap=loss_gap,
@@ -386,7 +411,7 @@ def _attempt(problem: Problem, controls: Controls, lane: Lane, data):
     """One step attempt of one lane: the lane after it, the step's dense output,
     whether it was accepted, and where it started."""
     t_max = controls.ts[-1]
-    terms = problem.terms()
+    terms = problem.terms(controls, lane.noise, lane.y, data)
     controller = _controller(problem, controls)
     solver = _solver(problem, controller)
     y1, y_error, dense, solver_state, solver_result = solver.step(
@@ -411,7 +436,7 @@ def _attempt(problem: Problem, controls: Controls, lane: Lane, data):
         tnext = jnp.where(lands & (following > tprev), jnp.minimum(tnext, following),
                           tnext)  # fmt: skip
     tnext = _clip_to_end(tprev, tnext, t_max, keep)
-    grads, hvps = step_cost(solver, solver_state)
+    grads, hvps = problem.cost(*step_cost(solver, solver_state))
     failed = (solver_result != diffrax.RESULTS.successful) & keep
     collapsed = tnext <= tprev  # the step size is below the resolution of t
     code = jnp.where(
@@ -440,6 +465,7 @@ def _attempt(problem: Problem, controls: Controls, lane: Lane, data):
             lane.hvps + hvps,
             code,
         ),
+        is_leaf=lambda x: x is None,  # a solver or controller without state
     )  # fmt: skip
     return new, dense, keep
 
@@ -612,12 +638,13 @@ def _write_crossed_rows(problem, controls, state, accepted, t0, limit, done, den
         member = jnp.where(index < problem.lanes, lanes.member[lane], out.n_rows.size)
         out = _write(out, member, row, t, new_values, controls.slot[row])
         lanes = eqx.tree_at(
-            lambda s: (s.row, s.last_t, s.row_grads),
+            lambda s: (s.row, s.last_t, s.row_grads, s.hvps),
             lanes,
             (
                 lanes.row.at[index].add(1, mode="drop"),
                 lanes.last_t.at[index].set(t, mode="drop"),
                 lanes.row_grads.at[index].add(1, mode="drop"),
+                lanes.hvps.at[index].add(problem.flow.row_hvps, mode="drop"),
             ),
         )
         return eqx.tree_at(lambda s: (s.lanes, s.out), state, (lanes, out))
@@ -656,7 +683,8 @@ def _finish_and_refill(problem, controls, queue, state, t_end, y_end, data):
         counters = dict(
             n_rows=row + 1, code=picked.code, steps=picked.steps,
             accepted=picked.accepted, grads=picked.grads,
-            row_grads=picked.row_grads + 1, hvps=picked.hvps,
+            row_grads=picked.row_grads + 1,
+            hvps=picked.hvps + problem.flow.row_hvps,
         )  # fmt: skip
         out = eqx.tree_at(
             lambda o: tuple(getattr(o, k) for k in counters),

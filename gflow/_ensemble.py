@@ -28,9 +28,8 @@ from ._compile import CompileTimer
 from ._model import check_params, resolve_loss
 from ._options import FLOW_KEYWORDS, Options, check_int, parse, takes_options
 from ._outcome import raise_if_failed
-from ._simulate import resolve_flow
 from ._trajectory import Trajectory
-from .flows import AbstractFlow
+from .flows import AbstractFlow, describe_flow
 
 _DEFAULT_MEMORY_BUDGET = 2**30
 _MEMBER_AXIS = "members"
@@ -49,6 +48,7 @@ def simulate_ensemble(
     params0: Any = None,
     keys: Any = None,
     flow: AbstractFlow | None = None,
+    noise_key: Any = None,
     save: Literal["trajectory", "final"] = "trajectory",
     lanes: int | None = None,
     memory_budget: int = _DEFAULT_MEMORY_BUDGET,
@@ -76,6 +76,8 @@ def simulate_ensemble(
             array of shape `(B,)` (`jax.random.split(key, B)`), or raw uint32 keys
             of shape `(B, 2)`.
         flow: what to integrate (`gflow.flows`); the gradient flow by default.
+        noise_key: a stochastic flow's keys (`gflow.flows.SGD`): one per member,
+            `jax.random.split(key, B)`, so each member follows its own path.
         save: `"trajectory"` (default) saves every save time; `"final"` saves only
             `t = 0` and where each member ended (its final parameters, loss,
             metrics and stopping time), for large ensembles.
@@ -125,13 +127,13 @@ def simulate_ensemble(
         options = dict(options, n_save=2, spacing="linear")
     opts = parse("simulate_ensemble", t_max, simulate_ensemble.__gflow_keywords__,
                  options)  # fmt: skip
-    flow = resolve_flow(flow)
     params0 = _initial_batch(model, params0, keys)
     params0, fixed, loss_fn, opts = _run.trained_part(loss_fn, opts, params0)
     batch = jax.tree.leaves(params0)[0].shape[0]
+    one = jax.tree.map(lambda x: x[0], params0)
+    flow, noise = _run.prepared_flow(flow, model, fixed, one, data, noise_key, batch)
     dtype = jnp.result_type(*jax.tree.leaves(params0))
     opts.solver.warn_precision(dtype)
-    one = jax.tree.map(lambda x: x[0], params0)
     _run.checked_loss(loss_fn, one, data)
     _run.checked_metrics(opts, one, data)
 
@@ -149,12 +151,14 @@ def simulate_ensemble(
     )  # fmt: skip
     with CompileTimer() as timer:
         out, counts = _solve_share(
-            problem, controls, params0, share, data, opts, mesh, n_devices, block
-        )
+            problem, controls, (params0, noise), share, data, opts, mesh, n_devices,
+            block,
+        )  # fmt: skip
     if processes > 1:
         out, counts = _gather(out, counts, share.size, batch)
 
     meta = opts.meta("ensemble", dtype)
+    meta["flow"] = describe_flow(flow)
     meta.update(save=save, batch_size=int(batch), lanes=int(n_lanes),
                 block_size=int(block), num_devices=int(n_devices),
                 num_processes=int(processes))  # fmt: skip
@@ -171,7 +175,7 @@ def simulate_ensemble(
     return raise_if_failed(traj, "simulate_ensemble") if opts.throw else traj
 
 
-def _solve_share(problem, controls, params0, share, data, opts: Options, mesh,
+def _solve_share(problem, controls, queue, share, data, opts: Options, mesh,
                  n_devices, block):  # fmt: skip
     """This process's members, a block at a time; outputs on the host, in member
     order, and the lanes' work counters."""
@@ -179,7 +183,7 @@ def _solve_share(problem, controls, params0, share, data, opts: Options, mesh,
     counts = dict(lane_steps=0, busy_before_drain=0, lane_steps_before_drain=0)
     for start in range(0, share.size, block):
         out, state = _solve_block(
-            problem, controls, params0, share[start : start + block], block, data,
+            problem, controls, queue, share[start : start + block], block, data,
             opts, mesh, n_devices,
         )  # fmt: skip
         parts.append(out)
@@ -194,7 +198,7 @@ def _solve_share(problem, controls, params0, share, data, opts: Options, mesh,
     return jax.tree.map(lambda *x: np.concatenate(x), *parts), counts
 
 
-def _solve_block(problem, controls, params0, members, block, data, opts, mesh,
+def _solve_block(problem, controls, queue, members, block, data, opts, mesh,
                  n_devices):  # fmt: skip
     """One block of members (padded to `block`, so every block runs the same
     program), dealt to the devices in turn; its outputs on the host, in member
@@ -206,7 +210,7 @@ def _solve_block(problem, controls, params0, members, block, data, opts, mesh,
     )
     # Member padded[k] goes to device k mod n: the queue is device-major.
     order = np.arange(padded.size).reshape(per_device, n_devices).T.ravel()
-    queue = jax.tree.map(lambda x: x[padded[order]], params0)
+    queue = jax.tree.map(lambda x: x[padded[order]], queue)
     state, _ = _run.run(
         problem, controls, queue, data, opts, mesh=mesh,
         n_devices=None if mesh is None else n_devices,

@@ -21,7 +21,7 @@ from ._options import Options, matmul_precision_context
 from ._outcome import result_code, result_names
 from ._stabilized import AutoTsit5
 from ._trajectory import Trajectory, take_fields
-from .flows import AbstractFlow
+from .flows import AbstractFlow, GradientFlow
 from .metrics import power_iteration
 
 #: Iterations of the engine's loop when a run is not cut into segments.
@@ -84,8 +84,18 @@ def checked_solver(
     chooses a method for the user, served by Tsit5 with a warning (the options
     returned say so)."""
     solver = opts.solver.solver
+    if flow.is_sde:
+        return _sde_solver(opts, flow)
     if not getattr(solver, "uses_jvp", False):
         return opts
+    if not flow.gradient_field:
+        if isinstance(solver, AutoTsit5):  # "auto" chooses for the user: Tsit5
+            return eqx.tree_at(lambda o: o.solver.solver, opts, diffrax.Tsit5())
+        raise ValueError(
+            f"solver {solver_name(solver)!r} needs a gradient field (a symmetric "
+            f"Jacobian, real eigenvalues); flow {type(flow).__name__} is not one. "
+            "Use solver='tsit5' (or 'auto', which runs Tsit5 for it)."
+        )
     field = flow.vector_field(loss_fn)
 
     def top_eigenvalue(y):
@@ -95,7 +105,7 @@ def checked_solver(
         return power_iteration(hvp, y, 1)[0]
 
     try:
-        jax.jit(top_eigenvalue).lower(flow.initial_state(params))
+        jax.jit(top_eigenvalue).lower(flow.initial_state(loss_fn, params, data))
     except Exception as e:  # noqa: BLE001 - re-raised with context below
         if not isinstance(solver, AutoTsit5):
             raise _no_hvp(solver, e) from e
@@ -107,6 +117,83 @@ def checked_solver(
         )
         return eqx.tree_at(lambda o: o.solver.solver, opts, diffrax.Tsit5())
     return opts
+
+
+def _sde_solver(opts: Options, flow: AbstractFlow) -> Options:
+    """An SDE flow runs Euler–Maruyama (Itô) at a fixed step: the default solver
+    becomes diffrax's Euler at the flow's default step unless `dt0` is given."""
+    solver = opts.solver
+    if isinstance(solver.solver, AutoTsit5):
+        dt0 = flow.default_dt0 if solver.dt0 is None else solver.dt0
+        return eqx.tree_at(
+            lambda o: o.solver, opts,
+            type(solver)(diffrax.Euler(), solver.rtol, solver.atol, dt0,
+                         solver.max_steps),
+        )  # fmt: skip
+    if type(solver.solver) is not diffrax.Euler:
+        raise ValueError(
+            f"flow {type(flow).__name__} is a stochastic differential equation (Itô), "
+            "solved by Euler–Maruyama: `solver` must be 'euler' (with `dt0`) or "
+            f"'auto' (Euler at dt0 = lr/4); got {solver_name(solver.solver)!r}."
+        )
+    return opts
+
+
+def prepared_flow(flow: Any, model: Any, fixed: Any, params: Any, data: Any,
+                  noise_key: Any, members: int | None):  # fmt: skip
+    """The flow ready to run (`flow.prepared`), and the noise keys of the members
+    as raw uint32 keys with a leading member axis (None for a flow without noise).
+    `members` is None for `simulate` (one key), the batch size for an ensemble."""
+    flow = resolve_flow(flow)
+    flow = flow.prepared(model, lambda fn: bind(fn, fixed), params, data)
+    if not flow.is_sde:
+        if noise_key is not None:
+            raise ValueError(
+                f"`noise_key` is for flows with noise (gflow.flows.SGD); flow "
+                f"{type(flow).__name__} has none."
+            )
+        return flow, None
+    if noise_key is None:
+        raise ValueError(
+            f"flow {type(flow).__name__} is stochastic: pass `noise_key=` ("
+            + ("jax.random.key(seed)" if members is None
+               else f"jax.random.split(key, {members}): one key per member")
+            + ")."
+        )  # fmt: skip
+    return flow, _raw_keys(noise_key, members)
+
+
+def _raw_keys(keys: Any, members: int | None) -> jax.Array:
+    """Keys as raw uint32 data with a leading member axis, checked."""
+    if isinstance(keys, int | np.integer) and not isinstance(keys, bool):
+        keys = jax.random.key(int(keys))
+    keys = jnp.asarray(keys)
+    if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
+        keys = jax.random.key_data(keys)
+    shape = () if members is None else (members,)
+    if keys.dtype != jnp.uint32 or keys.shape != shape + (2,):
+        want = (
+            "one key (an int seed or jax.random.key(seed))"
+            if members is None
+            else f"{members} keys, one per member (jax.random.split(key, {members}))"
+        )
+        raise ValueError(
+            f"`noise_key` must be {want}; got shape {tuple(keys.shape)} and dtype "
+            f"{keys.dtype}."
+        )
+    return keys if members is not None else keys[None]
+
+
+def resolve_flow(flow: Any) -> AbstractFlow:
+    """The flow to integrate: the gradient flow unless one is given."""
+    if flow is None:
+        return GradientFlow()
+    if not isinstance(flow, AbstractFlow):
+        raise TypeError(
+            "`flow` must be a gflow.flows flow (e.g. gflow.flows.GradientFlow()); "
+            f"got {type(flow).__name__}."
+        )
+    return flow
 
 
 def _no_hvp(solver, error: Exception) -> ValueError:

@@ -13,19 +13,7 @@ from ._model import initial_params, resolve_loss
 from ._options import CHECKPOINT_KEYWORDS, FLOW_KEYWORDS, parse, takes_options
 from ._outcome import raise_if_failed
 from ._trajectory import Trajectory
-from .flows import AbstractFlow, GradientFlow
-
-
-def resolve_flow(flow: Any) -> AbstractFlow:
-    """The flow to integrate: the gradient flow unless one is given."""
-    if flow is None:
-        return GradientFlow()
-    if not isinstance(flow, AbstractFlow):
-        raise TypeError(
-            "`flow` must be a gflow.flows flow (e.g. gflow.flows.GradientFlow()); "
-            f"got {type(flow).__name__}."
-        )
-    return flow
+from .flows import AbstractFlow, describe_flow
 
 
 @takes_options(*FLOW_KEYWORDS, "progress", *CHECKPOINT_KEYWORDS)
@@ -37,6 +25,7 @@ def simulate(
     params0: Any = None,
     key: Any = None,
     flow: AbstractFlow | None = None,
+    noise_key: Any = None,
     **options: Any,
 ) -> Trajectory:
     """Solve the gradient flow `dθ/dt = -∇θ L(θ; data)` from `t = 0` to `t_max`.
@@ -64,7 +53,10 @@ def simulate(
             parameters keep the structure (`traj.final` of a Module is that Module).
         key: an int seed or `jax.random.key`, for `model.init` when `params0` is
             None.
-        flow: what to integrate (`gflow.flows`); the gradient flow by default.
+        flow: what to integrate (`gflow.flows`): the gradient flow by default, or
+            a continuous model of an optimiser (`ModifiedGD`, `HeavyBall`, `SGD`).
+        noise_key: the key of a stochastic flow's Brownian path (`gflow.flows.SGD`):
+            an int seed or `jax.random.key(seed)`.
 
     {keyword_args}
 
@@ -90,26 +82,27 @@ def simulate(
     """
     loss_fn = resolve_loss(model)
     opts = parse("simulate", t_max, simulate.__gflow_keywords__, options)
-    flow = resolve_flow(flow)
     params0, seed = initial_params(model, params0, key)
     params0, fixed, loss_fn, opts = _run.trained_part(loss_fn, opts, params0)
+    flow, noise = _run.prepared_flow(flow, model, fixed, params0, data, noise_key,
+                                     None)  # fmt: skip
     dtype = jnp.result_type(*jax.tree.leaves(params0))
     opts.solver.warn_precision(dtype)
     _run.checked_loss(loss_fn, params0, data)
     _run.checked_metrics(opts, params0, data)
     opts = _run.checked_solver(opts, loss_fn, flow, params0, data)
     problem, controls = _run.build(loss_fn, flow, opts, dtype, progress=opts.progress)
-    queue = jax.tree.map(lambda x: x[None], params0)
-    meta = dict(opts.meta("flow", dtype), seed=seed)
+    queue = (jax.tree.map(lambda x: x[None], params0), noise)
+    meta = dict(opts.meta("flow", dtype), seed=seed, flow=describe_flow(flow))
     saving = opts.checkpointing
     if saving.folder is None:
         state, timer = _run.run(problem, controls, queue, data, opts)
         stats = {}
     else:
         call = _checkpoint.describe(model, opts, meta, solver=repr(opts.solver.solver),
-                                    flow=repr(flow))  # fmt: skip
+                                    flow=describe_flow(flow))  # fmt: skip
         stamp = _checkpoint.fingerprint(
-            "simulate", call, params0, eqx.filter(fixed, eqx.is_array), data, controls
+            "simulate", call, queue, eqx.filter(fixed, eqx.is_array), data, controls
         )
         state, timer, stats = _run.run_in_segments(
             problem, controls, queue, data, opts, stamp
