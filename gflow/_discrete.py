@@ -51,8 +51,11 @@ def gradient_descent(
 
     Time conventions for other optimisers (pass them as `time_per_step`):
     heavy-ball momentum μ with learning rate α moves about α / (1 − μ) of flow time
-    per step once its velocity has built up; Adam and other adaptive methods have no
-    flow-time mapping, and `k * lr` is then only a convention.
+    per step once its velocity has built up (`gflow.flows.HeavyBall` is its
+    continuous model on that axis); Adam and other adaptive methods have no
+    flow-time mapping, and `k * lr` is then only a convention. Continuous models
+    of gradient descent at finite `lr` and of minibatch SGD are
+    `gflow.flows.ModifiedGD` and `gflow.flows.SGD`.
 
     Args:
         model: as in [`gflow.simulate`][].

@@ -77,12 +77,16 @@ def checked_loss(loss_fn, params: Any, data: Any) -> jax.ShapeDtypeStruct:
 def checked_solver(
     opts: Options, loss_fn, flow: AbstractFlow, params: Any, data: Any
 ) -> Options:
-    """Lower the Hessian-vector products a stiff solver needs, in a power iteration
-    as the solver runs them (some losses fail only there: a `jax.custom_vjp`
-    function is refused forward-mode differentiation when lowered inside a loop).
-    A loss that fails is refused with the cause, or, for `"auto"`, which only
-    chooses a method for the user, served by Tsit5 with a warning (the options
-    returned say so)."""
+    """The solver options that suit `flow` and the loss.
+
+    An SDE flow gets Euler–Maruyama (`_sde_solver`). A flow that is not a gradient
+    field is refused by the stabilized solvers, and served by Tsit5 under "auto".
+    Otherwise the Hessian-vector products a stiff solver needs are lowered, in a
+    power iteration as the solver runs them (some losses fail only there: a
+    `jax.custom_vjp` function is refused forward-mode differentiation when lowered
+    inside a loop). A loss that fails is refused with the cause, or, for `"auto"`,
+    which only chooses a method for the user, served by Tsit5 with a warning (the
+    options returned say so)."""
     solver = opts.solver.solver
     if flow.is_sde:
         return _sde_solver(opts, flow)

@@ -328,7 +328,9 @@ class SGD(AbstractFlow):
     row_hvps: ClassVar[int] = 1
     is_sde: ClassVar[bool] = True
 
-    def __init__(self, lr: float, batch_size: int, per_example_loss=None):
+    def __init__(
+        self, lr: float, batch_size: int, per_example_loss: Callable | None = None
+    ):
         self.lr = _rate("lr", lr)
         if (
             isinstance(batch_size, bool)

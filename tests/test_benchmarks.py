@@ -22,6 +22,7 @@ def load(name):
     sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses (equinox Modules) look their module up
     spec.loader.exec_module(module)
     return module
 
@@ -176,4 +177,25 @@ def test_stiff_benchmark_runs(tmp_path):
     assert set(out["papers"]) == {"co-occurrence", "Markov transformer", "condensation"}
     assert (
         tmp_path / f"stiff_quick_{jax.default_backend()}.png"
+    ).stat().st_size > 10_000
+
+
+def test_optimizer_flows_benchmark_runs(tmp_path):
+    pytest.importorskip("sklearn", reason="the 'bench' extra is not installed")
+    out = load("optimizer_flows").main(
+        ["--quick", "--results", str(tmp_path), "--figures", str(tmp_path)]
+    )
+    gd, hb = out["gradient_descent"], out["heavy_ball"]
+    # Backward error analysis, on a small MLP: the orders hold at these rates.
+    assert 0.9 < gd["slope_plain"] < 1.1
+    assert gd["slope_modified"] > 1.8
+    for row in hb["rows"]:
+        assert (
+            row["to_heavy_ball_matched"] < row["to_heavy_ball_rest"] < row["to_plain"]
+        )
+    for sgd in out["sgd"]:
+        assert len(sgd["sgd_mean"]) == len(sgd["sde_mean"]) == len(sgd["ts"])
+        assert sgd["sde_path_s"] > 0 and sgd["sgd_run_s"] > 0
+    assert (
+        tmp_path / f"optimizer_flows_quick_{jax.default_backend()}.png"
     ).stat().st_size > 10_000
