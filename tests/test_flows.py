@@ -442,3 +442,26 @@ def test_bad_minibatch_runs_are_named():
             batch_size=4,
             batch_key=0,
         )
+
+
+def test_heavy_ball_ensemble_members_equal_simulate():
+    """The (θ, θ') state goes through the ensemble's lanes like a parameter pytree."""
+    p0 = jnp.asarray([THETA0, -0.5 * THETA0])
+    flow = flows.HeavyBall(0.01, 0.9)
+    ens = gflow.simulate_ensemble(quadratic, None, 2.0, params0=p0, flow=flow, n_save=5)
+    one = gflow.simulate(quadratic, None, 2.0, params0=p0[1], flow=flow, n_save=5)
+    np.testing.assert_allclose(ens.member(1).params, one.params, rtol=1e-12)
+    np.testing.assert_allclose(ens.member(1).velocity, one.velocity, rtol=1e-12)
+
+
+def test_a_checkpointed_sde_run_is_the_same_path(tmp_path):
+    data = regression_data(n=16)
+    model = gflow.models.LinearRegression(n_features=2)
+    kwargs = dict(
+        params0={"w": jnp.zeros(2), "b": 0.0}, flow=flows.SGD(0.1, 4), noise_key=3
+    )
+    cut = gflow.simulate(
+        model, data, 2.0, checkpoint=tmp_path, checkpoint_steps=20, **kwargs
+    )
+    whole = gflow.simulate(model, data, 2.0, **kwargs)
+    np.testing.assert_array_equal(cut.params["w"], whole.params["w"])
