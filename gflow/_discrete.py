@@ -12,13 +12,14 @@ import optax
 
 from . import _checkpoint, _engine, _run
 from ._compile import CompileTimer
-from ._model import as_key, initial_params, resolve_loss
+from ._model import initial_params, raw_keys, resolve_loss
 from ._options import (
     CHECKPOINT_KEYWORDS,
     COMMON_KEYWORDS,
+    check_batch_size,
     matmul_precision_context,
     parse,
-    positive_finite,
+    require_positive,
     takes_options,
 )
 from ._outcome import raise_if_failed, result_code
@@ -98,13 +99,9 @@ def gradient_descent(
     loss_fn = resolve_loss(model)
     opts = parse("gradient_descent", t_max, gradient_descent.__gflow_keywords__,
                  options)  # fmt: skip
-    if not positive_finite(lr):
-        raise ValueError(f"`lr` must be a positive finite number; got {lr!r}.")
+    require_positive("lr", lr)
     tau = float(lr) if time_per_step is None else time_per_step
-    if not positive_finite(tau):
-        raise ValueError(
-            f"`time_per_step` must be a positive finite number; got {time_per_step!r}."
-        )
+    require_positive("time_per_step", tau)
     n_steps = round(opts.saves.t_max / tau)
     if n_steps < 1:
         raise ValueError(
@@ -203,20 +200,13 @@ def _batches(batch_size, batch_key, data) -> _Batches | None:
         if batch_key is not None:
             raise ValueError("`batch_key` is only used with `batch_size`.")
         return None
-    if (
-        isinstance(batch_size, bool)
-        or not isinstance(batch_size, int | np.integer)
-        or batch_size < 1
-    ):
-        raise ValueError(f"`batch_size` must be an integer >= 1; got {batch_size!r}.")
+    check_batch_size(batch_size)
     if batch_key is None:
         raise ValueError(
             "`batch_size` needs `batch_key=` (an int seed or jax.random.key(seed)) "
             "for the minibatch draws."
         )
-    key, _ = as_key(batch_key)
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.key_data(key)
+    key = raw_keys("batch_key", batch_key, None)[0]
     leaves = jax.tree.leaves(data)
     sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
     if not leaves or None in sizes or len(sizes) > 1:
@@ -226,11 +216,7 @@ def _batches(batch_size, batch_key, data) -> _Batches | None:
             f"leading sizes {sorted(map(str, sizes)) or 'none (no array leaves)'}."
         )
     (n,) = sizes
-    if batch_size > n:
-        raise ValueError(
-            f"`batch_size` = {batch_size} is larger than the data's {n} examples."
-        )
-    return _Batches(key, int(batch_size))
+    return _Batches(key, check_batch_size(batch_size, n))
 
 
 class _Descent(eqx.Module):
@@ -393,8 +379,7 @@ def compare(a: Trajectory, b: Trajectory, *, tol: float = 1e-2) -> Comparison:
     """
     if not isinstance(a, Trajectory) or not isinstance(b, Trajectory):
         raise TypeError("compare(a, b) takes two gflow.Trajectory objects.")
-    if not positive_finite(tol):
-        raise ValueError(f"`tol` must be a positive finite number; got {tol!r}.")
+    require_positive("tol", tol)
     # Compared: the trained leaves (floating-point arrays), in the same structure.
     trained_a = eqx.filter(a.params, eqx.is_inexact_array)
     trained_b = eqx.filter(b.params, eqx.is_inexact_array)

@@ -362,7 +362,7 @@ def _load(problem: Problem, controls: Controls, entry, data):
     values = _row(problem, y0, data)
     code, loss_gap = _stopped_at_start(problem, controls, values, y0, data)
     zero = jnp.zeros((), jnp.int32)
-    grads, hvps = problem.cost(grads, problem.flow.row_hvps)
+    grads, hvps = problem.cost(grads, 0)
     grads += problem.flow.start_grads
     lane = Lane(
         member=zero,
@@ -376,7 +376,7 @@ def _load(problem: Problem, controls: Controls, entry, data):
         accepted=zero,
         grads=zero + grads,
         row_grads=zero + 1,
-        hvps=zero + hvps,
+        hvps=zero + hvps + problem.flow.row_hvps,  # the first row's velocity
         row=zero + 1,
         last_t=t0,
         loss_gap=loss_gap,

@@ -47,6 +47,32 @@ def as_key(key: Any) -> tuple[jax.Array, int | None]:
     )
 
 
+def raw_keys(name: str, keys: Any, members: int | None) -> jax.Array:
+    """PRNG keys as raw uint32 data with a leading member axis, checked: one key
+    (an int seed, `jax.random.key(seed)` or raw uint32 data) when `members` is
+    None, else a batch of `members` keys. Errors name the argument `name`."""
+    want = (
+        "one key (an int seed or jax.random.key(seed))"
+        if members is None
+        else f"{members} keys, one per member (jax.random.split(key, {members}))"
+    )
+    if isinstance(keys, int | np.integer) and not isinstance(keys, bool):
+        keys = jax.random.key(int(keys))
+    try:
+        keys = jnp.asarray(keys)
+    except TypeError as e:
+        raise TypeError(f"`{name}` must be {want}; got {keys!r}.") from e
+    if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
+        keys = jax.random.key_data(keys)
+    shape = () if members is None else (members,)
+    if keys.dtype != jnp.uint32 or keys.shape != shape + (2,):
+        raise ValueError(
+            f"`{name}` must be {want}; got shape {tuple(keys.shape)} and dtype "
+            f"{keys.dtype}."
+        )
+    return keys if members is not None else keys[None]
+
+
 def initial_params(model: Any, params0: Any, key: Any) -> tuple[Any, int | None]:
     """`params0` checked and converted to arrays, or `model.init(key)`.
 

@@ -46,7 +46,8 @@ def positive_finite(x: Any) -> bool:
         return False
 
 
-def _require_positive(name: str, value: Any) -> None:
+def require_positive(name: str, value: Any) -> None:
+    """A ValueError naming `name` unless `value` is a positive finite number."""
     if not positive_finite(value):
         raise ValueError(f"`{name}` must be a positive finite number; got {value!r}.")
 
@@ -211,10 +212,10 @@ class SolverOptions(eqx.Module):
     max_steps: int = eqx.field(static=True)
 
     def __check_init__(self):
-        _require_positive("rtol", self.rtol)
-        _require_positive("atol", self.atol)
+        require_positive("rtol", self.rtol)
+        require_positive("atol", self.atol)
         if self.dt0 is not None:
-            _require_positive("dt0", self.dt0)
+            require_positive("dt0", self.dt0)
         if not self.adaptive and self.dt0 is None:
             raise ValueError(
                 f"solver {type(self.solver).__name__} has a fixed step size: pass "
@@ -236,6 +237,23 @@ class SolverOptions(eqx.Module):
                 "'jax_enable_x64', True) and float64 parameters) or raise rtol.",
                 stacklevel=4,
             )
+
+
+def check_batch_size(batch_size: Any, examples: int | None = None) -> int:
+    """`batch_size` as an int of at least 1 and at most `examples` (when known),
+    or a ValueError naming it."""
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, int | np.integer)
+        or batch_size < 1
+    ):
+        raise ValueError(f"`batch_size` must be an integer >= 1; got {batch_size!r}.")
+    if examples is not None and batch_size > examples:
+        raise ValueError(
+            f"`batch_size` = {batch_size} is larger than the data's {examples} "
+            "examples."
+        )
+    return int(batch_size)
 
 
 def check_int(name: str, value: Any, minimum: int) -> int:

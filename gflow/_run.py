@@ -16,7 +16,7 @@ import numpy as np
 
 from . import _checkpoint, _engine
 from ._compile import CompileTimer
-from ._model import bind, split
+from ._model import bind, raw_keys, split
 from ._options import Options, matmul_precision_context
 from ._outcome import result_code, result_names
 from ._stabilized import AutoTsit5
@@ -164,28 +164,7 @@ def prepared_flow(flow: Any, model: Any, fixed: Any, params: Any, data: Any,
                else f"jax.random.split(key, {members}): one key per member")
             + ")."
         )  # fmt: skip
-    return flow, _raw_keys(noise_key, members)
-
-
-def _raw_keys(keys: Any, members: int | None) -> jax.Array:
-    """Keys as raw uint32 data with a leading member axis, checked."""
-    if isinstance(keys, int | np.integer) and not isinstance(keys, bool):
-        keys = jax.random.key(int(keys))
-    keys = jnp.asarray(keys)
-    if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
-        keys = jax.random.key_data(keys)
-    shape = () if members is None else (members,)
-    if keys.dtype != jnp.uint32 or keys.shape != shape + (2,):
-        want = (
-            "one key (an int seed or jax.random.key(seed))"
-            if members is None
-            else f"{members} keys, one per member (jax.random.split(key, {members}))"
-        )
-        raise ValueError(
-            f"`noise_key` must be {want}; got shape {tuple(keys.shape)} and dtype "
-            f"{keys.dtype}."
-        )
-    return keys if members is not None else keys[None]
+    return flow, raw_keys("noise_key", noise_key, members)
 
 
 def resolve_flow(flow: Any) -> AbstractFlow:

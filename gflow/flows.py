@@ -17,7 +17,6 @@ says which part they are, and `velocity(...)` gives dθ/dt at a saved state, whi
 from __future__ import annotations
 
 import abc
-import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -27,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import lineax as lx
 import numpy as np
+
+from ._options import check_batch_size, require_positive
 
 
 class AbstractFlow(eqx.Module):
@@ -90,23 +91,13 @@ def describe_flow(flow: AbstractFlow) -> str:
 def _rate(name: str, value: Any) -> np.ndarray:
     """A positive finite rate, kept as an array so that new values reuse the
     compiled program."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float | np.integer | np.floating)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ValueError(f"`{name}` must be a positive finite number; got {value!r}.")
+    require_positive(name, value)
     return np.asarray(value, np.float64)
 
 
 def _like(x: Any, tree: Any) -> jax.Array:
     """`x` in the floating-point dtype of `tree` (a float32 run stays float32)."""
     return jnp.asarray(x, jnp.result_type(*jax.tree.leaves(tree)))
-
-
-def _axpy(a, x, y):
-    return jax.tree.map(lambda xi, yi: a * xi + yi, x, y)
 
 
 class GradientFlow(AbstractFlow):
@@ -332,15 +323,7 @@ class SGD(AbstractFlow):
         self, lr: float, batch_size: int, per_example_loss: Callable | None = None
     ):
         self.lr = _rate("lr", lr)
-        if (
-            isinstance(batch_size, bool)
-            or not isinstance(batch_size, int | np.integer)
-            or batch_size < 1
-        ):
-            raise ValueError(
-                f"`batch_size` must be an integer >= 1; got {batch_size!r}."
-            )
-        self.batch_size = int(batch_size)
+        self.batch_size = check_batch_size(batch_size)
         if per_example_loss is not None and not callable(per_example_loss):
             raise TypeError("`per_example_loss` must be a function (params, data).")
         self.per_example_loss = per_example_loss
@@ -372,12 +355,7 @@ class SGD(AbstractFlow):
                 "per_example_loss(params, data) must return one loss per example, "
                 f"shape (n,); got shape {getattr(losses, 'shape', None)}."
             )
-        n = losses.shape[0]
-        if not 1 <= self.batch_size <= n:
-            raise ValueError(
-                f"`batch_size` = {self.batch_size} is larger than the data's "
-                f"{n} examples."
-            )
+        check_batch_size(self.batch_size, losses.shape[0])
         return eqx.tree_at(lambda f: f.per_example_loss, self, fn,
                            is_leaf=lambda x: x is None)  # fmt: skip
 
