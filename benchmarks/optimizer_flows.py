@@ -88,24 +88,18 @@ def distance(a, b):
     return gflow.compare(a, b).max_param_distance
 
 
-def gradient_descent_part(model, data, p0, t_max, ts, lrs):
+def tight_flow(model, data, p0, t_max, ts, flow=None):
+    """A flow solved tightly (Dopri8, rtol 1e-10): the reference for a part."""
+    return gflow.simulate(model, data, t_max, params0=p0, ts=ts, flow=flow,
+                          solver="dopri8", **TIGHT)  # fmt: skip
+
+
+def gradient_descent_part(model, data, p0, t_max, ts, lrs, plain):
     """GD against the plain flow and the modified flow."""
-    plain = gflow.simulate(
-        model, data, t_max, params0=p0, ts=ts, solver="dopri8", **TIGHT
-    )
     rows = []
     for lr in lrs:
         gd = gflow.gradient_descent(model, data, t_max, lr, params0=p0, ts=ts)
-        modified = gflow.simulate(
-            model,
-            data,
-            t_max,
-            params0=p0,
-            ts=gd.ts,
-            flow=flows.ModifiedGD(lr),
-            solver="dopri8",
-            **TIGHT,
-        )
+        modified = tight_flow(model, data, p0, t_max, gd.ts, flows.ModifiedGD(lr))
         rows.append(
             dict(
                 lr=lr,
@@ -127,11 +121,8 @@ def gradient_descent_part(model, data, p0, t_max, ts, lrs):
     )
 
 
-def heavy_ball_part(model, data, p0, t_max, ts, lrs, beta):
+def heavy_ball_part(model, data, p0, t_max, ts, lrs, beta, plain):
     """Momentum GD against the plain flow on its time axis and the heavy-ball flow."""
-    plain = gflow.simulate(
-        model, data, t_max, params0=p0, ts=ts, solver="dopri8", **TIGHT
-    )
     rows = []
     for lr in lrs:
         momentum = gflow.gradient_descent(
@@ -190,42 +181,21 @@ def sgd_part(model, data, p0, t_max, ts, lr, batch, seeds):
     batch_p0 = jax.tree.map(
         lambda x: jnp.broadcast_to(x, (seeds,) + x.shape) if eqx.is_array(x) else x, p0
     )
-    sde = gflow.simulate_ensemble(
-        model,
-        data,
-        t_max,
-        params0=batch_p0,
-        ts=ts,
-        flow=flows.SGD(lr, batch),
-        noise_key=jax.random.split(jax.random.key(2026), seeds),
-    )
+
+    def paths(**options):
+        return gflow.simulate_ensemble(
+            model, data, t_max, params0=batch_p0, ts=ts, flow=flows.SGD(lr, batch),
+            noise_key=jax.random.split(jax.random.key(2026), seeds), **options,
+        )  # fmt: skip
+
+    sde = paths()
     sde_loss = np.asarray(sde.loss)
     # The same paths' mean at twice the step: the Euler-Maruyama error, against
     # the model's.
-    coarse = gflow.simulate_ensemble(
-        model,
-        data,
-        t_max,
-        params0=batch_p0,
-        ts=ts,
-        flow=flows.SGD(lr, batch),
-        noise_key=jax.random.split(jax.random.key(2026), seeds),
-        dt0=2 * sde.meta["dt0"],
-    )
+    coarse = paths(dt0=2 * sde.meta["dt0"])
     step_effect = np.abs(np.asarray(coarse.loss).mean(0) - sde_loss.mean(0))
-    plain = gflow.simulate(
-        model, data, t_max, params0=p0, ts=ts, solver="dopri8", **TIGHT
-    )
-    modified = gflow.simulate(
-        model,
-        data,
-        t_max,
-        params0=p0,
-        ts=ts,
-        flow=flows.ModifiedGD(lr),
-        solver="dopri8",
-        **TIGHT,
-    )
+    plain = tight_flow(model, data, p0, t_max, ts)
+    modified = tight_flow(model, data, p0, t_max, ts, flows.ModifiedGD(lr))
     later = ts > 0  # at t = 0 every run has the same loss
     mean_sgd, mean_sde = sgd_loss.mean(0), sde_loss.mean(0)
     std_sgd, std_sde = sgd_loss.std(0, ddof=1), sde_loss.std(0, ddof=1)
@@ -404,12 +374,15 @@ def main(argv=None):
     ts = np.linspace(0, t_max, 21)
     start = time.perf_counter()
     print(f"digits MLP 64-{width}-{width}-10, {n} examples, float64")
-    gd = gradient_descent_part(model, data, p0, t_max, ts, [0.0025, 0.005, 0.01, 0.02])
+    # One plain flow for both parts (same times).
+    plain = tight_flow(model, data, p0, t_max, ts)
+    gd_lrs = [0.0025, 0.005, 0.01, 0.02]
+    gd = gradient_descent_part(model, data, p0, t_max, ts, gd_lrs, plain)
     hb_lrs = [0.0005, 0.001, 0.002, 0.004, 0.008, 0.016]
     sgd_lrs = (0.05, 0.02)
     if args.quick:
         hb_lrs, sgd_lrs = hb_lrs[::2], sgd_lrs[:1]
-    hb = heavy_ball_part(model, data, p0, t_max, ts, hb_lrs, beta=0.9)
+    hb = heavy_ball_part(model, data, p0, t_max, ts, hb_lrs, 0.9, plain)
     sgd_ts = np.linspace(0, t_sgd, 41)
     sgd = [sgd_part(model, data, p0, t_sgd, sgd_ts, lr, 16, seeds) for lr in sgd_lrs]
     at_001 = next(r for r in gd["rows"] if r["lr"] == 0.01)
