@@ -27,13 +27,13 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import optimistix as optx
 from diffrax._root_finder import use_stepsize_tol
 
 from ._options import Metrics
 from ._outcome import result_code
 from ._solvers import (
     after_rejection,
+    by_mode,
     error_order,
     lands_on_saves,
     needs_f0,
@@ -50,6 +50,8 @@ _STOP_CODES = {
 }
 _RUNNING = result_code("successful")
 _MAX_ITERATIONS = jnp.iinfo(jnp.int32).max
+# Bisection alone would narrow a step to 2**-60 of its length.
+_CROSSING_ITERATIONS = 60
 
 
 class Problem(eqx.Module):
@@ -278,11 +280,15 @@ def _initial_step(field, t0, y0, f0, data, controls, error_order):
 def _clip_to_end(tprev, tnext, t1, keep_step):
     # As diffrax: a step ending within ~100 ulp of t1 ends at t1, so no sliver of a
     # step (with an ill-conditioned dense output) is left.
-    floor = t1
-    for _ in range(100):
-        floor = jnp.nextafter(floor, -jnp.inf)
     clipped = jnp.where(keep_step, t1, tprev + 0.5 * (t1 - tprev))
-    return jnp.where(tnext > floor, clipped, tnext)
+    return jnp.where(tnext > _ulps_below(t1, 100), clipped, tnext)
+
+
+def _ulps_below(t, n):
+    """`n` steps of `nextafter` from `t` > 0 towards 0, as one subtraction on its
+    bits (a positive float's bits count its representable predecessors)."""
+    bits = jax.lax.bitcast_convert_type(t, jnp.dtype(f"int{8 * t.dtype.itemsize}"))
+    return jax.lax.bitcast_convert_type(jnp.maximum(bits - n, 0), t.dtype)
 
 
 class _Row(eqx.Module):
@@ -493,20 +499,36 @@ def _events(problem: Problem, controls: Controls, lane: Lane, data):
 
 
 def _loss_crossing(problem, controls, t0, t1, dense, data):
-    """Where the loss falls to `stop_at_loss` within a step, and the state there:
-    a Newton root find on the dense output, as diffrax locates events."""
+    """Where the loss falls to `stop_at_loss` within a step, and the state there.
+
+    Newton's method on the dense output, started from `t1` as diffrax starts its
+    event root finds, kept inside the bracket: the loss is above the threshold at
+    `t0` and not above it at `t1`, and a Newton step that would leave the bracket
+    (or is not finite) bisects it instead.
+    """
     interpolation = problem.solver.interpolation_cls(t0=t0, t1=t1, **dense)
 
-    def gap(t, _):
+    def gap(t):
         params = problem.flow.params(interpolation.evaluate(t))
         return problem.loss_fn(params, data) - controls.stop_at_loss
 
     tol = 1e-10 if t1.dtype == jnp.float64 else 1e-5
-    root = optx.root_find(
-        gap, optx.Newton(rtol=tol, atol=tol), t1, options=dict(lower=t0, upper=t1),
-        throw=False,
-    ).value  # fmt: skip
-    root = jnp.clip(root, t0, t1)
+
+    def improve(carry):
+        low, high, t, _, count = carry
+        value, slope = jax.jvp(gap, (t,), (jnp.ones_like(t),))
+        low, high = jnp.where(value > 0, t, low), jnp.where(value > 0, high, t)
+        newton = t - value / slope
+        inside = (newton > low) & (newton < high)  # False if not finite
+        new = jnp.where(value == 0, t, jnp.where(inside, newton, (low + high) / 2))
+        return low, high, new, jnp.abs(new - t), count + 1
+
+    def going(carry):
+        *_, t, change, count = carry
+        return (change > tol * (1 + jnp.abs(t))) & (count < _CROSSING_ITERATIONS)
+
+    start = (t0, t1, t1, jnp.asarray(jnp.inf, t1.dtype), 0)
+    root = jax.lax.while_loop(going, improve, start)[2]
     return root, interpolation.evaluate(root)
 
 
@@ -515,10 +537,7 @@ def _step_all(problem: Problem, controls: Controls, queue, state: State, data):
     members and refills follow, a few lanes at a time."""
     lanes, out = state.lanes, state.out
     t_before = lanes.t
-    attempt = _per_lane(
-        lambda lane: _attempt(problem, controls, lane, data), problem.lanes
-    )
-    stepped, dense, accepted = attempt(lanes)
+    stepped, dense, accepted = _attempt_all(problem, controls, lanes, data)
     stepped = _where(lanes.running, stepped, lanes)
     accepted &= lanes.running
     t_end = stepped.t
@@ -581,6 +600,37 @@ def _step_all(problem: Problem, controls: Controls, queue, state: State, data):
         (state.iterations + 1, state.queued_iterations + queued,
          state.queued_busy + jnp.where(queued, busy, 0)),
     )  # fmt: skip
+
+
+def _attempt_all(problem: Problem, controls: Controls, lanes: Lane, data):
+    """Every lane's step attempt (`_attempt`, vmapped).
+
+    A solver whose steps take one of two methods ("auto") would, under vmap, take
+    both on every lane whenever its lanes are in both modes. Instead every lane
+    steps in the common mode, and then the lanes in the rare mode step again,
+    gathered a few at a time, in theirs: each lane's step is the one it takes
+    alone, and the rare method costs only what its lanes need.
+    """
+
+    def attempt(solver, width):
+        one = eqx.tree_at(lambda p: p.solver, problem, solver)
+        return _per_lane(lambda lane: _attempt(one, controls, lane, data), width)
+
+    modes = by_mode(problem.solver) if problem.lanes > 1 else None
+    if modes is None:
+        return attempt(problem.solver, problem.lanes)(lanes)
+    common, rare, is_rare = modes
+    attempt_rare = attempt(rare, problem.width)
+
+    def work(carry, index):
+        todo, result = carry
+        lane = jnp.minimum(index, problem.lanes - 1)
+        return (todo.at[index].set(False, mode="drop"),
+                _put(result, index, attempt_rare(_take(lanes, lane))))  # fmt: skip
+
+    todo = lanes.running & is_rare(lanes.solver_state)
+    result = attempt(common, problem.lanes)(lanes)
+    return _for_some(lambda c: c[0], work, (todo, result), problem.width)[1]
 
 
 def _locate_crossings(problem, controls, crossed, t0, t1, dense, t_end, y_end, data):

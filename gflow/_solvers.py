@@ -97,6 +97,14 @@ def lands_on_saves(solver: diffrax.AbstractSolver, state: Any) -> Any:
     return True if lands else None
 
 
+def by_mode(solver: diffrax.AbstractSolver) -> tuple | None:
+    """For a solver whose steps take one of two methods by the state ("auto"):
+    (the solver of the common mode, the solver of the rare mode, which states are in
+    the rare mode), so that an ensemble steps the rare lanes apart; None otherwise."""
+    split = getattr(solver, "by_mode", None)
+    return None if split is None else split()
+
+
 def step_cost(solver: diffrax.AbstractSolver, state_after: Any) -> tuple[Any, Any]:
     """(gradients, Hessian-vector products) one step attempt spent.
 

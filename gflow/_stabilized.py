@@ -18,6 +18,7 @@ from an inaccurate one).
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -514,6 +515,9 @@ class AutoTsit5(diffrax.AbstractAdaptiveSolver):
     stiff: AbstractStabilized = RKC2()
     threshold: float = 3.0
     patience: int = eqx.field(default=5, static=True)
+    # Set by `by_mode`: the method every step takes, for lanes an ensemble has
+    # already sorted by mode; None: each step picks from the state.
+    mode: bool | None = eqx.field(default=None, static=True, repr=False)
 
     term_structure: ClassVar = diffrax.AbstractTerm
     interpolation_cls: ClassVar = _AutoInterpolation
@@ -557,6 +561,16 @@ class AutoTsit5(diffrax.AbstractAdaptiveSolver):
 
     def step_cost(self, state: AutoState):
         return state.grads, state.hvps
+
+    def by_mode(self):
+        """For ensembles: (the solver of lanes in Tsit5 mode, the solver of lanes in
+        stiff mode, which states are in stiff mode). Under vmap, a step whose lanes
+        are in both modes would take both methods on every lane; the engine instead
+        steps every lane with Tsit5 and then only the stiff lanes, gathered, with
+        the stabilized method."""
+        return (dataclasses.replace(self, mode=False),
+                dataclasses.replace(self, mode=True),
+                lambda state: state.stiff)  # fmt: skip
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
         state = solver_state
@@ -619,12 +633,14 @@ class AutoTsit5(diffrax.AbstractAdaptiveSolver):
                 lambda a, b: jnp.where(state.stiff, a, b), stiff(), nonstiff()
             )
 
-        # Real branches when every lane (or the only one) agrees.
-        y1, error, k, new, result = jax.lax.cond(
-            eqxi.unvmap_all(state.stiff),
-            stiff,
-            lambda: jax.lax.cond(eqxi.unvmap_any(state.stiff), either, nonstiff),
-        )
+        if self.mode is not None:
+            y1, error, k, new, result = stiff() if self.mode else nonstiff()
+        else:  # Real branches when every lane (or the only one) agrees.
+            y1, error, k, new, result = jax.lax.cond(
+                eqxi.unvmap_all(state.stiff),
+                stiff,
+                lambda: jax.lax.cond(eqxi.unvmap_any(state.stiff), either, nonstiff),
+            )
         dense = dict(y0=y0, y1=y1, k=k, stiff=new.last_stiff)
         return y1, error, dense, new, result
 

@@ -81,6 +81,25 @@ def test_finished_members_free_their_lanes():
     assert ens.stats["useful_share_until_drained"] == 1.0
 
 
+def test_members_in_both_modes_of_auto_match_simulate():
+    # "auto" in an ensemble steps its Tsit5 lanes and its stiff lanes apart: lanes
+    # in both modes at once must each take the steps simulate takes alone.
+    rates = jnp.array([[1e4, 1.0], [2.0, 1.0]] * 3)
+    params0 = {"x": jnp.ones((6, 2)), "i": jnp.arange(6.0)}
+    kwargs = dict(n_save=5, rtol=1e-7, atol=1e-10)
+    ens = gflow.simulate_ensemble(_two_rate_loss, rates, 20.0, params0=params0,
+                                  lanes=3, **kwargs)  # fmt: skip
+    for i in range(6):
+        start = jax.tree.map(lambda x, i=i: x[i], params0)
+        single = gflow.simulate(_two_rate_loss, rates, 20.0, params0=start, **kwargs)
+        member = ens.member(i)
+        for count in ("num_steps", "num_grad_evals", "num_hvp_evals"):
+            assert member.stats[count] == single.stats[count], (i, count)
+        assert (single.stats["num_hvp_evals"] > 0) == (i % 2 == 0)  # stiff ones
+        np.testing.assert_allclose(member.ts, single.ts)
+        assert tree_max_abs_diff(member.params, single.params) < 1e-12
+
+
 def test_stopped_member_rows_repeat_its_end():
     model = MarkovCanonical(0.5, 0.8)
     params0 = {"e": jnp.array([0.1, 1.5]), "w": jnp.array([-1.0, -0.3])}
