@@ -13,6 +13,11 @@
    the stopping rule, warm), and the useful share of the lanes' steps until the
    queue drains.
 
+On a CPU, JAX runs one device on one core; gflow splits its lanes across devices,
+so each gflow measurement is also taken with one virtual CPU device per core
+(`XLA_FLAGS=--xla_force_host_platform_device_count=<cores>`, as the docs advise).
+The straightforward vmap runs on one device either way.
+
     python benchmarks/ensemble.py            # about 10 minutes on the 2-core CPU
     python benchmarks/ensemble.py --quick    # small, for the test suite
 
@@ -91,7 +96,7 @@ def one_grid(way: str, p: float, q: float, n: int) -> dict:
             times.append(time.perf_counter() - start)
         labels, steps = is_global(p, q, loss), np.asarray(steps)
         extra = dict(member_steps=int(steps.sum()), max_steps=int(steps.max()),
-                     lane_steps=int(steps.size * steps.max()))  # fmt: skip
+                     lane_steps=int(steps.size * steps.max()), devices=1)  # fmt: skip
         compile_s = None
     else:
         rule = stopping_rule(p, q) if way == "gflow stopping" else {}
@@ -103,18 +108,30 @@ def one_grid(way: str, p: float, q: float, n: int) -> dict:
                 compile_s = ens.stats["compile_time_s"]
         labels, steps = is_global(p, q, ens.loss[:, -1]), ens.stats["num_steps"]
         extra = dict(member_steps=int(steps.sum()), max_steps=int(steps.max()),
-                     lane_steps=ens.stats["lane_steps"],
-                     lanes=ens.meta["lanes"])  # fmt: skip
+                     lane_steps=ens.stats["lane_steps"], lanes=ens.meta["lanes"],
+                     devices=len(jax.devices()))  # fmt: skip
     return dict(way=way, cold_s=times[0], warm_s=times[1], compile_s=compile_s,
                 labels=labels.astype(int).tolist(), **extra)  # fmt: skip
 
 
-def in_fresh_process(*args) -> dict:
-    """`one_grid` in a new process with an empty compilation cache."""
+def device_counts(quick: bool) -> list[int]:
+    """1, and on a CPU with several cores one virtual device per core (only that
+    in a quick run)."""
+    cores = os.cpu_count() or 1
+    counts = [1, cores] if jax.default_backend() == "cpu" and cores > 1 else [1]
+    return counts[-1:] if quick else counts
+
+
+def in_fresh_process(*args, devices: int = 1):
+    """This script with `args` in a new process with an empty compilation cache
+    (and `devices` virtual CPU devices): the last line it prints, as JSON."""
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, GFLOW_CACHE_DIR=cache)
         env.pop("GFLOW_COMPILATION_CACHE", None)
-        command = [sys.executable, __file__, "--one", *map(str, args)]
+        if devices > 1:
+            flag = f"--xla_force_host_platform_device_count={devices}"
+            env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
+        command = [sys.executable, __file__, *map(str, args)]
         here = os.path.dirname(os.path.abspath(__file__))
         done = subprocess.run(command, capture_output=True, text=True, env=env,
                               cwd=here)  # fmt: skip
@@ -123,39 +140,40 @@ def in_fresh_process(*args) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def grids(n: int, pairs) -> list[dict]:
+def grids(n: int, pairs, quick: bool) -> list[dict]:
     out = []
     for p, q in pairs:
-        runs = {way: in_fresh_process(way, p, q, n)
-                for way in ("naive", "gflow default", "gflow stopping")}  # fmt: skip
-        naive = runs["naive"]
-        row = dict(p=p, q=q, grid=f"{n} x {n}", members=n * n,
+        naive = in_fresh_process("--one", "naive", p, q, n)
+        row = dict(p=p, q=q, grid=f"{n} x {n}", members=n * n, gflow=[],
                    global_fraction=float(np.mean(naive["labels"])))  # fmt: skip
         print(f"({p}, {q}) {n} x {n} grid to t = {T_MAX:g}:", flush=True)
         print(f"  straightforward vmap: cold {naive['cold_s']:.2f} s, warm "
               f"{naive['warm_s']:.2f} s; its slowest member "
               f"{naive['max_steps']:,} steps", flush=True)  # fmt: skip
-        for way in ("gflow default", "gflow stopping"):
-            run = runs[way]
-            same = int(np.sum(np.equal(run["labels"], naive["labels"])))
-            row[way] = dict(
-                {k: v for k, v in run.items() if k != "labels"},
-                speedup_cold=naive["cold_s"] / run["cold_s"],
-                speedup_warm=naive["warm_s"] / run["warm_s"],
-                same_labels=same,
-            )
-            print(f"  {way:<15} cold {run['cold_s']:6.2f} s ({run['compile_s']:.2f} s "
-                  f"compiling), warm {run['warm_s']:6.3f} s: "
-                  f"{row[way]['speedup_cold']:.1f}x cold, "
-                  f"{row[way]['speedup_warm']:.1f}x warm; slowest member "
-                  f"{run['max_steps']:,} steps; same label at {same} of {n * n} "
-                  "points", flush=True)  # fmt: skip
+        for devices in device_counts(quick):
+            for way in ("gflow default", "gflow stopping"):
+                run = in_fresh_process("--one", way, p, q, n, devices=devices)
+                same = int(np.sum(np.equal(run["labels"], naive["labels"])))
+                run = dict(
+                    {k: v for k, v in run.items() if k != "labels"},
+                    speedup_cold=naive["cold_s"] / run["cold_s"],
+                    speedup_warm=naive["warm_s"] / run["warm_s"],
+                    same_labels=same,
+                )
+                row["gflow"].append(run)
+                print(f"  {way:<15} {devices} device(s): cold {run['cold_s']:6.2f} s "
+                      f"({run['compile_s']:.2f} s compiling), warm "
+                      f"{run['warm_s']:6.3f} s: {run['speedup_cold']:.1f}x cold, "
+                      f"{run['speedup_warm']:.1f}x warm; slowest member "
+                      f"{run['max_steps']:,} steps; same label at {same} of "
+                      f"{n * n} points", flush=True)  # fmt: skip
         row["naive"] = {k: v for k, v in naive.items() if k != "labels"}
         out.append(row)
     return out
 
 
 def scaling(sizes) -> list[dict]:
+    """In this process: members per second at each size (warm)."""
     p, q = 0.5, 0.8
     model = MarkovCanonical(p, q)
     rng = np.random.default_rng(0)
@@ -168,6 +186,7 @@ def scaling(sizes) -> list[dict]:
         warm = runs[1].stats
         rows.append(dict(
             members=size,
+            devices=len(jax.devices()),
             first_call_s=runs[0].stats["wall_time_s"],
             compile_s=runs[0].stats["compile_time_s"],
             warm_s=warm["wall_time_s"],
@@ -177,11 +196,18 @@ def scaling(sizes) -> list[dict]:
             useful_share_until_drained=warm["useful_share_until_drained"],
             lanes=runs[1].meta["lanes"],
         ))  # fmt: skip
-        print(f"  {size:>7,} members: warm {warm['wall_time_s']:7.3f} s "
-              f"({size / warm['wall_time_s']:9,.0f} members/s), "
-              f"{runs[1].meta['lanes']} lanes, "
-              f"{warm['useful_share_until_drained']:.1%} of lane-steps useful until "
-              "the queue drained", flush=True)  # fmt: skip
+    return rows
+
+
+def scaling_per_device_count(sizes, quick: bool) -> list[dict]:
+    rows = []
+    for devices in device_counts(quick):
+        for row in in_fresh_process("--scaling", *sizes, devices=devices):
+            rows.append(row)
+            print(f"  {row['members']:>7,} members, {devices} device(s): warm "
+                  f"{row['warm_s']:7.3f} s ({row['members_per_s']:9,.0f} members/s), "
+                  f"{row['lanes']} lanes, {row['useful_share_until_drained']:.1%} of "
+                  "lane-steps useful until the queue drained", flush=True)  # fmt: skip
     return rows
 
 
@@ -190,17 +216,21 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="small sizes")
     parser.add_argument("--results", default=str(RESULTS), help="output folder")
     parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--scaling", nargs="+", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
         way, p, q, n = args.one
         print(json.dumps(one_grid(way, float(p), float(q), int(n))))
         return None
+    if args.scaling:
+        print(json.dumps(scaling(args.scaling)))
+        return None
     n = 12 if args.quick else 100
     pairs = [(0.5, 0.8)] if args.quick else [(0.5, 0.8), (0.2, 0.3)]
     sizes = [64, 256] if args.quick else [64, 256, 1024, 4096, 16384, 40000, 100000]
-    result = {"grids": grids(n, pairs)}
+    result = {"grids": grids(n, pairs, args.quick)}
     print("members per second against ensemble size (warm, with the stopping rule):")
-    result["scaling"] = scaling(sizes)
+    result["scaling"] = scaling_per_device_count(sizes, args.quick)
     path = write_results("ensemble" + ("_quick" if args.quick else ""), result,
                          args.results)  # fmt: skip
     print(f"wrote {path}")

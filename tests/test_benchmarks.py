@@ -116,15 +116,16 @@ def test_ensemble_benchmark_runs_and_labels_agree(tmp_path):
     out = load("ensemble").main(["--quick", "--results", str(tmp_path)])
     (grid,) = out["grids"]
     assert grid["members"] == 144
-    for way in ("gflow default", "gflow stopping"):
+    runs = {run["way"]: run for run in grid["gflow"]}  # one device count (quick)
+    assert len(runs) == len(grid["gflow"]) == 2
+    for way, run in runs.items():
         # Every point gets the label the straightforward solve gives it.
-        assert grid[way]["same_labels"] == 144, way
-        assert grid[way]["member_steps"] <= grid[way]["lane_steps"]
+        assert run["same_labels"] == 144, way
+        assert run["member_steps"] <= run["lane_steps"]
     # Without a stopping rule every member runs to t_max: gflow's members take no
     # fewer steps than with the rule.
-    assert (
-        grid["gflow default"]["member_steps"] > grid["gflow stopping"]["member_steps"]
-    )
+    default, stopping = runs["gflow default"], runs["gflow stopping"]
+    assert default["member_steps"] > stopping["member_steps"]
     assert [row["members"] for row in out["scaling"]] == [64, 256]
     for row in out["scaling"]:
         assert 0 < row["useful_share_until_drained"] <= 1
