@@ -607,9 +607,11 @@ def _attempt_all(problem: Problem, controls: Controls, lanes: Lane, data):
 
     A solver whose steps take one of two methods ("auto") would, under vmap, take
     both on every lane whenever its lanes are in both modes. Instead every lane
-    steps in the common mode, and then the lanes in the rare mode step again,
-    gathered a few at a time, in theirs: each lane's step is the one it takes
-    alone, and the rare method costs only what its lanes need.
+    steps in the common mode, and then the lanes in the rare mode step again in
+    theirs, gathered `width` at a time: each lane's step is the one it takes alone,
+    and the rare method costs only what its lanes need. They are gathered costliest
+    first (a stabilized step's stage count varies from lane to lane, and a batch
+    runs as many stages as its costliest lane), so lanes of like cost share one.
     """
 
     def attempt(solver, width):
@@ -619,18 +621,21 @@ def _attempt_all(problem: Problem, controls: Controls, lanes: Lane, data):
     modes = by_mode(problem.solver) if problem.lanes > 1 else None
     if modes is None:
         return attempt(problem.solver, problem.lanes)(lanes)
-    common, rare, is_rare = modes
+    common, rare, rare_cost = modes
     attempt_rare = attempt(rare, problem.width)
+    cost = jnp.where(lanes.running, rare_cost(lanes.solver_state), 0)
+    order = jnp.argsort(-cost)  # positions in this order: the rare lanes first
 
-    def work(carry, index):
+    def work(carry, position):
         todo, result = carry
-        lane = jnp.minimum(index, problem.lanes - 1)
-        return (todo.at[index].set(False, mode="drop"),
-                _put(result, index, attempt_rare(_take(lanes, lane))))  # fmt: skip
+        lane = order[jnp.minimum(position, problem.lanes - 1)]
+        target = jnp.where(position < problem.lanes, lane, problem.lanes)
+        return (todo.at[position].set(False, mode="drop"),
+                _put(result, target, attempt_rare(_take(lanes, lane))))  # fmt: skip
 
-    todo = lanes.running & is_rare(lanes.solver_state)
     result = attempt(common, problem.lanes)(lanes)
-    return _for_some(lambda c: c[0], work, (todo, result), problem.width)[1]
+    return _for_some(lambda c: c[0], work, (cost[order] > 0, result),
+                     problem.width)[1]  # fmt: skip
 
 
 def _locate_crossings(problem, controls, crossed, t0, t1, dense, t_end, y_end, data):

@@ -99,8 +99,9 @@ def lands_on_saves(solver: diffrax.AbstractSolver, state: Any) -> Any:
 
 def by_mode(solver: diffrax.AbstractSolver) -> tuple | None:
     """For a solver whose steps take one of two methods by the state ("auto"):
-    (the solver of the common mode, the solver of the rare mode, which states are in
-    the rare mode), so that an ensemble steps the rare lanes apart; None otherwise."""
+    (the solver of the common mode, the solver of the rare mode, the expected cost
+    of a state's next step in the rare mode: 0 for a state in the common mode), so
+    that an ensemble steps the rare lanes apart; None otherwise."""
     split = getattr(solver, "by_mode", None)
     return None if split is None else split()
 

@@ -564,13 +564,17 @@ class AutoTsit5(diffrax.AbstractAdaptiveSolver):
 
     def by_mode(self):
         """For ensembles: (the solver of lanes in Tsit5 mode, the solver of lanes in
-        stiff mode, which states are in stiff mode). Under vmap, a step whose lanes
-        are in both modes would take both methods on every lane; the engine instead
-        steps every lane with Tsit5 and then only the stiff lanes, gathered, with
-        the stabilized method."""
+        stiff mode, a stiff state's expected cost: 1 + the stages of its last
+        stabilized step; 0 in Tsit5 mode). Under vmap, a step whose lanes are in
+        both modes would take both methods on every lane; the engine instead steps
+        every lane with Tsit5 and then only the stiff lanes, gathered, with the
+        stabilized method."""
+
+        def cost(state: AutoState):
+            return jnp.where(state.stiff, 1 + state.stabilized.grads, 0)
+
         return (dataclasses.replace(self, mode=False),
-                dataclasses.replace(self, mode=True),
-                lambda state: state.stiff)  # fmt: skip
+                dataclasses.replace(self, mode=True), cost)  # fmt: skip
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
         state = solver_state
