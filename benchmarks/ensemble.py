@@ -18,7 +18,7 @@ so each gflow measurement is also taken with one virtual CPU device per core
 (`XLA_FLAGS=--xla_force_host_platform_device_count=<cores>`, as the docs advise).
 The straightforward vmap runs on one device either way.
 
-    python benchmarks/ensemble.py            # about 10 minutes on the 2-core CPU
+    python benchmarks/ensemble.py            # about 8 minutes on the 2-core CPU
     python benchmarks/ensemble.py --quick    # small, for the test suite
 
 Writes benchmarks/results/ensemble_<backend>.json.
