@@ -80,8 +80,10 @@ def digits(n_examples):
     )
 
 
-def slope(xs, ys):
-    return float(np.polyfit(np.log(xs), np.log(ys), 1)[0])
+def slope(rows, column):
+    """The log-log slope of `column` (a distance) against the rows' learning rates."""
+    lrs, distances = [r["lr"] for r in rows], [r[column] for r in rows]
+    return float(np.polyfit(np.log(lrs), np.log(distances), 1)[0])
 
 
 def distance(a, b):
@@ -113,11 +115,10 @@ def gradient_descent_part(model, data, p0, t_max, ts, lrs, plain):
             f"ModifiedGD {rows[-1]['to_modified']:.3e}   "
             f"({rows[-1]['to_plain'] / rows[-1]['to_modified']:.1f}x closer)"
         )
-    lrs_ = [r["lr"] for r in rows]
     return dict(
         rows=rows,
-        slope_plain=slope(lrs_, [r["to_plain"] for r in rows]),
-        slope_modified=slope(lrs_, [r["to_modified"] for r in rows]),
+        slope_plain=slope(rows, "to_plain"),
+        slope_modified=slope(rows, "to_modified"),
     )
 
 
@@ -155,13 +156,12 @@ def heavy_ball_part(model, data, p0, t_max, ts, lrs, beta, plain):
             f"HeavyBall {row['to_heavy_ball_matched']:.3e} (from rest "
             f"{row['to_heavy_ball_rest']:.3e})   {row['ratio']:.1f}x closer"
         )
-    lrs_ = [r["lr"] for r in rows]
     return dict(
         rows=rows,
         beta=beta,
-        slope_heavy_ball=slope(lrs_, [r["to_heavy_ball_matched"] for r in rows]),
-        slope_heavy_ball_rest=slope(lrs_, [r["to_heavy_ball_rest"] for r in rows]),
-        slope_plain=slope(lrs_, [r["to_plain"] for r in rows]),
+        slope_heavy_ball=slope(rows, "to_heavy_ball_matched"),
+        slope_heavy_ball_rest=slope(rows, "to_heavy_ball_rest"),
+        slope_plain=slope(rows, "to_plain"),
         min_ratio=min(r["ratio"] for r in rows),
     )
 
