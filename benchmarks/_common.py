@@ -42,8 +42,17 @@ def reference_flow(model, data, t_max, params0, ts):
     """The tight float64 flow every method is compared with: Dopri8 at rtol 1e-12."""
     import gflow
 
-    return gflow.simulate(model, data, t_max, params0=params0, ts=ts, solver="dopri8",
-                          rtol=1e-12, atol=1e-14, max_steps=10**6)  # fmt: skip
+    return gflow.simulate(
+        model,
+        data,
+        t_max,
+        params0=params0,
+        ts=ts,
+        solver="dopri8",
+        rtol=1e-12,
+        atol=1e-14,
+        max_steps=10**6,
+    )
 
 
 def machine() -> dict:

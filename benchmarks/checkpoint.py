@@ -77,8 +77,9 @@ def main(argv=None):
     )
     for key, value in result.items():
         print(f"  {key:<28} {value}")
-    path = write_results("checkpoint_quick" if args.quick else "checkpoint", result,
-                         args.results)  # fmt: skip
+    path = write_results(
+        "checkpoint_quick" if args.quick else "checkpoint", result, args.results
+    )
     print(f"wrote {path}")
     return result
 

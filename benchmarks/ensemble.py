@@ -95,23 +95,38 @@ def one_grid(way: str, p: float, q: float, n: int) -> dict:
             loss, steps = jax.block_until_ready(solve(params0))
             times.append(time.perf_counter() - start)
         labels, steps = is_global(p, q, loss), np.asarray(steps)
-        extra = dict(member_steps=int(steps.sum()), max_steps=int(steps.max()),
-                     lane_steps=int(steps.size * steps.max()), devices=1)  # fmt: skip
+        extra = dict(
+            member_steps=int(steps.sum()),
+            max_steps=int(steps.max()),
+            lane_steps=int(steps.size * steps.max()),
+            devices=1,
+        )
         compile_s = None
     else:
         rule = stopping_rule(p, q) if way == "gflow stopping" else {}
         for _ in range(2):
-            ens = gflow.simulate_ensemble(model, None, T_MAX, params0=params0,
-                                          save="final", **rule)  # fmt: skip
+            ens = gflow.simulate_ensemble(
+                model, None, T_MAX, params0=params0, save="final", **rule
+            )
             times.append(ens.stats["wall_time_s"])
             if len(times) == 1:
                 compile_s = ens.stats["compile_time_s"]
         labels, steps = is_global(p, q, ens.loss[:, -1]), ens.stats["num_steps"]
-        extra = dict(member_steps=int(steps.sum()), max_steps=int(steps.max()),
-                     lane_steps=ens.stats["lane_steps"], lanes=ens.meta["lanes"],
-                     devices=len(jax.devices()))  # fmt: skip
-    return dict(way=way, cold_s=times[0], warm_s=times[1], compile_s=compile_s,
-                labels=labels.astype(int).tolist(), **extra)  # fmt: skip
+        extra = dict(
+            member_steps=int(steps.sum()),
+            max_steps=int(steps.max()),
+            lane_steps=ens.stats["lane_steps"],
+            lanes=ens.meta["lanes"],
+            devices=len(jax.devices()),
+        )
+    return dict(
+        way=way,
+        cold_s=times[0],
+        warm_s=times[1],
+        compile_s=compile_s,
+        labels=labels.astype(int).tolist(),
+        **extra,
+    )
 
 
 def device_counts(quick: bool) -> list[int]:
@@ -133,8 +148,9 @@ def in_fresh_process(*args, devices: int = 1):
             env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
         command = [sys.executable, __file__, *map(str, args)]
         here = os.path.dirname(os.path.abspath(__file__))
-        done = subprocess.run(command, capture_output=True, text=True, env=env,
-                              cwd=here)  # fmt: skip
+        done = subprocess.run(
+            command, capture_output=True, text=True, env=env, cwd=here
+        )
     if done.returncode != 0:
         raise RuntimeError(f"{command} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -144,12 +160,21 @@ def grids(n: int, pairs, quick: bool) -> list[dict]:
     out = []
     for p, q in pairs:
         naive = in_fresh_process("--one", "naive", p, q, n)
-        row = dict(p=p, q=q, grid=f"{n} x {n}", members=n * n, gflow=[],
-                   global_fraction=float(np.mean(naive["labels"])))  # fmt: skip
+        row = dict(
+            p=p,
+            q=q,
+            grid=f"{n} x {n}",
+            members=n * n,
+            gflow=[],
+            global_fraction=float(np.mean(naive["labels"])),
+        )
         print(f"({p}, {q}) {n} x {n} grid to t = {T_MAX:g}:", flush=True)
-        print(f"  straightforward vmap: cold {naive['cold_s']:.2f} s, warm "
-              f"{naive['warm_s']:.2f} s; its slowest member "
-              f"{naive['max_steps']:,} steps", flush=True)  # fmt: skip
+        print(
+            f"  straightforward vmap: cold {naive['cold_s']:.2f} s, warm "
+            f"{naive['warm_s']:.2f} s; its slowest member "
+            f"{naive['max_steps']:,} steps",
+            flush=True,
+        )
         for devices in device_counts(quick):
             for way in ("gflow default", "gflow stopping"):
                 run = in_fresh_process("--one", way, p, q, n, devices=devices)
@@ -161,12 +186,15 @@ def grids(n: int, pairs, quick: bool) -> list[dict]:
                     same_labels=same,
                 )
                 row["gflow"].append(run)
-                print(f"  {way:<15} {devices} device(s): cold {run['cold_s']:6.2f} s "
-                      f"({run['compile_s']:.2f} s compiling), warm "
-                      f"{run['warm_s']:6.3f} s: {run['speedup_cold']:.1f}x cold, "
-                      f"{run['speedup_warm']:.1f}x warm; slowest member "
-                      f"{run['max_steps']:,} steps; same label at {same} of "
-                      f"{n * n} points", flush=True)  # fmt: skip
+                print(
+                    f"  {way:<15} {devices} device(s): cold {run['cold_s']:6.2f} s "
+                    f"({run['compile_s']:.2f} s compiling), warm "
+                    f"{run['warm_s']:6.3f} s: {run['speedup_cold']:.1f}x cold, "
+                    f"{run['speedup_warm']:.1f}x warm; slowest member "
+                    f"{run['max_steps']:,} steps; same label at {same} of "
+                    f"{n * n} points",
+                    flush=True,
+                )
         row["naive"] = {k: v for k, v in naive.items() if k != "labels"}
         out.append(row)
     return out
@@ -180,22 +208,27 @@ def scaling(sizes) -> list[dict]:
     rows = []
     for size in sizes:
         params0 = {k: jnp.asarray(rng.uniform(-2, 2, size)) for k in ("e", "w")}
-        runs = [gflow.simulate_ensemble(model, None, T_MAX, params0=params0,
-                                        save="final", **stopping_rule(p, q))
-                for _ in range(2)]  # fmt: skip
+        runs = [
+            gflow.simulate_ensemble(
+                model, None, T_MAX, params0=params0, save="final", **stopping_rule(p, q)
+            )
+            for _ in range(2)
+        ]
         warm = runs[1].stats
-        rows.append(dict(
-            members=size,
-            devices=len(jax.devices()),
-            first_call_s=runs[0].stats["wall_time_s"],
-            compile_s=runs[0].stats["compile_time_s"],
-            warm_s=warm["wall_time_s"],
-            members_per_s=size / warm["wall_time_s"],
-            member_steps=warm["member_steps"],
-            lane_steps=warm["lane_steps"],
-            useful_share_until_drained=warm["useful_share_until_drained"],
-            lanes=runs[1].meta["lanes"],
-        ))  # fmt: skip
+        rows.append(
+            dict(
+                members=size,
+                devices=len(jax.devices()),
+                first_call_s=runs[0].stats["wall_time_s"],
+                compile_s=runs[0].stats["compile_time_s"],
+                warm_s=warm["wall_time_s"],
+                members_per_s=size / warm["wall_time_s"],
+                member_steps=warm["member_steps"],
+                lane_steps=warm["lane_steps"],
+                useful_share_until_drained=warm["useful_share_until_drained"],
+                lanes=runs[1].meta["lanes"],
+            )
+        )
     return rows
 
 
@@ -204,10 +237,13 @@ def scaling_per_device_count(sizes, quick: bool) -> list[dict]:
     for devices in device_counts(quick):
         for row in in_fresh_process("--scaling", *sizes, devices=devices):
             rows.append(row)
-            print(f"  {row['members']:>7,} members, {devices} device(s): warm "
-                  f"{row['warm_s']:7.3f} s ({row['members_per_s']:9,.0f} members/s), "
-                  f"{row['lanes']} lanes, {row['useful_share_until_drained']:.1%} of "
-                  "lane-steps useful until the queue drained", flush=True)  # fmt: skip
+            print(
+                f"  {row['members']:>7,} members, {devices} device(s): warm "
+                f"{row['warm_s']:7.3f} s ({row['members_per_s']:9,.0f} members/s), "
+                f"{row['lanes']} lanes, {row['useful_share_until_drained']:.1%} of "
+                "lane-steps useful until the queue drained",
+                flush=True,
+            )
     return rows
 
 
@@ -231,8 +267,9 @@ def main(argv=None) -> dict:
     result = {"grids": grids(n, pairs, args.quick)}
     print("members per second against ensemble size (warm, with the stopping rule):")
     result["scaling"] = scaling_per_device_count(sizes, args.quick)
-    path = write_results("ensemble" + ("_quick" if args.quick else ""), result,
-                         args.results)  # fmt: skip
+    path = write_results(
+        "ensemble" + ("_quick" if args.quick else ""), result, args.results
+    )
     print(f"wrote {path}")
     return result
 

@@ -247,9 +247,17 @@ def run_problem(name, quick):
     )
     for solver in ("tsit5", "dopri5", "dopri8"):
         for rtol in (1e-4, 1e-6, 1e-8):
-            run = functools.partial(gflow.simulate, model, data, t_max,
-                                    params0=params0, ts=ts, solver=solver,
-                                    rtol=rtol, atol=rtol * 1e-2)  # fmt: skip
+            run = functools.partial(
+                gflow.simulate,
+                model,
+                data,
+                t_max,
+                params0=params0,
+                ts=ts,
+                solver=solver,
+                rtol=rtol,
+                atol=rtol * 1e-2,
+            )
             first, traj, seconds = timed(run, trajectory_seconds, slow_s=10.0)
             add(
                 f"gflow {solver} rtol={rtol:g}",
@@ -260,8 +268,16 @@ def run_problem(name, quick):
                 first.stats["compile_time_s"],
             )
     for lr in (0.1, 0.03) if quick else (0.1, 0.03, 0.01, 0.003):
-        run = functools.partial(gflow.gradient_descent, model, data, t_max, lr,
-                                params0=params0, ts=ts, throw=False)  # fmt: skip
+        run = functools.partial(
+            gflow.gradient_descent,
+            model,
+            data,
+            t_max,
+            lr,
+            params0=params0,
+            ts=ts,
+            throw=False,
+        )
         first, gd, seconds = timed(run, trajectory_seconds, slow_s=10.0)
         flat = flat_trajectory(gd)
         if len(gd) < len(ts):  # diverged: infinite error
@@ -289,9 +305,16 @@ def run_problem(name, quick):
     grad(flat0, data).block_until_ready()
     for method in ("RK45", "DOP853"):
         for rtol in (1e-6, 1e-8):
-            solve = functools.partial(scipy.integrate.solve_ivp, rhs, (0.0, t_max),
-                                      np.asarray(flat0), method=method, t_eval=ts,
-                                      rtol=rtol, atol=rtol * 1e-2)  # fmt: skip
+            solve = functools.partial(
+                scipy.integrate.solve_ivp,
+                rhs,
+                (0.0, t_max),
+                np.asarray(flat0),
+                method=method,
+                t_eval=ts,
+                rtol=rtol,
+                atol=rtol * 1e-2,
+            )
             _, sol, seconds = timed(solve, slow_s=10.0)
             add(
                 f"scipy {method} rtol={rtol:g}",

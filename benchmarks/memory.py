@@ -48,10 +48,12 @@ def one_run(width: int, n_save: int, params_at: str) -> dict:
 
     keys = jax.random.split(jax.random.key(0), 6)
     params0 = [
-        {"w": jax.random.normal(k, (width, width)) / jnp.sqrt(width),
-         "b": jnp.zeros(width)}
+        {
+            "w": jax.random.normal(k, (width, width)) / jnp.sqrt(width),
+            "b": jnp.zeros(width),
+        }
         for k in keys[:4]
-    ]  # fmt: skip
+    ]
     x = jax.random.normal(keys[4], (8, width))
     y = jax.random.normal(keys[5], (8, width))
 
@@ -63,8 +65,15 @@ def one_run(width: int, n_save: int, params_at: str) -> dict:
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     start = time.perf_counter()
-    traj = gflow.simulate(loss, (x, y), 1.0, params0=params0, n_save=n_save,
-                          spacing="linear", params_at=params_at)  # fmt: skip
+    traj = gflow.simulate(
+        loss,
+        (x, y),
+        1.0,
+        params0=params0,
+        n_save=n_save,
+        spacing="linear",
+        params_at=params_at,
+    )
     wall = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     n_params = sum(leaf.size for leaf in jax.tree.leaves(params0))
@@ -86,31 +95,54 @@ def measure(width: int, n_save: int, params_at: str) -> dict:
     n_params = 4 * width * width + 4 * width
     saved = 2 * 4 * n_params * (n_save if params_at == "all" else 2)
     if saved > _LARGEST_SAVED:
-        return dict(width=width, parameters=n_params, n_save=n_save,
-                    params_at=params_at, skipped=True,
-                    saved_bytes_needed=saved)  # fmt: skip
+        return dict(
+            width=width,
+            parameters=n_params,
+            n_save=n_save,
+            params_at=params_at,
+            skipped=True,
+            saved_bytes_needed=saved,
+        )
     command = [sys.executable, __file__, "--one", str(width), str(n_save), params_at]
-    done = subprocess.run(command, capture_output=True, text=True, check=False,
-                          cwd=os.path.dirname(os.path.abspath(__file__)))  # fmt: skip
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=os.path.dirname(os.path.abspath(__file__)),
+    )
     if done.returncode != 0:  # e.g. killed for memory: recorded, not hidden
-        return dict(width=width, parameters=n_params, n_save=n_save,
-                    params_at=params_at, failed=True, returncode=done.returncode,
-                    stderr=done.stderr[-2000:])  # fmt: skip
+        return dict(
+            width=width,
+            parameters=n_params,
+            n_save=n_save,
+            params_at=params_at,
+            failed=True,
+            returncode=done.returncode,
+            stderr=done.stderr[-2000:],
+        )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def show(row: dict) -> None:
-    label = f"{row['parameters'] / 1e6:6.1f}M params, {row['n_save']:>5} saves, " \
-        f"params_at={row['params_at']:<5}"  # fmt: skip
+    label = (
+        f"{row['parameters'] / 1e6:6.1f}M params, {row['n_save']:>5} saves, "
+        f"params_at={row['params_at']:<5}"
+    )
     if row.get("failed"):
         print(f"  {label}  failed (exit code {row['returncode']})", flush=True)
     elif row.get("skipped"):
-        print(f"  {label}  not run: its saved rows alone need "
-              f"{row['saved_bytes_needed'] / GiB:.0f} GiB", flush=True)  # fmt: skip
+        print(
+            f"  {label}  not run: its saved rows alone need "
+            f"{row['saved_bytes_needed'] / GiB:.0f} GiB",
+            flush=True,
+        )
     else:
-        print(f"  {label}  peak RSS {row['peak_rss_bytes'] / GiB:5.2f} GiB  "
-              f"({row['num_steps']} steps, {row['wall_time_s']:.0f} s)",
-              flush=True)  # fmt: skip
+        print(
+            f"  {label}  peak RSS {row['peak_rss_bytes'] / GiB:5.2f} GiB  "
+            f"({row['num_steps']} steps, {row['wall_time_s']:.0f} s)",
+            flush=True,
+        )
 
 
 def main(argv=None):

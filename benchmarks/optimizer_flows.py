@@ -92,8 +92,9 @@ def distance(a, b):
 
 def tight_flow(model, data, p0, t_max, ts, flow=None):
     """A flow solved tightly (Dopri8, rtol 1e-10): the reference for a part."""
-    return gflow.simulate(model, data, t_max, params0=p0, ts=ts, flow=flow,
-                          solver="dopri8", **TIGHT)  # fmt: skip
+    return gflow.simulate(
+        model, data, t_max, params0=p0, ts=ts, flow=flow, solver="dopri8", **TIGHT
+    )
 
 
 def gradient_descent_part(model, data, p0, t_max, ts, lrs, plain):
@@ -184,9 +185,15 @@ def sgd_part(model, data, p0, t_max, ts, lr, batch, seeds):
 
     def paths(**options):
         return gflow.simulate_ensemble(
-            model, data, t_max, params0=batch_p0, ts=ts, flow=flows.SGD(lr, batch),
-            noise_key=jax.random.split(jax.random.key(2026), seeds), **options,
-        )  # fmt: skip
+            model,
+            data,
+            t_max,
+            params0=batch_p0,
+            ts=ts,
+            flow=flows.SGD(lr, batch),
+            noise_key=jax.random.split(jax.random.key(2026), seeds),
+            **options,
+        )
 
     sde = paths()
     sde_loss = np.asarray(sde.loss)
@@ -395,8 +402,10 @@ def main(argv=None):
         "HeavyBall closer than the plain flow at every lr (>= 20x)": hb["min_ratio"],
     }
     for r in sgd:
-        targets[f"SGD lr {r['lr']}: means within 3 SE and stds within 1.5x "
-                "(>= 90% of save times)"] = r["share_both"]  # fmt: skip
+        targets[
+            f"SGD lr {r['lr']}: means within 3 SE and stds within 1.5x "
+            "(>= 90% of save times)"
+        ] = r["share_both"]
     print("targets:")
     for name, value in targets.items():
         print(f"  {name}: {value:.3g}")

@@ -136,9 +136,17 @@ def main(argv=None):
     rows = []
     for rtol, atol in TOLERANCES:
         for solver in ("tsit5", "dopri5"):
-            run = functools.partial(gflow.simulate, model, data, t_max,
-                                    params0=params0, ts=ts, solver=solver,
-                                    rtol=rtol, atol=atol)  # fmt: skip
+            run = functools.partial(
+                gflow.simulate,
+                model,
+                data,
+                t_max,
+                params0=params0,
+                ts=ts,
+                solver=solver,
+                rtol=rtol,
+                atol=atol,
+            )
             _, traj, seconds = timed(run, trajectory_seconds, repeats)
             rows.append(
                 dict(

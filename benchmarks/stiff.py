@@ -119,13 +119,18 @@ def work_precision(mlp, loss, data, t_max, solvers, rtols, lrs):
     for solver in ("tsit5", "auto"):
         first[solver] = gflow.simulate(loss, data, t_max, solver=solver, **kwargs)
     for lr in lrs:
-        first[lr] = gflow.gradient_descent(loss, data, t_max, lr, params0=mlp, ts=ts,
-                                           throw=False)  # fmt: skip
+        first[lr] = gflow.gradient_descent(
+            loss, data, t_max, lr, params0=mlp, ts=ts, throw=False
+        )
     start = time.perf_counter()
-    ref = gflow.simulate(loss, data, t_max, solver="dopri8", rtol=1e-11, atol=1e-13,
-                         **kwargs)  # fmt: skip
-    print(f"reference: Dopri8 rtol 1e-11, {ref.stats['num_steps']} steps, "
-          f"{time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
+    ref = gflow.simulate(
+        loss, data, t_max, solver="dopri8", rtol=1e-11, atol=1e-13, **kwargs
+    )
+    print(
+        f"reference: Dopri8 rtol 1e-11, {ref.stats['num_steps']} steps, "
+        f"{time.perf_counter() - start:.0f} s",
+        flush=True,
+    )
     defaults = {}
     for solver in ("tsit5", "auto"):
         traj = first[solver]
@@ -138,15 +143,27 @@ def work_precision(mlp, loss, data, t_max, solvers, rtols, lrs):
             # A sweep point with the defaults' tolerances (atol = rtol / 100 at
             # rtol 1e-6) is the same run, not repeated.
             if defaults.get(solver, {}).get("tolerances") == (rtol, rtol * 1e-2):
-                rows.append(dict(defaults[solver], method=f"{solver} rtol={rtol:g}",
-                                 label=label))  # fmt: skip
+                rows.append(
+                    dict(
+                        defaults[solver], method=f"{solver} rtol={rtol:g}", label=label
+                    )
+                )
                 continue
-            traj = gflow.simulate(loss, data, t_max, solver=solver, rtol=rtol,
-                                  atol=rtol * 1e-2, throw=False, **kwargs)  # fmt: skip
+            traj = gflow.simulate(
+                loss,
+                data,
+                t_max,
+                solver=solver,
+                rtol=rtol,
+                atol=rtol * 1e-2,
+                throw=False,
+                **kwargs,
+            )
             rows.append(row(f"{solver} rtol={rtol:g}", solver, label, traj, ref))
     for lr in lrs:
-        rows.append(row(f"GD lr={lr:g}", "gradient descent", f"lr {lr:g}", first[lr],
-                        ref))  # fmt: skip
+        rows.append(
+            row(f"GD lr={lr:g}", "gradient descent", f"lr {lr:g}", first[lr], ref)
+        )
     return ref, rows, defaults
 
 
@@ -190,15 +207,19 @@ def papers(quick):
     for name, (model, data, t_max) in cases.items():
         evals = {}
         for solver in ("tsit5", "auto"):
-            traj = gflow.simulate(model, data, t_max, key=1, solver=solver,
-                                  max_steps=10**6)  # fmt: skip
+            traj = gflow.simulate(
+                model, data, t_max, key=1, solver=solver, max_steps=10**6
+            )
             evals[solver] = (
                 traj.stats["num_grad_evals"] + 2 * traj.stats["num_hvp_evals"]
             )
         out[name] = dict(evals, t_max=t_max, ratio=evals["auto"] / evals["tsit5"])
         label = f"{name} (t = {t_max:g})"
-        print(f"  {label:<30} Tsit5 {evals['tsit5']:>7,}  auto {evals['auto']:>7,}  "
-              f"ratio {out[name]['ratio']:.3f}", flush=True)  # fmt: skip
+        print(
+            f"  {label:<30} Tsit5 {evals['tsit5']:>7,}  auto {evals['auto']:>7,}  "
+            f"ratio {out[name]['ratio']:.3f}",
+            flush=True,
+        )
     return out
 
 
@@ -209,13 +230,20 @@ def markov_grid(n):
     params0 = gflow.grid({"e": axis, "w": axis})
     out = {}
     for solver in ("tsit5", "auto"):
-        ens = gflow.simulate_ensemble(model, None, 2000.0, params0=params0,
-                                      save="final", solver=solver)  # fmt: skip
+        ens = gflow.simulate_ensemble(
+            model, None, 2000.0, params0=params0, save="final", solver=solver
+        )
         steps = ens.stats["num_steps"]
-        out[solver] = dict(max_steps=int(steps.max()), mean_steps=float(steps.mean()),
-                           wall_time_s=ens.stats["wall_time_s"])  # fmt: skip
-        print(f"  Markov {n}x{n} grid, {solver}: largest member {steps.max():,} steps, "
-              f"mean {steps.mean():.0f}", flush=True)  # fmt: skip
+        out[solver] = dict(
+            max_steps=int(steps.max()),
+            mean_steps=float(steps.mean()),
+            wall_time_s=ens.stats["wall_time_s"],
+        )
+        print(
+            f"  Markov {n}x{n} grid, {solver}: largest member {steps.max():,} steps, "
+            f"mean {steps.mean():.0f}",
+            flush=True,
+        )
     return out
 
 
@@ -228,8 +256,9 @@ def figure(ts, sharpness, rows, path):
     ax_s.grid(True, which="both", alpha=0.3)
     gflow.plot.work_precision(rows, ax=ax_g, title="(b) error against work")
     ax_g.set_xlabel("gradient-equivalents (gradients + 2 × Hessian-vector products)")
-    gflow.plot.work_precision(rows, ax=ax_t, work="run_time_s",
-                              title="(c) error against run time")  # fmt: skip
+    gflow.plot.work_precision(
+        rows, ax=ax_t, work="run_time_s", title="(c) error against run time"
+    )
     fig.suptitle(
         "Digits MLP (64-128-128-10, tanh, 1,000 images), gradient flow to "
         f"t = {ts[-1]:g}, float64",
@@ -258,13 +287,25 @@ def rows_from_log(path):
         family, setting = name.split(" ")
         family = "gradient descent" if family == "GD" else family
         label = setting.replace("=", " ")
-        rows.append(dict(method=name, family=family, label=label, error=float(error),
-                         grad_evals=int(work.replace(",", "")),
-                         run_time_s=float(run)))  # fmt: skip
+        rows.append(
+            dict(
+                method=name,
+                family=family,
+                label=label,
+                error=float(error),
+                grad_evals=int(work.replace(",", "")),
+                run_time_s=float(run),
+            )
+        )
     # In sweep order (the defaults' lines come first in the log): loose to tight.
     families = list(dict.fromkeys(row["family"] for row in rows))
-    return sorted(rows, key=lambda row: (families.index(row["family"]),
-                                         -float(row["label"].split()[1])))  # fmt: skip
+    return sorted(
+        rows,
+        key=lambda row: (
+            families.index(row["family"]),
+            -float(row["label"].split()[1]),
+        ),
+    )
 
 
 def main(argv=None):
@@ -316,8 +357,9 @@ def finish(args):
     the Markov grid; the work-precision figure from the rows of `args.rows_from`."""
     mlp, loss, data = digits_problem(1000)
     ts = save_grid(1000.0, (0.01, 0.03))
-    flow = gflow.simulate(loss, data, 1000.0, params0=mlp, rtol=1e-8, atol=1e-10,
-                          ts=ts, max_steps=10**7)  # fmt: skip
+    flow = gflow.simulate(
+        loss, data, 1000.0, params0=mlp, rtol=1e-8, atol=1e-10, ts=ts, max_steps=10**7
+    )
     sharpness = np.asarray(gflow.metrics.sharpness_along(flow, loss, data, iters=40))
     print(f"  λ_max from {sharpness[0]:.1f} to {sharpness[-1]:.1f}", flush=True)
     rows = rows_from_log(args.rows_from)

@@ -53,28 +53,35 @@ def main(argv=None):
     t_max = float(ts[-1])
 
     flow = gflow.simulate(model, data, t_max, params0=params0, ts=ts)
-    runs = {lr: gflow.gradient_descent(model, data, t_max, lr, params0=params0, ts=ts,
-                                       throw=False)
-            for lr in LEARNING_RATES}  # fmt: skip
+    runs = {
+        lr: gflow.gradient_descent(
+            model, data, t_max, lr, params0=params0, ts=ts, throw=False
+        )
+        for lr in LEARNING_RATES
+    }
     sharpness = gflow.metrics.sharpness_along(flow, model.loss, data, iters=20)
     comparisons = {lr: gflow.compare(flow, gd, tol=1e-2) for lr, gd in runs.items()}
 
     summary = {
-        "flow": {"grad_evals": flow.stats["num_grad_evals"],
-                 "run_time_s": flow.stats["run_time_s"],
-                 "final_loss": float(flow.loss[-1])},
+        "flow": {
+            "grad_evals": flow.stats["num_grad_evals"],
+            "run_time_s": flow.stats["run_time_s"],
+            "final_loss": float(flow.loss[-1]),
+        },
         "gradient_descent": {
-            str(lr): {"steps": runs[lr].stats["num_steps"],
-                      "run_time_s": runs[lr].stats["run_time_s"],
-                      "result": runs[lr].result,
-                      "last_time": float(runs[lr].ts[-1]),
-                      "final_loss": float(runs[lr].loss[-1]),
-                      "max_param_distance": c.max_param_distance,
-                      "first_differs_by_1pct_at": c.first_difference_time}
+            str(lr): {
+                "steps": runs[lr].stats["num_steps"],
+                "run_time_s": runs[lr].stats["run_time_s"],
+                "result": runs[lr].result,
+                "last_time": float(runs[lr].ts[-1]),
+                "final_loss": float(runs[lr].loss[-1]),
+                "max_param_distance": c.max_param_distance,
+                "first_differs_by_1pct_at": c.first_difference_time,
+            }
             for lr, c in comparisons.items()
         },
         "sharpness_max_along_flow": float(np.max(sharpness)),
-    }  # fmt: skip
+    }
     print(flow.summary())
     print(json.dumps(summary, indent=2))
 
@@ -84,16 +91,30 @@ def main(argv=None):
         gflow.plot.loss(gd, f"GD, lr = {lr:g}", ax=ax_loss, color=f"C{i + 1}", lw=1.5)
     ax_loss.set(title="loss on the same time axis (step k at t = k·lr)")
     for i, (lr, c) in enumerate(comparisons.items()):
-        gflow.plot.series(c.ts, c.param_distance, label=f"GD, lr = {lr:g}",
-                          ax=ax_dist, log_y=True, lw=2, color=f"C{i + 1}")  # fmt: skip
+        gflow.plot.series(
+            c.ts,
+            c.param_distance,
+            label=f"GD, lr = {lr:g}",
+            ax=ax_dist,
+            log_y=True,
+            lw=2,
+            color=f"C{i + 1}",
+        )
     ax_dist.axhline(1e-2, color="0.4", ls=":", label="1% (compare's tol)")
     ax_dist.set(
         ylabel="‖θ_GD(t) − θ_flow(t)‖ / max norm",
         title="how far gradient descent strays from the flow",
     )
     ax_dist.legend()
-    gflow.plot.series(flow.ts, sharpness, label="λ_max along the flow", ax=ax_sharp,
-                      log_y=True, color="k", lw=2)  # fmt: skip
+    gflow.plot.series(
+        flow.ts,
+        sharpness,
+        label="λ_max along the flow",
+        ax=ax_sharp,
+        log_y=True,
+        color="k",
+        lw=2,
+    )
     for i, lr in enumerate(LEARNING_RATES):
         ax_sharp.axhline(
             2 / lr, color=f"C{i + 1}", ls="--", label=f"2 / lr, lr = {lr:g}"

@@ -103,9 +103,15 @@ def basin_maps(n):
         unigram, entropy_rate = markov_reference_losses(p, q)
         # The loss never increases along a flow: once it is within 1e-4 of the
         # global minimum the limit is certain, so stop there.
-        ens = gflow.simulate_ensemble(model, None, 2000.0, params0=params0,
-                                      save="final", stop_at_loss=entropy_rate + 1e-4,
-                                      stop_at_grad_norm=1e-8)  # fmt: skip
+        ens = gflow.simulate_ensemble(
+            model,
+            None,
+            2000.0,
+            params0=params0,
+            save="final",
+            stop_at_loss=entropy_rate + 1e-4,
+            stop_at_grad_norm=1e-8,
+        )
         found = gflow.basins(ens, {"local": unigram, "global": entropy_rate}, atol=1e-3)
         exact = np.asarray(model.reaches_global(params0["e"], params0["w"]))
         maps[(p, q)] = (found, exact, ens)
@@ -128,11 +134,14 @@ def init_ensembles(n_members, n_seqs, seq_len, t_max):
         if init == "makkuva":  # the proposed init, perturbed by N(0, 0.02²) noise
             leaves, tree = jax.tree.flatten(params0)
             keys = jax.random.split(jax.random.key(4), len(leaves))
-            noisy = [x + 0.02 * jax.random.normal(k, x.shape)
-                     for x, k in zip(leaves, keys, strict=True)]  # fmt: skip
+            noisy = [
+                x + 0.02 * jax.random.normal(k, x.shape)
+                for x, k in zip(leaves, keys, strict=True)
+            ]
             params0 = jax.tree.unflatten(tree, noisy)
-        ens = gflow.simulate_ensemble(model, train, t_max, params0=params0,
-                                      save="final")  # fmt: skip
+        ens = gflow.simulate_ensemble(
+            model, train, t_max, params0=params0, save="final"
+        )
         held = np.asarray(jax.vmap(model.loss, in_axes=(0, None))(ens.final, held_out))
         out[init] = {
             "held_out_losses": held.tolist(),
@@ -148,13 +157,17 @@ def init_ensembles(n_members, n_seqs, seq_len, t_max):
 def basins_figure(axis, maps, inits):
     fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
     for ax, ((p, q), (found, exact, _)) in zip(axes, maps.items(), strict=False):
-        gflow.plot.basin_map(axis, axis, found.labels, names=found.names,
-                             exact=exact, ax=ax)  # fmt: skip
+        gflow.plot.basin_map(
+            axis, axis, found.labels, names=found.names, exact=exact, ax=ax
+        )
         agree = np.mean((found.labels == 1) == exact)
-        ax.set(xlabel="embedding e", ylabel="weight w",
-               title=f"({'ab'[p == 0.2]}) basins, p = {p}, q = {q} (p + q "
-               f"{'>' if p + q > 1 else '<'} 1): {len(axis)}×{len(axis)} flows\n"
-               f"agree with the separatrix at {agree:.2%} of points")  # fmt: skip
+        ax.set(
+            xlabel="embedding e",
+            ylabel="weight w",
+            title=f"({'ab'[p == 0.2]}) basins, p = {p}, q = {q} (p + q "
+            f"{'>' if p + q > 1 else '<'} 1): {len(axis)}×{len(axis)} flows\n"
+            f"agree with the separatrix at {agree:.2%} of points",
+        )
     unigram, entropy_rate = markov_reference_losses(P, Q)
     ax = axes[2]
     for i, (init, label) in enumerate(
@@ -163,13 +176,22 @@ def basins_figure(axis, maps, inits):
         held = np.asarray(inits[init]["held_out_losses"])
         frac = inits[init]["fraction_bigram"]
         jitter = np.random.default_rng(i).uniform(-0.15, 0.15, held.size)
-        ax.plot(i + jitter, held, "o", alpha=0.6,
-                label=f"{label}: {frac:.0%} nearer the bigram loss")  # fmt: skip
+        ax.plot(
+            i + jitter,
+            held,
+            "o",
+            alpha=0.6,
+            label=f"{label}: {frac:.0%} nearer the bigram loss",
+        )
     ax.axhline(unigram, color="0.3", ls=":", label=f"unigram {unigram:.4f}")
     ax.axhline(entropy_rate, color="0.3", ls="--", label=f"bigram {entropy_rate:.4f}")
-    ax.set(xticks=[0, 1], xticklabels=["Gaussian", "proposed + noise"],
-           xlim=(-0.5, 1.5), ylabel="held-out loss at t_max",
-           title=f"(c) full transformer: {len(held)} flows per init")  # fmt: skip
+    ax.set(
+        xticks=[0, 1],
+        xticklabels=["Gaussian", "proposed + noise"],
+        xlim=(-0.5, 1.5),
+        ylabel="held-out loss at t_max",
+        title=f"(c) full transformer: {len(held)} flows per init",
+    )
     ax.legend(fontsize=9, loc="center left")
     fig.tight_layout()
     return fig
@@ -182,9 +204,17 @@ def draw_portrait(ax, model, flows):
         return np.where(np.abs(w) < 0.02, np.nan, markov_energy(e, w))
 
     labels = [f"flow from ({e0}, {w0})" for e0, w0 in WORKED_CASES]
-    gflow.plot.phase_portrait(model, ("e", "w"), (0.0, 2.0), (-2.0, 1.5), ax=ax,
-                              trajectories=flows, labels=labels, invariant=energy,
-                              levels=np.linspace(-4, 4, 17))  # fmt: skip
+    gflow.plot.phase_portrait(
+        model,
+        ("e", "w"),
+        (0.0, 2.0),
+        (-2.0, 1.5),
+        ax=ax,
+        trajectories=flows,
+        labels=labels,
+        invariant=energy,
+        levels=np.linspace(-4, 4, 17),
+    )
     fine_e, fine_w = np.meshgrid(np.linspace(0, 2, 300), np.linspace(-2, 1.5, 351))
     energy = np.asarray(markov_energy(fine_e, fine_w))
     # The separatrix: the level set of the saddle's energy, on the side w < 0.
@@ -320,8 +350,10 @@ def main(argv=None):
     figure(model, flows, runs).savefig(out / "markov_local_to_global.png", dpi=110)
     basins_figure(axis, maps, inits).savefig(out / "markov_basins.png", dpi=110)
     (out / "markov_summary.json").write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}/markov_local_to_global.png, markov_basins.png and "
-          "markov_summary.json")  # fmt: skip
+    print(
+        f"wrote {out}/markov_local_to_global.png, markov_basins.png and "
+        "markov_summary.json"
+    )
     return result
 
 

@@ -10,27 +10,25 @@ from . import models as models
 from ._basins import Basins as Basins
 from ._basins import basins as basins
 from ._basins import grid as grid
-from ._compile import enable_persistent_cache as _enable_persistent_cache
+from ._compare import Comparison as Comparison
+from ._compare import compare as compare
 from ._declarations import PhaseSpec as PhaseSpec
-from ._discrete import Comparison as Comparison
-from ._discrete import compare as compare
 from ._discrete import gradient_descent as gradient_descent
 from ._ensemble import simulate_ensemble as simulate_ensemble
 from ._errors import SimulationError as SimulationError
 from ._phases import Phases as Phases
 from ._phases import detect_condensation_stages as detect_condensation_stages
 from ._phases import detect_phases as detect_phases
-from ._run import gflow_version as _gflow_version
 from ._simulate import simulate as simulate
+from ._solvers import RKC2 as RKC2
+from ._solvers import ROCK4 as ROCK4
 from ._solvers import SOLVERS as SOLVERS
-from ._stabilized import RKC2 as RKC2
-from ._stabilized import ROCK4 as ROCK4
-from ._stabilized import AutoTsit5 as AutoTsit5
+from ._solvers import AutoTsit5 as AutoTsit5
 from ._times import save_times as save_times
 from ._trajectory import Trajectory as Trajectory
+from ._version import gflow_version as _gflow_version
 
 __version__ = _gflow_version()
-_enable_persistent_cache()
 
 
 def __getattr__(name: str):

@@ -180,8 +180,11 @@ def run_in_segments(
             if every_steps is None:
                 rate = (progress(state) - before) / max(segment.run_time_s, 1e-3)
                 budget = int(np.clip(rate * every_s, 1, np.iinfo(np.int32).max))
-    stats = dict(resumed=stored is not None, checkpoint_writes=writes,
-                 checkpoint_write_time_s=write_s)  # fmt: skip
+    stats = dict(
+        resumed=stored is not None,
+        checkpoint_writes=writes,
+        checkpoint_write_time_s=write_s,
+    )
     return state, timer, stats
 
 

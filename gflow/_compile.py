@@ -1,19 +1,19 @@
 """Compilation: JAX's persistent cache, and how long a call spends compiling.
 
-gflow turns on JAX's persistent compilation cache (`enable_persistent_cache`), so
-that a program compiled once is loaded from disk by the next process instead of
-compiled again.
-
-JAX reports the duration of each tracing, lowering and XLA compilation through
-`jax.monitoring`. One listener is registered when gflow is imported; it adds the
-durations to whichever `CompileTimer` is active on the current thread. A call that
-hits JAX's in-memory cache records nothing; one that loads from the persistent
-cache records a cache hit, so `num_compilations` counts real compilations only
-(the "did this call recompile?" signal the tests rely on).
+Nothing here runs at `import gflow`. At its first call, gflow turns on JAX's
+persistent compilation cache (`use_persistent_cache`), so that a program compiled
+once is loaded from disk by the next process instead of compiled again; and the
+first `CompileTimer` registers one `jax.monitoring` listener, which adds the
+durations of tracing, lowering and XLA compilation to whichever `CompileTimer` is
+active on the current thread. A call that hits JAX's in-memory cache records
+nothing; one that loads from the persistent cache records a cache hit, so
+`num_compilations` counts real compilations only (the "did this call recompile?"
+signal the tests rely on).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 import threading
@@ -29,8 +29,16 @@ _COMPILE_EVENTS = (
 )
 _active = threading.local()
 
+#: Set to "0" (or "false", "off", "no") to keep gflow from turning on JAX's
+#: persistent compilation cache.
+CACHE_SWITCH = "GFLOW_COMPILATION_CACHE"
+#: Where the cache lives, if not in the user's cache directory.
+CACHE_DIR = "GFLOW_CACHE_DIR"
+#: Every program is cached, however quick to compile: a rerun compiles nothing.
+MIN_COMPILE_TIME_S = 0.0
 
-def _listener(event: str, duration: float, **kwargs) -> None:
+
+def _duration_listener(event: str, duration: float, **kwargs) -> None:
     timer = getattr(_active, "timer", None)
     if timer is not None and event in _COMPILE_EVENTS:
         # Compilation happens before the program runs, and tracing may nest eager
@@ -41,21 +49,18 @@ def _listener(event: str, duration: float, **kwargs) -> None:
             timer.num_compilations += 1
 
 
-def _hit_listener(event: str, **kwargs) -> None:
+def _event_listener(event: str, **kwargs) -> None:
     timer = getattr(_active, "timer", None)
     if timer is not None and event == "/jax/compilation_cache/cache_hits":
         # A program loaded from the persistent cache: its "compile" was a load.
         timer.num_cache_hits += 1
 
 
-jax.monitoring.register_event_duration_secs_listener(_listener)
-jax.monitoring.register_event_listener(_hit_listener)
-
-#: Set to "0" (or "false", "off", "no") to keep gflow from turning on JAX's
-#: persistent compilation cache.
-CACHE_SWITCH = "GFLOW_COMPILATION_CACHE"
-#: Where the cache lives, if not in the user's cache directory.
-CACHE_DIR = "GFLOW_CACHE_DIR"
+@functools.cache
+def _listen() -> None:
+    """Register the listeners, once per process (at the first `CompileTimer`)."""
+    jax.monitoring.register_event_duration_secs_listener(_duration_listener)
+    jax.monitoring.register_event_listener(_event_listener)
 
 
 def cache_directory() -> pathlib.Path:
@@ -66,16 +71,17 @@ def cache_directory() -> pathlib.Path:
     return pathlib.Path(root) / "gflow" / "jax"
 
 
-def enable_persistent_cache() -> None:
-    """Turn on JAX's persistent compilation cache in `cache_directory()`, unless it
-    is switched off (`GFLOW_COMPILATION_CACHE=0`) or the user set JAX's own cache
-    directory (which then stays as it is)."""
+@functools.cache
+def use_persistent_cache() -> None:
+    """Turn on JAX's persistent compilation cache in `cache_directory()`, once per
+    process, at gflow's first call: unless it is switched off
+    (`GFLOW_COMPILATION_CACHE=0`) or the user configured JAX's own cache directory
+    (which then stays as it is, with JAX's own settings)."""
     switch = os.environ.get(CACHE_SWITCH, "1").strip().lower()
     if switch in ("0", "false", "off", "no") or jax.config.jax_compilation_cache_dir:
         return
     jax.config.update("jax_compilation_cache_dir", str(cache_directory()))
-    # Every program, however quick to compile: a rerun then compiles nothing.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_TIME_S)
 
 
 class CompileTimer:
@@ -88,6 +94,7 @@ class CompileTimer:
     """
 
     def __enter__(self) -> CompileTimer:
+        _listen()
         self.num_compilations = 0
         self.num_cache_hits = 0
         self._outer = getattr(_active, "timer", None)

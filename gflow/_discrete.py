@@ -1,7 +1,8 @@
-"""Discrete optimisers on the gradient flow's time axis, and trajectory comparison."""
+"""gradient_descent(): discrete optimisers on the gradient flow's time axis."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -10,20 +11,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import _checkpoint, _engine, _run
+from . import _checkpoint
+from ._assemble import assemble, finish
+from ._checks import check_batch_size, check_keys, require_positive
 from ._compile import CompileTimer
-from ._model import initial_params, raw_keys, resolve_loss
-from ._options import (
-    CHECKPOINT_KEYWORDS,
-    COMMON_KEYWORDS,
-    check_batch_size,
-    matmul_precision_context,
-    parse,
-    require_positive,
-    takes_options,
-)
-from ._outcome import raise_if_failed, result_code
+from ._engine import Metrics, Outputs, Row, row_values
+from ._keywords import CHECKPOINT_KEYWORDS, COMMON_KEYWORDS, takes_options
+from ._options import Options, matmul_precision_context
+from ._prepare import prepare
+from ._results import result_code
 from ._trajectory import Trajectory
+from ._tree import tree_set
 from .flows import GradientFlow
 
 
@@ -96,24 +94,59 @@ def gradient_descent(
         >>> flow = gflow.simulate(model, data, 300.0, key=0, ts=gd.ts)
         >>> gflow.compare(flow, gd).max_param_distance
     """
-    loss_fn = resolve_loss(model)
-    opts = parse("gradient_descent", t_max, gradient_descent.__gflow_keywords__,
-                 options)  # fmt: skip
     require_positive("lr", lr)
     tau = float(lr) if time_per_step is None else time_per_step
     require_positive("time_per_step", tau)
-    n_steps = round(opts.saves.t_max / tau)
-    if n_steps < 1:
-        raise ValueError(
-            f"t_max = {opts.saves.t_max} is less than one step of {tau}: raise t_max "
-            "or lower lr."
-        )
     if optimizer is not None and not isinstance(
         optimizer, optax.GradientTransformation
     ):
         raise TypeError(
             "`optimizer` must be an optax.GradientTransformation (e.g. optax.sgd(0.1, "
             f"momentum=0.9)); got {type(optimizer).__name__}."
+        )
+    batches = _batches(batch_size, batch_key, data)
+    prepared = prepare(
+        "gradient_descent",
+        model,
+        data,
+        t_max,
+        options,
+        gradient_descent.__gflow_keywords__,
+        params0=params0,
+        key=key,
+        flows=False,
+    )
+    steps, opts = _on_whole_steps(prepared.opts, tau)
+    problem = Descent(prepared.loss_fn, optimizer, opts.metrics, batches)
+    controls = DescentControls(
+        save_steps=jnp.asarray(steps, jnp.int32),
+        slot=jnp.asarray(opts.saves.slots),
+        lr=jnp.asarray(lr, dtype=prepared.dtype),
+    )
+    meta = dict(
+        prepared.meta("discrete"),
+        solver="gradient_descent" if optimizer is None else "optax",
+        lr=float(lr),
+        time_per_step=tau,
+        t_max=int(steps[-1]) * tau,
+        batch_size=batch_size,
+    )
+    state, timer, stats = _run(problem, controls, prepared, data, opts, meta, model)
+    out = _outputs(state, jnp.asarray(steps * tau, prepared.dtype))
+    traj = assemble(
+        out, opts, meta, timer, batched=False, fixed=prepared.fixed, stats=stats
+    )
+    return finish(traj, "gradient_descent", opts.throw, "discrete")
+
+
+def _on_whole_steps(opts: Options, tau: float) -> tuple[np.ndarray, Options]:
+    """The step of each save time (rounded to the nearest whole step, duplicates
+    dropped, the last save on the last step), and the options saving there."""
+    n_steps = round(opts.saves.t_max / tau)
+    if n_steps < 1:
+        raise ValueError(
+            f"t_max = {opts.saves.t_max} is less than one step of {tau}: raise t_max "
+            "or lower lr."
         )
     steps = np.minimum(np.rint(opts.saves.ts / tau).astype(np.int64), n_steps)
     steps[-1] = n_steps  # the last save is the last step, even if t_max rounds
@@ -125,59 +158,49 @@ def gradient_descent(
         opts,
         (steps * tau, opts.saves.params_at[keep]),
     )
-    batches = _batches(batch_size, batch_key, data)
-    params0, seed = initial_params(model, params0, key)
-    params0, fixed, loss_fn, opts = _run.trained_part(loss_fn, opts, params0)
-    dtype = jnp.result_type(*jax.tree.leaves(params0))
-    _run.checked_loss(loss_fn, params0, data)
-    _run.checked_metrics(opts, params0, data)
-    slot = np.where(opts.saves.params_at, np.cumsum(opts.saves.params_at) - 1,
-                    opts.saves.params_at.sum())  # fmt: skip
+    return steps, opts
 
-    n_slots = int(opts.saves.params_at.sum())
-    save_steps = jnp.asarray(steps, jnp.int32)
-    slot = jnp.asarray(slot, jnp.int32)
-    lr_array = jnp.asarray(lr, dtype=dtype)
-    meta = opts.meta("discrete", dtype)
-    meta.update(
-        solver="gradient_descent" if optimizer is None else "optax",
-        lr=float(lr),
-        time_per_step=tau,
-        seed=seed,
-        t_max=n_steps * tau,
-        batch_size=batch_size,
-    )
+
+def _run(problem, controls, prepared, data, opts: Options, meta, model):
+    """Descend to the last save, in one call or in checkpointed segments; the final
+    state, the timer and the checkpoint's counters."""
+    n_steps = int(controls.save_steps[-1])
 
     def fresh():
-        return _start(loss_fn, params0, data, slot, optimizer, opts.metrics, n_slots,
-                      len(steps))  # fmt: skip
+        n_saves, n_slots = len(opts.saves.ts), len(opts.saves.param_rows)
+        return _start(problem, controls, prepared.params0, data, n_saves, n_slots)
 
     def advance(state, budget):
-        budget = jnp.asarray(budget, jnp.int32)
-        return _descend(loss_fn, state, data, save_steps, slot, lr_array, optimizer,
-                        opts.metrics, budget, batches)  # fmt: skip
+        return _descend(problem, controls, state, data, jnp.asarray(budget, jnp.int32))
 
     saving = opts.checkpointing
     with matmul_precision_context(opts.matmul_precision):
         if saving.folder is None:
             with CompileTimer() as timer:
                 state = jax.block_until_ready(advance(fresh(), n_steps))
-            stats = {}
-        else:
-            call = _checkpoint.describe(model, opts, meta, optimizer=repr(optimizer))
-            stamp = _checkpoint.fingerprint(
-                "gradient_descent", call, params0, eqx.filter(fixed, eqx.is_array),
-                data, save_steps, batches,
-            )  # fmt: skip
-            state, timer, stats = _checkpoint.run_in_segments(
-                fresh, advance, lambda s: int(s.steps) >= n_steps,
-                lambda s: int(s.steps), saving.folder, stamp, saving.every_s,
-                saving.every_steps,
-            )  # fmt: skip
-    out = _outputs(state, jnp.asarray(steps * tau, dtype))
-    traj = _run.trajectory(out, opts, meta, timer, batched=False, fixed=fixed,
-                           stats=stats)  # fmt: skip
-    return raise_if_failed(traj, "gradient_descent", "discrete") if opts.throw else traj
+            return state, timer, {}
+        call = _checkpoint.describe(
+            model, opts, meta, optimizer=repr(problem.optimizer)
+        )
+        stamp = _checkpoint.fingerprint(
+            "gradient_descent",
+            call,
+            prepared.params0,
+            eqx.filter(prepared.fixed, eqx.is_array),
+            data,
+            controls.save_steps,
+            problem.batches,
+        )
+        return _checkpoint.run_in_segments(
+            fresh,
+            advance,
+            lambda s: int(s.steps) >= n_steps,
+            lambda s: int(s.steps),
+            saving.folder,
+            stamp,
+            saving.every_s,
+            saving.every_steps,
+        )
 
 
 class _Batches(eqx.Module):
@@ -206,7 +229,7 @@ def _batches(batch_size, batch_key, data) -> _Batches | None:
             "`batch_size` needs `batch_key=` (an int seed or jax.random.key(seed)) "
             "for the minibatch draws."
         )
-    key = raw_keys("batch_key", batch_key, None)[0]
+    key = jax.random.key_data(check_keys("batch_key", batch_key, None))
     leaves = jax.tree.leaves(data)
     sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
     if not leaves or None in sizes or len(sizes) > 1:
@@ -219,7 +242,41 @@ def _batches(batch_size, batch_key, data) -> _Batches | None:
     return _Batches(key, check_batch_size(batch_size, n))
 
 
-class _Descent(eqx.Module):
+class Descent(eqx.Module):
+    """What gradient descent runs: its loss (on the trained leaves), the optimiser
+    (None: plain gradient descent), the metrics of the saved rows and the
+    minibatches (None: full batch). Changing it recompiles; `DescentControls`
+    do not."""
+
+    loss_fn: Callable
+    optimizer: optax.GradientTransformation | None
+    metrics: Metrics
+    batches: _Batches | None
+
+    def row(self, params, data) -> Row:
+        """The values of a saved row: one gradient on all the data."""
+        return row_values(self.loss_fn, GradientFlow(), self.metrics, params, data)
+
+    def step(self, k, carry, data, lr):
+        """Step `k` from `carry` = (params, optimiser state)."""
+        params, opt_state = carry
+        batch = data if self.batches is None else self.batches.draw(data, k)
+        grads = jax.grad(self.loss_fn)(params, batch)
+        if self.optimizer is None:
+            return jax.tree.map(lambda p, g: p - lr * g, params, grads), opt_state
+        updates, opt_state = self.optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+
+class DescentControls(eqx.Module):
+    """The numbers of a descent: arrays, so new values reuse the compiled program."""
+
+    save_steps: jax.Array  # (T,) int32: the step of each save row
+    slot: jax.Array  # (T,) int32: the parameter slot of each save row
+    lr: jax.Array
+
+
+class _State(eqx.Module):
     """Gradient descent part-way: the loop's carry, everything needed to go on."""
 
     params: Any
@@ -233,27 +290,29 @@ class _Descent(eqx.Module):
     steps: jax.Array  # steps taken
 
 
-def _row_fn(loss_fn, metrics, data):
-    return lambda params: _engine.row_values(
-        loss_fn, GradientFlow(), metrics, params, data
-    )
-
-
 @eqx.filter_jit
-def _start(loss_fn, params0, data, slot, optimizer, metrics, n_slots: int,
-           n_saves: int) -> _Descent:  # fmt: skip
+def _start(
+    problem: Descent,
+    controls: DescentControls,
+    params0,
+    data,
+    n_saves: int,
+    n_slots: int,
+):
     """The state before the first step: row 0 written."""
-    first = _row_fn(loss_fn, metrics, data)(params0)
+    first = problem.row(params0, data)
+    slot = controls.slot
 
     def buffer(x, n, value):
         return jnp.zeros((n,) + jnp.shape(x), jnp.result_type(x)).at[0].set(value)
 
     kept = jax.tree.map(lambda x: jnp.zeros((n_slots,) + x.shape, x.dtype), params0)
-    return _Descent(
+    optimizer = problem.optimizer
+    return _State(
         params=params0,
         opt_state=None if optimizer is None else optimizer.init(params0),
-        saved=_put(kept, slot[0], params0),
-        velocity=_put(kept, slot[0], first.velocity),
+        saved=tree_set(kept, slot[0], params0),
+        velocity=tree_set(kept, slot[0], first.velocity),
         loss=buffer(first.loss, n_saves, first.loss),
         grad_norm=buffer(first.grad_norm, n_saves, first.grad_norm),
         metrics=jax.tree.map(lambda x: buffer(x, n_saves, x), first.metrics),
@@ -262,26 +321,15 @@ def _start(loss_fn, params0, data, slot, optimizer, metrics, n_slots: int,
     )
 
 
-def _put(buffer, at, values):
-    return jax.tree.map(lambda b, v: b.at[at].set(v, mode="drop"), buffer, values)
-
-
 @eqx.filter_jit
-def _descend(loss_fn, state: _Descent, data, save_steps, slot, lr, optimizer,
-             metrics, budget, batches: _Batches | None) -> _Descent:  # fmt: skip
+def _descend(problem: Descent, controls: DescentControls, state: _State, data, budget):
     """Step from save row to save row until the last, or until `budget` steps have
-    been taken (whole save intervals: at least one); on minibatches if `batches`."""
-    grad_fn = jax.grad(loss_fn)
-    row = _row_fn(loss_fn, metrics, data)
+    been taken (whole save intervals: at least one)."""
+    save_steps, slot = controls.save_steps, controls.slot
     stop_at = state.steps + jnp.minimum(budget, save_steps[-1] - state.steps)
 
     def step(k, carry):
-        params, opt_state = carry
-        grads = grad_fn(params, data if batches is None else batches.draw(data, k))
-        if optimizer is None:
-            return jax.tree.map(lambda p, g: p - lr * g, params, grads), opt_state
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
+        return problem.step(k, carry, data, controls.lr)
 
     def cond(state):
         return (state.next_save < save_steps.shape[0]) & (state.steps < stop_at)
@@ -291,15 +339,15 @@ def _descend(loss_fn, state: _Descent, data, save_steps, slot, lr, optimizer,
         params, opt_state = jax.lax.fori_loop(
             state.steps, save_steps[i], step, (state.params, state.opt_state)
         )
-        values = row(params)
-        return _Descent(
+        values = problem.row(params, data)
+        return _State(
             params=params,
             opt_state=opt_state,
-            saved=_put(state.saved, slot[i], params),
-            velocity=_put(state.velocity, slot[i], values.velocity),
+            saved=tree_set(state.saved, slot[i], params),
+            velocity=tree_set(state.velocity, slot[i], values.velocity),
             loss=state.loss.at[i].set(values.loss),
             grad_norm=state.grad_norm.at[i].set(values.grad_norm),
-            metrics=_put(state.metrics, i, values.metrics),
+            metrics=tree_set(state.metrics, i, values.metrics),
             next_save=i + 1,
             steps=save_steps[i],
         )
@@ -307,123 +355,25 @@ def _descend(loss_fn, state: _Descent, data, save_steps, slot, lr, optimizer,
     return jax.lax.while_loop(cond, interval, state)
 
 
-def _outputs(state: _Descent, ts) -> _engine.Outputs:
+def _outputs(state: _State, ts) -> Outputs:
     """The finished descent as the engine's outputs (one member)."""
     one = jnp.ones(1, jnp.int32)
 
     def member(tree):
         return jax.tree.map(lambda x: x[None], tree)
 
-    return _engine.Outputs(
-        ts=jnp.asarray(ts)[None], loss=state.loss[None],
-        grad_norm=state.grad_norm[None], metrics=member(state.metrics),
-        params=member(state.saved), velocity=member(state.velocity),
-        n_rows=one * ts.size, code=one * result_code("successful"),
-        steps=one * state.steps, accepted=one * state.steps, grads=one * state.steps,
-        row_grads=one * ts.size, hvps=0 * one,
-    )  # fmt: skip
-
-
-class Comparison(eqx.Module):
-    """Two trajectories compared at their common save times (see `gflow.compare`).
-
-    Attributes:
-        ts: the common save times.
-        param_distance: `‖θ_b(t) − θ_a(t)‖ / max(‖θ_a(t)‖, ‖θ_b(t)‖)` over all
-            parameters (0 where both are zero).
-        loss_gap: `L_b(t) − L_a(t)`.
-        tol: the tolerance used for `first_difference_time`.
-        first_difference_time: the first common time at which `param_distance`
-            exceeds `tol`, or None if it never does.
-    """
-
-    ts: np.ndarray
-    param_distance: np.ndarray
-    loss_gap: np.ndarray
-    tol: float
-    first_difference_time: float | None
-
-    @property
-    def max_param_distance(self) -> float:
-        return float(np.max(self.param_distance))
-
-    @property
-    def max_loss_gap(self) -> float:
-        return float(np.max(np.abs(self.loss_gap)))
-
-
-def compare(a: Trajectory, b: Trajectory, *, tol: float = 1e-2) -> Comparison:
-    """Compare trajectory `b` with the reference `a` at their common save times.
-
-    Times are matched to a relative 1e-9, so run both with the same `ts` (gradient
-    descent rounds its save times to whole steps: pass its `gd.ts` to `simulate`).
-
-    Args:
-        a: the reference (e.g. the flow).
-        b: the other run (e.g. gradient descent).
-        tol: the relative parameter distance that counts as "differing".
-
-    Returns:
-        A `Comparison` with `ts`, `param_distance`, `loss_gap` and
-        `first_difference_time`.
-
-    Raises:
-        ValueError: different parameter structures or shapes, or fewer than two
-            common save times.
-
-    Example:
-        >>> gd = gflow.gradient_descent(model, data, 100.0, lr=0.1, key=0)
-        >>> flow = gflow.simulate(model, data, 100.0, key=0, ts=gd.ts)
-        >>> c = gflow.compare(flow, gd, tol=1e-3)
-        >>> c.first_difference_time, c.max_param_distance
-    """
-    if not isinstance(a, Trajectory) or not isinstance(b, Trajectory):
-        raise TypeError("compare(a, b) takes two gflow.Trajectory objects.")
-    require_positive("tol", tol)
-    # Compared: the trained leaves (floating-point arrays), in the same structure.
-    trained_a = eqx.filter(a.params, eqx.is_inexact_array)
-    trained_b = eqx.filter(b.params, eqx.is_inexact_array)
-    shapes_a = jax.tree.map(lambda x: x.shape[1:], trained_a)
-    shapes_b = jax.tree.map(lambda x: x.shape[1:], trained_b)
-    if jax.tree.structure(shapes_a) != jax.tree.structure(shapes_b) or (
-        jax.tree.leaves(shapes_a) != jax.tree.leaves(shapes_b)
-    ):
-        raise ValueError("the two trajectories have different parameter structures.")
-    # The times at which both hold parameters (every save unless params_at=...).
-    ts_a = np.asarray(a.ts, dtype=np.float64)[a.param_rows]
-    ts_b = np.asarray(b.ts, dtype=np.float64)[b.param_rows]
-    j = np.clip(np.searchsorted(ts_b, ts_a), 0, len(ts_b) - 1)
-    j_left = np.clip(j - 1, 0, len(ts_b) - 1)
-    j = np.where(np.abs(ts_b[j_left] - ts_a) < np.abs(ts_b[j] - ts_a), j_left, j)
-    match = np.isclose(ts_b[j], ts_a, rtol=1e-9, atol=1e-12)
-    if match.sum() < 2:
-        raise ValueError(
-            "the trajectories share fewer than two save times with parameters; run "
-            "both with the same `ts` (e.g. simulate(..., ts=gd.ts)) and "
-            "params_at='all'."
-        )
-    i, j = np.nonzero(match)[0], j[match]
-
-    def flat(traj, rows):
-        leaves = [
-            np.asarray(x)[rows].reshape(len(rows), -1)
-            for x in jax.tree.leaves(eqx.filter(traj.params, eqx.is_inexact_array))
-        ]
-        return np.concatenate(leaves, axis=1).astype(np.float64)
-
-    theta_a, theta_b = flat(a, i), flat(b, j)
-    # Relative to the larger of the two norms, and 0 where both are zero (e.g.
-    # parameters that start at zero), so the measure is always defined.
-    scale = np.maximum(np.linalg.norm(theta_a, axis=1), np.linalg.norm(theta_b, axis=1))
-    gap = np.linalg.norm(theta_b - theta_a, axis=1)
-    distance = np.where(scale > 0, gap / np.where(scale > 0, scale, 1.0), 0.0)
-    loss_gap = (np.asarray(b.loss, np.float64)[b.param_rows[j]]
-                - np.asarray(a.loss, np.float64)[a.param_rows[i]])  # fmt: skip
-    over = np.nonzero(distance > tol)[0]
-    return Comparison(
-        ts=ts_a[i],
-        param_distance=distance,
-        loss_gap=loss_gap,
-        tol=float(tol),
-        first_difference_time=float(ts_a[i][over[0]]) if len(over) else None,
+    return Outputs(
+        ts=jnp.asarray(ts)[None],
+        loss=state.loss[None],
+        grad_norm=state.grad_norm[None],
+        metrics=member(state.metrics),
+        params=member(state.saved),
+        velocity=member(state.velocity),
+        n_rows=one * ts.size,
+        code=one * result_code("successful"),
+        steps=one * state.steps,
+        accepted=one * state.steps,
+        grads=one * state.steps,
+        row_grads=one * ts.size,
+        hvps=0 * one,
     )

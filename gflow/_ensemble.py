@@ -1,6 +1,6 @@
 """simulate_ensemble(): the flows from a batch of initial parameters, solved together.
 
-The engine (`_engine.py`) runs `lanes` members at a time in one compiled loop: when a
+The engine (`_engine`) runs `lanes` members at a time in one compiled loop: when a
 member is done (t_max, a stop, a failure) its lane records it and takes the next
 member of the queue, so lanes stay busy until the queue drains, with no trip to the
 host. Members are dealt to the devices in turn (member i to device i mod n), so
@@ -16,20 +16,20 @@ import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
-import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from . import _run
+from ._assemble import assemble, finish
+from ._checks import check_int
 from ._compile import CompileTimer
-from ._model import check_params, resolve_loss
-from ._options import FLOW_KEYWORDS, Options, check_int, parse, takes_options
-from ._outcome import raise_if_failed
+from ._keywords import FLOW_KEYWORDS, takes_options
+from ._options import Options
+from ._prepare import build, prepare, queue
 from ._trajectory import Trajectory
-from .flows import AbstractFlow, describe_flow
+from .flows import AbstractFlow
 
 _DEFAULT_MEMORY_BUDGET = 2**30
 _MEMBER_AXIS = "members"
@@ -116,7 +116,6 @@ def simulate_ensemble(
         ...                               save="final", stop_at_grad_norm=1e-5)
         >>> ens.loss[:, -1]          # each member's final loss, shape (2500,)
     """
-    loss_fn = resolve_loss(model)
     if save not in ("trajectory", "final"):
         raise ValueError(f"`save` must be 'trajectory' or 'final'; got {save!r}.")
     if save == "final":
@@ -125,67 +124,88 @@ def simulate_ensemble(
                 "`ts` and `params_at` cannot be combined with save='final'."
             )
         options = dict(options, n_save=2, spacing="linear")
-    opts = parse("simulate_ensemble", t_max, simulate_ensemble.__gflow_keywords__,
-                 options)  # fmt: skip
-    params0 = _initial_batch(model, params0, keys)
-    params0, fixed, loss_fn, opts = _run.trained_part(loss_fn, opts, params0)
-    batch = jax.tree.leaves(params0)[0].shape[0]
-    one = jax.tree.map(lambda x: x[0], params0)
-    flow, noise = _run.prepared_flow(flow, model, fixed, one, data, noise_key, batch)
-    dtype = jnp.result_type(*jax.tree.leaves(params0))
-    opts.solver.warn_precision(dtype)
-    _run.checked_loss(loss_fn, one, data)
-    _run.checked_metrics(opts, one, data)
-
+    prepared = prepare(
+        "simulate_ensemble",
+        model,
+        data,
+        t_max,
+        options,
+        simulate_ensemble.__gflow_keywords__,
+        params0=params0,
+        keys=keys,
+        batched=True,
+        flow=flow,
+        noise_key=noise_key,
+    )
+    opts, batch = prepared.opts, prepared.members
     # Several processes: each solves its share of the members on its own devices.
     processes, rank = jax.process_count(), jax.process_index()
     share = np.array_split(np.arange(batch), processes)[rank]
     devices = _local_devices(devices)
     n_devices = len(devices)
-    n_lanes, block = _sizes(lanes, memory_budget, one, opts, share.size, n_devices)
+    n_lanes, block = _sizes(
+        lanes, memory_budget, prepared.one, opts, share.size, n_devices
+    )
     mesh = None if n_devices == 1 else Mesh(np.asarray(devices), (_MEMBER_AXIS,))
-    opts = _run.checked_solver(opts, loss_fn, flow, one, data)
-    problem, controls = _run.build(
-        loss_fn, flow, opts, dtype, lanes=n_lanes // n_devices,
-        width=max(1, n_lanes // n_devices // _MEMBERS_PER_LANE),
-    )  # fmt: skip
+    per_device = n_lanes // n_devices
+    problem, controls = build(
+        prepared, lanes=per_device, width=max(1, per_device // _MEMBERS_PER_LANE)
+    )
     with CompileTimer() as timer:
         out, counts = _solve_share(
-            problem, controls, (params0, noise), share, data, opts, mesh, n_devices,
+            problem,
+            controls,
+            queue(prepared),
+            share,
+            data,
+            opts,
+            mesh,
+            n_devices,
             block,
-        )  # fmt: skip
+        )
     if processes > 1:
         out, counts = _gather(out, counts, share.size, batch)
-
-    meta = opts.meta("ensemble", dtype)
-    meta["flow"] = describe_flow(flow)
-    meta.update(save=save, batch_size=int(batch), lanes=int(n_lanes),
-                block_size=int(block), num_devices=int(n_devices),
-                num_processes=int(processes))  # fmt: skip
-    member_steps = int(np.sum(out.steps))
+    meta = dict(
+        prepared.meta("ensemble"),
+        save=save,
+        batch_size=int(batch),
+        lanes=int(n_lanes),
+        block_size=int(block),
+        num_devices=int(n_devices),
+        num_processes=int(processes),
+    )
     stats = dict(
-        member_steps=member_steps,
+        member_steps=int(np.sum(out.steps)),
         lane_steps=int(counts["lane_steps"]),
         useful_share_until_drained=float(
             counts["busy_before_drain"] / max(counts["lane_steps_before_drain"], 1)
         ),
     )
-    traj = _run.trajectory(out, opts, meta, timer, batched=True, stats=stats,
-                           fixed=fixed)  # fmt: skip
-    return raise_if_failed(traj, "simulate_ensemble") if opts.throw else traj
+    traj = assemble(
+        out, opts, meta, timer, batched=True, stats=stats, fixed=prepared.fixed
+    )
+    return finish(traj, "simulate_ensemble", opts.throw)
 
 
-def _solve_share(problem, controls, queue, share, data, opts: Options, mesh,
-                 n_devices, block):  # fmt: skip
+def _solve_share(
+    problem, controls, queue, share, data, opts: Options, mesh, n_devices, block
+):
     """This process's members, a block at a time; outputs on the host, in member
     order, and the lanes' work counters."""
     parts = []
     counts = dict(lane_steps=0, busy_before_drain=0, lane_steps_before_drain=0)
     for start in range(0, share.size, block):
         out, state = _solve_block(
-            problem, controls, queue, share[start : start + block], block, data,
-            opts, mesh, n_devices,
-        )  # fmt: skip
+            problem,
+            controls,
+            queue,
+            share[start : start + block],
+            block,
+            data,
+            opts,
+            mesh,
+            n_devices,
+        )
         parts.append(out)
         # On the host: a reduction of device arrays would compile after the run,
         # and be counted as compile time.
@@ -198,8 +218,7 @@ def _solve_share(problem, controls, queue, share, data, opts: Options, mesh,
     return jax.tree.map(lambda *x: np.concatenate(x), *parts), counts
 
 
-def _solve_block(problem, controls, queue, members, block, data, opts, mesh,
-                 n_devices):  # fmt: skip
+def _solve_block(problem, controls, queue, members, block, data, opts, mesh, n_devices):
     """One block of members (padded to `block`, so every block runs the same
     program), dealt to the devices in turn; its outputs on the host, in member
     order."""
@@ -212,9 +231,14 @@ def _solve_block(problem, controls, queue, members, block, data, opts, mesh,
     order = np.arange(padded.size).reshape(per_device, n_devices).T.ravel()
     queue = jax.tree.map(lambda x: x[padded[order]], queue)
     state, _ = _run.run(
-        problem, controls, queue, data, opts, mesh=mesh,
+        problem,
+        controls,
+        queue,
+        data,
+        opts,
+        mesh=mesh,
         n_devices=None if mesh is None else n_devices,
-    )  # fmt: skip
+    )
     position = np.empty_like(order)
     position[order] = np.arange(order.size)
     keep = position[: members.size]
@@ -289,62 +313,3 @@ def _sizes(lanes, budget, one, opts: Options, members: int, n_devices: int):
     block = (budget - lanes * lane_bytes) // member_bytes
     block = max(lanes, min(members, block))
     return lanes, n_devices * math.ceil(block / n_devices)
-
-
-def _initial_batch(model: Any, params0: Any, keys: Any) -> Any:
-    """The batched initial parameters, checked."""
-    init = getattr(model, "init", None)
-    if (params0 is None) == (keys is None):
-        raise ValueError(
-            ("`params0` is required" if params0 is None else "got both")
-            + ": pass exactly one of `params0` (initial parameters with a leading "
-            "batch axis) and `keys` (a batch of PRNG keys for model.init, for a model "
-            "that has one)."
-        )
-    if keys is not None:
-        if not callable(init):
-            raise ValueError(
-                "`keys` needs a model with an `init(key)` method; for a plain loss "
-                "function pass the batched initial parameters as `params0=`."
-            )
-        keys = _check_keys(keys)
-        return check_params(eqx.filter_vmap(init)(keys), "params0")
-    params0 = check_params(params0, "params0")
-    sizes = {
-        jax.tree_util.keystr(path) or "(the root)": (
-            leaf.shape[0] if leaf.ndim else None
-        )
-        for path, leaf in jax.tree_util.tree_leaves_with_path(params0)
-        if eqx.is_inexact_array(leaf)
-    }
-    if None in sizes.values():
-        where = next(k for k, v in sizes.items() if v is None)
-        raise ValueError(
-            f"`params0` leaf {where} is a scalar: every leaf needs a leading batch "
-            "axis (one entry per member)."
-        )
-    if len(set(sizes.values())) > 1:
-        raise ValueError(
-            "`params0` leaves disagree on the batch size (the leading axis): "
-            + ", ".join(f"{k}: {v}" for k, v in sizes.items())
-        )
-    if next(iter(sizes.values())) == 0:
-        raise ValueError("`params0` is an empty batch: it has no members.")
-    return params0
-
-
-def _check_keys(keys: Any) -> jax.Array:
-    if isinstance(keys, jax.Array) and jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
-        ok = keys.ndim == 1
-    else:
-        keys = jnp.asarray(keys)
-        ok = keys.dtype == jnp.uint32 and keys.ndim == 2 and keys.shape[1] == 2
-    if not ok:
-        raise ValueError(
-            "`keys` must be a batch of PRNG keys: shape (B,) from "
-            f"jax.random.split(key, B), or raw uint32 keys of shape (B, 2); got "
-            f"shape {tuple(keys.shape)} and dtype {keys.dtype}."
-        )
-    if keys.shape[0] == 0:
-        raise ValueError("`keys` is an empty batch: it has no members.")
-    return keys

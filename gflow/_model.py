@@ -13,8 +13,8 @@ from typing import Any
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
-import numpy as np
+
+from ._checks import check_keys, check_params, is_int
 
 LossFn = Callable[[Any, Any], jax.Array]
 
@@ -30,47 +30,6 @@ def resolve_loss(model: Any) -> LossFn:
         f"`model` must be an object with a `loss(params, data)` method or a plain "
         f"function `loss(params, data)`; got {type(model).__name__}."
     )
-
-
-def as_key(key: Any) -> tuple[jax.Array, int | None]:
-    """A PRNG key from an int seed or a key; also the seed, for the metadata."""
-    if isinstance(key, int | np.integer) and not isinstance(key, bool):
-        return jax.random.key(int(key)), int(key)
-    if isinstance(key, jax.Array) and (
-        jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-        or (key.dtype == jnp.uint32 and key.shape == (2,))
-    ):
-        return key, None
-    raise TypeError(
-        "`key` must be an int seed or a JAX PRNG key (jax.random.key(seed)); "
-        f"got {type(key).__name__}."
-    )
-
-
-def raw_keys(name: str, keys: Any, members: int | None) -> jax.Array:
-    """PRNG keys as raw uint32 data with a leading member axis, checked: one key
-    (an int seed, `jax.random.key(seed)` or raw uint32 data) when `members` is
-    None, else a batch of `members` keys. Errors name the argument `name`."""
-    want = (
-        "one key (an int seed or jax.random.key(seed))"
-        if members is None
-        else f"{members} keys, one per member (jax.random.split(key, {members}))"
-    )
-    if isinstance(keys, int | np.integer) and not isinstance(keys, bool):
-        keys = jax.random.key(int(keys))
-    try:
-        keys = jnp.asarray(keys)
-    except TypeError as e:
-        raise TypeError(f"`{name}` must be {want}; got {keys!r}.") from e
-    if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
-        keys = jax.random.key_data(keys)
-    shape = () if members is None else (members,)
-    if keys.dtype != jnp.uint32 or keys.shape != shape + (2,):
-        raise ValueError(
-            f"`{name}` must be {want}; got shape {tuple(keys.shape)} and dtype "
-            f"{keys.dtype}."
-        )
-    return keys if members is not None else keys[None]
 
 
 def initial_params(model: Any, params0: Any, key: Any) -> tuple[Any, int | None]:
@@ -91,33 +50,51 @@ def initial_params(model: Any, params0: Any, key: Any) -> tuple[Any, int | None]
                 "`model.init` needs a random key: pass `key=` (an int seed or "
                 "jax.random.key(seed)), or pass the initial parameters as `params0=`."
             )
-        key, seed = as_key(key)
-        params0 = init(key)
+        seed = int(key) if is_int(key) else None
+        params0 = init(check_keys("key", key, None))
     return check_params(params0, "params0"), seed
 
 
-def check_params(params: Any, name: str) -> Any:
-    """`params` with Python floats as arrays, checked to have something to train:
-    at least one floating-point array leaf. Every other leaf (functions, ints,
-    strings, integer arrays, static fields of an equinox Module) is held fixed."""
-    params = jax.tree.map(
-        lambda x: jnp.asarray(x) if isinstance(x, float | np.floating) else x, params
-    )
-    leaves = jax.tree_util.tree_leaves_with_path(params)
-    if not leaves:
-        raise ValueError(f"`{name}` has no array leaves: there is nothing to train.")
-    if not any(eqx.is_inexact_array(leaf) for _, leaf in leaves):
-        fixed = ", ".join(
-            f"leaf {jax.tree_util.keystr(path) or '(the root)'} "
-            f"({getattr(leaf, 'dtype', type(leaf).__name__)})"
-            for path, leaf in leaves[:5]
+def initial_batch(model: Any, params0: Any, keys: Any) -> Any:
+    """The batched initial parameters, checked."""
+    init = getattr(model, "init", None)
+    if (params0 is None) == (keys is None):
+        raise ValueError(
+            ("`params0` is required" if params0 is None else "got both")
+            + ": pass exactly one of `params0` (initial parameters with a leading "
+            "batch axis) and `keys` (a batch of PRNG keys for model.init, for a model "
+            "that has one)."
         )
-        raise TypeError(
-            f"`{name}` has no floating-point array leaf: there is nothing to train "
-            f"(every leaf would be held fixed: {fixed}). Gradient flow needs "
-            "floating-point parameters; convert them, e.g. with .astype(float)."
+    if keys is not None:
+        if not callable(init):
+            raise ValueError(
+                "`keys` needs a model with an `init(key)` method; for a plain loss "
+                "function pass the batched initial parameters as `params0=`."
+            )
+        keys = check_keys("keys", keys, True)
+        return check_params(eqx.filter_vmap(init)(keys), "params0")
+    params0 = check_params(params0, "params0")
+    sizes = {
+        jax.tree_util.keystr(path) or "(the root)": (
+            leaf.shape[0] if leaf.ndim else None
         )
-    return params
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params0)
+        if eqx.is_inexact_array(leaf)
+    }
+    if None in sizes.values():
+        where = next(k for k, v in sizes.items() if v is None)
+        raise ValueError(
+            f"`params0` leaf {where} is a scalar: every leaf needs a leading batch "
+            "axis (one entry per member)."
+        )
+    if len(set(sizes.values())) > 1:
+        raise ValueError(
+            "`params0` leaves disagree on the batch size (the leading axis): "
+            + ", ".join(f"{k}: {v}" for k, v in sizes.items())
+        )
+    if next(iter(sizes.values())) == 0:
+        raise ValueError("`params0` is an empty batch: it has no members.")
+    return params0
 
 
 def split(params: Any) -> tuple[Any, Any]:

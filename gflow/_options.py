@@ -1,28 +1,22 @@
-"""The options the entry points share, each validated in exactly one place.
-
-Users pass flat keywords (`rtol=1e-8`, `stop_at_loss=0.1`, ...). `parse` turns them
-into small equinox Modules that check themselves when built, in the spirit of
-diffrax's `SaveAt` and `PIDController`:
+"""The options of a call, as small equinox Modules that check themselves when built
+(in the spirit of diffrax's `SaveAt` and `PIDController`):
 
 * `SaveTimes`: when to save, and at which of those times to keep the parameters;
 * `Stopping`: when to stop before `t_max`;
 * `SolverOptions`: the solver, its tolerances, first step and step budget;
-* `Metrics`: what to evaluate on every saved state.
+* `Checkpointing`: where and how often a long run is written to disk;
+* `Options`: all of them, and the metrics (`gflow._engine.Metrics`).
 
-Every keyword has its default and its documentation here, once: `takes_options`
-gives an entry point its signature and the "Keyword Args" part of its docstring.
+Users pass flat keywords; `gflow._keywords.parse` builds these from them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import difflib
-import inspect
 import math
 import pathlib
 import warnings
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import diffrax
@@ -30,26 +24,14 @@ import equinox as eqx
 import jax
 import numpy as np
 
-from ._solvers import is_adaptive, resolve_solver
-from ._times import check_t_max, save_times
+from ._checkpoint import directory
+from ._checks import check_int, check_ts, positive_finite, require_positive
+from ._engine import Metrics
+from ._solvers import is_adaptive
+from ._times import save_times
+from ._version import gflow_version
 
 MATMUL_PRECISIONS = (None, "highest", "high", "default", "float32", "tensorfloat32")
-
-
-def positive_finite(x: Any) -> bool:
-    """Whether `x` is a positive finite real number (False for anything else)."""
-    if isinstance(x, bool | str):
-        return False
-    try:
-        return math.isfinite(float(x)) and float(x) > 0
-    except (TypeError, ValueError):
-        return False
-
-
-def require_positive(name: str, value: Any) -> None:
-    """A ValueError naming `name` unless `value` is a positive finite number."""
-    if not positive_finite(value):
-        raise ValueError(f"`{name}` must be a positive finite number; got {value!r}.")
 
 
 class SaveTimes(eqx.Module):
@@ -88,36 +70,13 @@ class SaveTimes(eqx.Module):
         """Indices of the save times whose parameters are kept."""
         return np.flatnonzero(self.params_at)
 
-
-def check_ts(ts: Any, t_max: float) -> np.ndarray:
-    """User-given save times, checked against `t_max`; float64."""
-    array = np.asarray(ts)
-    if array.ndim != 1:
-        raise ValueError(f"`ts` must be a 1-D array of times; got shape {array.shape}.")
-    if array.size < 2:
-        raise ValueError("`ts` needs at least two times: 0 and t_max.")
-    if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
-        raise TypeError(f"`ts` must hold real numbers; got dtype {array.dtype}.")
-    array = array.astype(np.float64)
-    if not np.all(np.isfinite(array)):
-        raise ValueError("`ts` must be finite.")
-    if array[0] != 0:
-        raise ValueError(
-            f"`ts` must start at 0 (the initial parameters); got ts[0] = {array[0]}."
-        )
-    if np.any(np.diff(array) <= 0):
-        i = int(np.argmax(np.diff(array) <= 0))
-        raise ValueError(
-            "`ts` must be strictly increasing; "
-            f"ts[{i}] = {array[i]} is followed by ts[{i + 1}] = {array[i + 1]}."
-        )
-    if not math.isclose(array[-1], t_max, rel_tol=1e-12):
-        raise ValueError(
-            f"`ts` must end at t_max = {t_max}; got ts[-1] = {array[-1]}. Pass "
-            "t_max=ts[-1], or append t_max to ts."
-        )
-    array[-1] = t_max
-    return array
+    @property
+    def slots(self) -> np.ndarray:
+        """The parameter slot of each save row: its index among the rows that keep
+        parameters, or the number of such rows (past the end) for a row that
+        keeps none."""
+        kept = self.params_at
+        return np.where(kept, np.cumsum(kept) - 1, kept.sum()).astype(np.int32)
 
 
 def _params_rows(params_at: Any, ts: np.ndarray) -> np.ndarray:
@@ -209,7 +168,8 @@ class SolverOptions(eqx.Module):
     rtol: float
     atol: float
     dt0: float | None
-    max_steps: int = eqx.field(static=True)
+    # Not part of the compiled program: the engine reads it from `Controls`.
+    max_steps: int
 
     def __check_init__(self):
         require_positive("rtol", self.rtol)
@@ -239,209 +199,11 @@ class SolverOptions(eqx.Module):
             )
 
 
-def check_batch_size(batch_size: Any, examples: int | None = None) -> int:
-    """`batch_size` as an int of at least 1 and at most `examples` (when known),
-    or a ValueError naming it."""
-    if (
-        isinstance(batch_size, bool)
-        or not isinstance(batch_size, int | np.integer)
-        or batch_size < 1
-    ):
-        raise ValueError(f"`batch_size` must be an integer >= 1; got {batch_size!r}.")
-    if examples is not None and batch_size > examples:
-        raise ValueError(
-            f"`batch_size` = {batch_size} is larger than the data's {examples} "
-            "examples."
-        )
-    return int(batch_size)
-
-
-def check_int(name: str, value: Any, minimum: int) -> int:
-    """`value` as an int of at least `minimum`, or an error naming `name`."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise TypeError(f"`{name}` must be an int; got {type(value).__name__}.")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be at least {minimum}; got {value}.")
-    return int(value)
-
-
-class Metrics(eqx.Module):
-    """`{name: fn(params, data)}` evaluated on every saved state.
-
-    Attributes:
-        fns: the metrics as a tuple of `(name, fn)` pairs (hashable: part of the
-            compiled program's identity).
-    """
-
-    fns: tuple[tuple[str, Callable], ...]
-
-    @classmethod
-    def build(cls, metrics: Mapping[str, Callable] | None) -> Metrics:
-        metrics = {} if metrics is None else metrics
-        if not isinstance(metrics, Mapping) or not all(
-            isinstance(k, str) and callable(f) for k, f in metrics.items()
-        ):
-            raise TypeError(
-                "`metrics` must be a dict {name: fn(params, data)} with string names "
-                "and callable values."
-            )
-        return cls(tuple(metrics.items()))
-
-    def __call__(self, params: Any, data: Any) -> dict[str, Any]:
-        values = {}
-        for name, fn in self.fns:
-            try:
-                values[name] = fn(params, data)
-            except Exception as e:  # noqa: BLE001 - re-raised naming the metric
-                raise ValueError(
-                    f"metric {name!r} failed on the parameters: {type(e).__name__}: {e}"
-                ) from e
-        return values
-
-
 def matmul_precision_context(matmul_precision: str | None):
     """`jax.default_matmul_precision(...)`, or no change for None."""
     if matmul_precision is None:
         return contextlib.nullcontext()
     return jax.default_matmul_precision(matmul_precision)
-
-
-# --- The keywords -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Keyword:
-    """One flat keyword: its default, its type (as written) and its documentation."""
-
-    default: Any
-    type: str
-    doc: str
-
-
-KEYWORDS: dict[str, Keyword] = {
-    "ts": Keyword(
-        None,
-        "ArrayLike | None",
-        "explicit save times: a strictly increasing 1-D array from 0 to `t_max`.",
-    ),
-    "n_save": Keyword(101, "int", "the number of save times when `ts` is not given."),
-    "spacing": Keyword(
-        "log",
-        'Literal["log", "linear"]',
-        '`"log"`: 0, then geometrically spaced from `t_max * 1e-4` to `t_max` '
-        '(see `gflow.save_times`); or `"linear"`.',
-    ),
-    "params_at": Keyword(
-        "all",
-        'Literal["all", "final"] | ArrayLike',
-        'where to keep the parameters and velocities: `"all"` save times, '
-        '`"final"` (and t = 0), or an increasing array of save times (t = 0 and '
-        "the end are always kept). Loss, gradient norm and metrics are kept at "
-        "every save time; this bounds the memory of large models.",
-    ),
-    "solver": Keyword(
-        "auto",
-        "str | diffrax.AbstractSolver",
-        'a name in `gflow.SOLVERS` or any diffrax solver instance. `"auto"`: Tsit5 '
-        "while the flow is not stiff, the stabilized RKC2 while it is (stiffness "
-        "is read off Tsit5's stages at no cost; it falls back to Tsit5, with a "
-        "warning, for a loss without forward-mode derivatives). Explicit: "
-        '`"tsit5"`, `"dopri5"`, `"dopri8"`, `"bosh3"`, `"heun"`. Stabilized, for '
-        'stiff flows (they use Hessian-vector products): `"rkc2"`, `"rock4"`. '
-        '`"euler"`: fixed step `dt0`, exactly gradient descent with learning rate '
-        '`dt0`. `"kvaerno5"`: implicit, dense Jacobian, small models only.',
-    ),
-    "rtol": Keyword(
-        1e-6, "float", "relative tolerance of the adaptive step-size control."
-    ),
-    "atol": Keyword(
-        1e-8, "float", "absolute tolerance of the adaptive step-size control."
-    ),
-    "dt0": Keyword(
-        None,
-        "float | None",
-        "the first step of an adaptive solver (default: chosen automatically); the "
-        'step of a fixed-step solver such as `"euler"` (required there).',
-    ),
-    "max_steps": Keyword(
-        100_000, "int", "the most solver steps (accepted and rejected) of one flow."
-    ),
-    "metrics": Keyword(
-        None,
-        "Mapping[str, Callable] | None",
-        "`{name: fn(params, data)}`, each evaluated on every saved state; results in "
-        "`traj.metrics[name]` with a leading time axis. Define the functions once "
-        "and reuse them: a new function object recompiles.",
-    ),
-    "stop_at_loss": Keyword(
-        None,
-        "float | None",
-        "stop where the loss first falls to this value, located to round-off "
-        "within the step by a Newton root find on the solver's dense output. Costs "
-        "one loss evaluation per step.",
-    ),
-    "stop_at_grad_norm": Keyword(
-        None,
-        "float | None",
-        "stop at the end of the first step where the gradient norm is at most this "
-        "value. Costs one gradient per step (counted in `num_grad_evals`).",
-    ),
-    "stop_when": Keyword(
-        None,
-        "Callable | None",
-        "`fn(params, data) -> bool`: stop at the end of the first step where it "
-        "holds (e.g. a model's `phase_spec.alignment`, to stop at the end of Phase "
-        "1).",
-    ),
-    "throw": Keyword(
-        True,
-        "bool",
-        "raise `gflow.SimulationError` when a run fails (max_steps reached, "
-        "divergence to inf/NaN, step size collapse). With False the trajectory up "
-        "to the failure is returned and `traj.result` says why.",
-    ),
-    "matmul_precision": Keyword(
-        "highest",
-        "str | None",
-        "the precision of float32 matrix products (`jax.default_matmul_precision`). "
-        '`"highest"` computes them in full float32: on GPUs JAX otherwise uses '
-        "TF32 (about 1e-3 relative error), whose noise makes the adaptive step "
-        "control reject step after step (measured on an H100: 3,890 steps instead "
-        "of 93 for the quickstart). None keeps JAX's default. No effect on CPUs.",
-    ),
-    "progress": Keyword(
-        False, "bool", "show a progress bar (tqdm if installed, else text)."
-    ),
-    "checkpoint": Keyword(
-        None,
-        "str | os.PathLike | None",
-        "a directory for checkpoints (created if missing). The run is cut into "
-        "segments and, after each, its whole state is written there atomically with "
-        "a fingerprint of the call (options, initial parameters, data, gflow "
-        "version; not the code of the loss). Calling again with the same arguments "
-        "and directory resumes from the last checkpoint and gives the same result "
-        "bit for bit; a finished run's checkpoint returns its result at once; a "
-        "checkpoint of a different call is refused.",
-    ),
-    "checkpoint_every": Keyword(
-        30.0, "float", "seconds of run time between checkpoints (about)."
-    ),
-    "checkpoint_steps": Keyword(
-        None,
-        "int | None",
-        "instead of `checkpoint_every`: a checkpoint every this many steps "
-        "(gradient descent checkpoints at save times, after whole intervals between "
-        "them).",
-    ),
-}
-
-#: The keywords of each kind of entry point.
-SAVE_KEYWORDS = ("ts", "n_save", "spacing", "params_at")
-COMMON_KEYWORDS = (*SAVE_KEYWORDS, "metrics", "throw", "matmul_precision")
-SOLVER_KEYWORDS = ("solver", "rtol", "atol", "dt0", "max_steps")
-STOP_KEYWORDS = ("stop_at_loss", "stop_at_grad_norm", "stop_when")
-FLOW_KEYWORDS = (*COMMON_KEYWORDS, *SOLVER_KEYWORDS, *STOP_KEYWORDS)
-CHECKPOINT_KEYWORDS = ("checkpoint", "checkpoint_every", "checkpoint_steps")
 
 
 class Checkpointing(eqx.Module):
@@ -453,8 +215,6 @@ class Checkpointing(eqx.Module):
 
     @classmethod
     def build(cls, folder, every_s, every_steps) -> Checkpointing:
-        from ._checkpoint import directory
-
         if not positive_finite(every_s):
             raise ValueError(
                 "`checkpoint_every` must be a positive number of seconds; got "
@@ -488,8 +248,6 @@ class Options(eqx.Module):
 
     def meta(self, kind: str, dtype) -> dict[str, Any]:
         """How a run was made, for `Trajectory.meta`."""
-        from ._run import gflow_version
-
         meta = {
             "gflow_version": gflow_version(),
             "kind": kind,
@@ -508,72 +266,3 @@ class Options(eqx.Module):
                 max_steps=self.solver.max_steps,
             )
         return meta
-
-
-def parse(entry: str, t_max: Any, allowed: tuple[str, ...], given: dict) -> Options:
-    """The options of a call from its flat keywords; a TypeError for unknown ones."""
-    unknown = sorted(set(given) - set(allowed))
-    if unknown:
-        name = unknown[0]
-        close = difflib.get_close_matches(name, allowed, n=1)
-        hint = f" Did you mean `{close[0]}`?" if close else ""
-        raise TypeError(
-            f"gflow.{entry}() got an unexpected keyword argument `{name}`.{hint}"
-        )
-    kw = {name: given.get(name, KEYWORDS[name].default) for name in allowed}
-    t_max = check_t_max(t_max)
-    saves = SaveTimes.build(
-        t_max, kw["ts"], kw["n_save"], kw["spacing"], kw["params_at"]
-    )
-    solver = stopping = None
-    if "solver" in allowed:
-        solver = SolverOptions(
-            resolve_solver(kw["solver"]), kw["rtol"], kw["atol"], kw["dt0"],
-            kw["max_steps"],
-        )  # fmt: skip
-    if "stop_at_loss" in allowed:
-        stopping = Stopping(
-            kw["stop_at_loss"], kw["stop_at_grad_norm"], kw["stop_when"]
-        )
-    return Options(
-        saves=saves,
-        metrics=Metrics.build(kw["metrics"]),
-        throw=bool(kw["throw"]),
-        matmul_precision=kw["matmul_precision"],
-        solver=solver,
-        stopping=Stopping() if stopping is None else stopping,
-        progress=bool(kw.get("progress", False)),
-        checkpointing=Checkpointing.build(
-            *(kw.get(k, KEYWORDS[k].default) for k in CHECKPOINT_KEYWORDS)
-        ),
-    )
-
-
-def takes_options(*keywords: str):
-    """Give an entry point `fn(..., **options)` the signature and the documentation
-    of the flat keywords it takes, from `KEYWORDS` (so they exist once).
-
-    The docstring's `{keyword_args}` marker is replaced by a "Keyword Args" section.
-    """
-
-    def decorate(fn):
-        signature = inspect.signature(fn)
-        params = [p for p in signature.parameters.values() if p.kind != p.VAR_KEYWORD]
-        params += [
-            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
-                              default=KEYWORDS[name].default,
-                              annotation=KEYWORDS[name].type)
-            for name in keywords
-        ]  # fmt: skip
-        fn.__signature__ = signature.replace(parameters=params)
-        fn.__gflow_keywords__ = keywords
-        lines = ["Keyword Args:"]
-        for name in keywords:
-            keyword = KEYWORDS[name]
-            lines.append(f"    {name}: {keyword.doc} Default: `{keyword.default!r}`.")
-        fn.__doc__ = fn.__doc__.replace(
-            "{keyword_args}", "\n".join(lines).replace("\n", "\n    ")
-        )
-        return fn
-
-    return decorate

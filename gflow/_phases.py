@@ -201,10 +201,15 @@ def detect_condensation_stages(
     condensed = np.all([c > condensation_threshold for c in condensation.values()], 0)
     if not condensed.any():
         return Phases(
-            None, None, ("condensation",) * len(ts), signals, ts, False,
+            None,
+            None,
+            ("condensation",) * len(ts),
+            signals,
+            ts,
+            False,
             f"No stage boundary: the rows of {list(outer)} never condensed above "
             f"{condensation_threshold} by t = {ts[-1]:.4g}.",
-        )  # fmt: skip
+        )
     i1 = int(np.argmax(condensed))
     i2 = i1 + int(np.argmin(rank[i1:]))
     labels = tuple(

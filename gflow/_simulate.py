@@ -5,15 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import equinox as eqx
-import jax
-import jax.numpy as jnp
 
 from . import _checkpoint, _run
-from ._model import initial_params, resolve_loss
-from ._options import CHECKPOINT_KEYWORDS, FLOW_KEYWORDS, parse, takes_options
-from ._outcome import raise_if_failed
+from ._assemble import assemble, finish
+from ._keywords import CHECKPOINT_KEYWORDS, FLOW_KEYWORDS, takes_options
+from ._prepare import build, prepare, queue
 from ._trajectory import Trajectory
-from .flows import AbstractFlow, describe_flow
+from .flows import AbstractFlow
 
 
 @takes_options(*FLOW_KEYWORDS, "progress", *CHECKPOINT_KEYWORDS)
@@ -80,33 +78,42 @@ def simulate(
         >>> traj.final["w"]  # 1 - exp(-5)
         Array([0.993262, 0.993262, 0.993262], dtype=float32)
     """
-    loss_fn = resolve_loss(model)
-    opts = parse("simulate", t_max, simulate.__gflow_keywords__, options)
-    params0, seed = initial_params(model, params0, key)
-    params0, fixed, loss_fn, opts = _run.trained_part(loss_fn, opts, params0)
-    flow, noise = _run.prepared_flow(flow, model, fixed, params0, data, noise_key,
-                                     None)  # fmt: skip
-    dtype = jnp.result_type(*jax.tree.leaves(params0))
-    opts.solver.warn_precision(dtype)
-    _run.checked_loss(loss_fn, params0, data)
-    _run.checked_metrics(opts, params0, data)
-    opts = _run.checked_solver(opts, loss_fn, flow, params0, data)
-    problem, controls = _run.build(loss_fn, flow, opts, dtype, progress=opts.progress)
-    queue = (jax.tree.map(lambda x: x[None], params0), noise)
-    meta = dict(opts.meta("flow", dtype), seed=seed, flow=describe_flow(flow))
+    prepared = prepare(
+        "simulate",
+        model,
+        data,
+        t_max,
+        options,
+        simulate.__gflow_keywords__,
+        params0=params0,
+        key=key,
+        flow=flow,
+        noise_key=noise_key,
+    )
+    opts = prepared.opts
+    problem, controls = build(prepared, progress=opts.progress)
+    members = queue(prepared)
+    meta = prepared.meta("flow")
     saving = opts.checkpointing
     if saving.folder is None:
-        state, timer = _run.run(problem, controls, queue, data, opts)
+        state, timer = _run.run(problem, controls, members, data, opts)
         stats = {}
     else:
-        call = _checkpoint.describe(model, opts, meta, solver=repr(opts.solver.solver),
-                                    flow=describe_flow(flow))  # fmt: skip
+        call = _checkpoint.describe(
+            model, opts, meta, solver=repr(opts.solver.solver), flow=meta["flow"]
+        )
         stamp = _checkpoint.fingerprint(
-            "simulate", call, queue, eqx.filter(fixed, eqx.is_array), data, controls
+            "simulate",
+            call,
+            members,
+            eqx.filter(prepared.fixed, eqx.is_array),
+            data,
+            controls,
         )
         state, timer, stats = _run.run_in_segments(
-            problem, controls, queue, data, opts, stamp
+            problem, controls, members, data, opts, stamp
         )
-    traj = _run.trajectory(state.out, opts, meta, timer, batched=False, fixed=fixed,
-                           stats=stats)  # fmt: skip
-    return raise_if_failed(traj, "simulate") if opts.throw else traj
+    traj = assemble(
+        state.out, opts, meta, timer, batched=False, fixed=prepared.fixed, stats=stats
+    )
+    return finish(traj, "simulate", opts.throw)

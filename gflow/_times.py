@@ -1,27 +1,12 @@
-"""Time: validation of `t_max`, and log- or linearly-spaced grids of save times."""
+"""Log- or linearly-spaced grids of save times."""
 
 from __future__ import annotations
 
-import math
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
-
-def check_t_max(t_max: Any) -> float:
-    """`t_max` as a positive finite float, or an error that says so (a TypeError for
-    anything that is not a real number, strings included)."""
-    try:
-        if isinstance(t_max, str | bytes | bool):
-            raise TypeError
-        value = float(t_max)
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"`t_max` must be a positive real number; got {type(t_max).__name__}."
-        ) from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"`t_max` must be positive and finite; got {t_max!r}.")
-    return value
+from ._checks import check_t_max, require_int
 
 
 def save_times(
@@ -51,8 +36,7 @@ def save_times(
         array([0.e+00, 1.e-02, 1.e+00, 1.e+02])
     """
     t_max = check_t_max(t_max)
-    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 2:
-        raise ValueError(f"`n_save` must be an integer >= 2; got {n!r}.")
+    require_int("n_save", n, 2)
     if spacing == "linear":
         ts = np.linspace(0.0, t_max, int(n))
     elif spacing == "log":

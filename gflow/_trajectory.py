@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._outcome import SUCCESS_RESULTS
+from ._results import SUCCESS_RESULTS
 from ._tree import structure_from_json, structure_to_json
 
 _FORMAT_VERSION = 2
@@ -151,10 +151,14 @@ class Trajectory(eqx.Module):
             )
         rows = np.arange(len(self))[index]
         slots = np.flatnonzero(np.isin(self.param_rows, rows))
-        new_rows = np.searchsorted(rows, self.param_rows[slots]) if (
-            np.all(np.diff(rows) > 0)
-        ) else np.array([int(np.flatnonzero(rows == r)[0])
-                         for r in self.param_rows[slots]], dtype=np.int64)  # fmt: skip
+        new_rows = (
+            np.searchsorted(rows, self.param_rows[slots])
+            if (np.all(np.diff(rows) > 0))
+            else np.array(
+                [int(np.flatnonzero(rows == r)[0]) for r in self.param_rows[slots]],
+                dtype=np.int64,
+            )
+        )
 
         fields = take_fields(self, lambda x: x[rows], lambda x: x[slots])
         return Trajectory(
@@ -194,11 +198,13 @@ class Trajectory(eqx.Module):
                 raise ValueError("this trajectory kept no parameters to interpolate.")
             lo, hi = float(ts[0]), float(ts[-1])
             if np.any(np.asarray(t) < lo) or np.any(np.asarray(t) > hi):
-                kept = "" if len(ts) == len(self) else (
-                    f" (parameters are kept at {len(ts)} of {len(self)} save times: "
-                    "params_at=...; simulate with params_at='all' or the times you "
-                    "need)"
-                )  # fmt: skip
+                kept = ""
+                if len(ts) != len(self):
+                    kept = (
+                        f" (parameters are kept at {len(ts)} of {len(self)} save "
+                        "times: params_at=...; simulate with params_at='all' or the "
+                        "times you need)"
+                    )
                 raise ValueError(
                     f"`t` must lie within the saved times that hold parameters "
                     f"[{lo}, {hi}]{kept}; got {t}."

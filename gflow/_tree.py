@@ -1,9 +1,11 @@
-"""Small pytree utilities: a portable JSON description of plain pytrees."""
+"""Small pytree utilities: vector arithmetic on pytrees, scatter and gather of
+leading axes, and a portable JSON description of plain pytrees. A leaf module."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 
@@ -11,6 +13,55 @@ import jax.numpy as jnp
 def tree_norm(tree: Any) -> jax.Array:
     """The Euclidean norm of all leaves of `tree` taken together."""
     return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+def tree_dot(a: Any, b: Any) -> jax.Array:
+    """The inner product of two pytrees of the same structure, as flat vectors."""
+    return sum(
+        jnp.sum(x * y) for x, y in zip(*map(jax.tree.leaves, (a, b)), strict=True)
+    )
+
+
+def tree_unit(tree: Any) -> Any:
+    """`tree / ‖tree‖`."""
+    norm = tree_norm(tree)
+    return jax.tree.map(lambda x: x / norm, tree)
+
+
+def tree_combination(*terms: tuple[Any, Any]) -> Any:
+    """Σ coefficient · tree over `(coefficient, tree)` pairs."""
+    (c0, t0), *rest = terms
+    out = jax.tree.map(lambda x: c0 * x, t0)
+    for c, t in rest:
+        out = jax.tree.map(lambda o, x, c=c: o + c * x, out, t)
+    return out
+
+
+def tree_random_normal(key: jax.Array, like: Any) -> Any:
+    """Standard normal leaves of the shapes and dtypes of `like`'s leaves."""
+    leaves, treedef = jax.tree.flatten(like)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(
+        treedef,
+        [
+            jax.random.normal(k, jnp.shape(x), jnp.result_type(x))
+            for k, x in zip(keys, leaves, strict=True)
+        ],
+    )
+
+
+def tree_take(tree: Any, index: Any) -> Any:
+    """`tree[index]` along the leading axis of every array leaf."""
+    return jax.tree.map(lambda x: x[index] if eqx.is_array(x) else x, tree)
+
+
+def tree_set(tree: Any, index: Any, values: Any) -> Any:
+    """`tree[index] = values` for every array leaf; indices out of range dropped."""
+    return jax.tree.map(
+        lambda x, v: x.at[index].set(v, mode="drop") if eqx.is_array(x) else x,
+        tree,
+        values,
+    )
 
 
 def structure_to_json(tree: Any) -> Any:

@@ -15,7 +15,7 @@ import importlib.util
 import pathlib
 import sys
 
-from ._run import gflow_version
+from ._version import gflow_version
 
 # name -> (example script, its arguments for --full, what --full means)
 PAPERS = {
@@ -72,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="gflow: the true gradient flow of machine-learning models.",
     )
     parser.add_argument("--version", action="version", version=gflow_version())
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                     parser_class=_Parser)  # fmt: skip
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
     reproduce = commands.add_parser(
         "reproduce",
         help="reproduce a paper's figures with the true flow",
@@ -85,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reproduce.add_argument("paper", choices=sorted(PAPERS), help="which paper")
     reproduce.add_argument("--full", action="store_true", help="the larger setting")
-    reproduce.add_argument("--out", default=None,
-                           help="output folder (default: out/<paper>)")  # fmt: skip
+    reproduce.add_argument(
+        "--out", default=None, help="output folder (default: out/<paper>)"
+    )
     return parser
 
 

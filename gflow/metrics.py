@@ -14,7 +14,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from ._tree import tree_norm
+from ._linalg import hvp, power_iteration
+from ._tree import tree_dot, tree_norm, tree_random_normal
 
 
 def effective_rank(matrix: jax.Array) -> jax.Array:
@@ -69,10 +70,7 @@ def relative_drift(x, x0) -> jax.Array:
 
 def cosine(u, v) -> jax.Array:
     """Cosine between two pytrees (or arrays) taken as flat vectors."""
-    dot = sum(jax.tree.leaves(jax.tree.map(lambda a, b: jnp.sum(a * b), u, v)))
-    norm_u = jnp.sqrt(sum(jax.tree.leaves(jax.tree.map(lambda a: jnp.sum(a**2), u))))
-    norm_v = jnp.sqrt(sum(jax.tree.leaves(jax.tree.map(lambda a: jnp.sum(a**2), v))))
-    return dot / (norm_u * norm_v)
+    return tree_dot(u, v) / (tree_norm(u) * tree_norm(v))
 
 
 def norms_by_key(tree: dict) -> dict[str, jax.Array]:
@@ -116,49 +114,6 @@ def gradient_balance(weights: jax.Array, groups: jax.Array, a: int, b: int):
     return jnp.abs(sum_a - sum_b) / jnp.minimum(sum_a, sum_b)
 
 
-def _hvp(loss, params, data, v):
-    return jax.jvp(lambda p: jax.grad(loss)(p, data), (params,), (v,))[1]
-
-
-def power_iteration(
-    apply: Callable[[Any], Any], v: Any, max_iters: int | jax.Array, rtol: float = 0.0
-) -> tuple[jax.Array, Any, jax.Array, jax.Array]:
-    """The eigenvalue of largest magnitude of a symmetric linear map, by power
-    iteration: `(Rayleigh quotient q, unit vector v, applications of the map,
-    residual ‖Av − q v‖)`.
-
-    Each iteration applies the map once. It stops after `max_iters` iterations, or
-    once the residual is at most `rtol |q|`: then an eigenvalue lies within
-    `rtol |q|` of q. (A test on the change of q alone stops too early when the top
-    two eigenvalues are close.) `|q| + residual` bounds the top eigenvalue from above
-    once v lies mostly in the span of the top eigenvectors. Warm-start it with the
-    previous vector (`v`) when the map changes slowly, as it does along a flow.
-    """
-
-    def unit(x):
-        return jax.tree.map(lambda leaf: leaf / tree_norm(x), x)
-
-    def cond(carry):
-        i, value, residual, _ = carry
-        return (i < max_iters) & ((i < 1) | (residual > rtol * jnp.abs(value)))
-
-    def body(carry):
-        i, _, _, v = carry
-        w = apply(v)
-        quotient = sum(jax.tree.leaves(jax.tree.map(lambda a, b: jnp.sum(a * b), v, w)))
-        residual = tree_norm(jax.tree.map(lambda a, b: a - quotient * b, w, v))
-        return i + 1, quotient, residual, unit(w)
-
-    dtype = jnp.result_type(*jax.tree.leaves(v))
-    start = (
-        jnp.zeros((), jnp.int32),
-        jnp.asarray(jnp.inf, dtype),
-        jnp.asarray(jnp.inf, dtype),
-    )
-    count, value, residual, v = jax.lax.while_loop(cond, body, (*start, unit(v)))
-    return value, v, count, residual
-
-
 def sharpness(
     loss: Callable,
     params: Any,
@@ -194,19 +149,11 @@ def sharpness(
     # leaves, the others held fixed.
     params, fixed = eqx.partition(params, eqx.is_inexact_array)
     if v0 is None:
-        leaves, treedef = jax.tree.flatten(params)
-        keys = jax.random.split(jax.random.key(0) if key is None else key, len(leaves))
-        v0 = jax.tree.unflatten(
-            treedef,
-            [
-                jax.random.normal(k, x.shape, x.dtype)
-                for k, x in zip(keys, leaves, strict=True)
-            ],
-        )
+        v0 = tree_random_normal(jax.random.key(0) if key is None else key, params)
     v0 = eqx.filter(v0, eqx.is_inexact_array)
 
     def apply(v):
-        return _hvp(lambda p, d: loss(eqx.combine(p, fixed), d), params, data, v)
+        return hvp(lambda p, d: loss(eqx.combine(p, fixed), d), params, data, v)
 
     mu, v, _, _ = power_iteration(apply, v0, iters + 1)
 

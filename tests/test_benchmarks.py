@@ -59,9 +59,16 @@ def test_peer_stepping_rules_follow_the_flow():
 
 def test_flow_vs_gd_runs(tmp_path):
     results = load("flow_vs_gd").main(
-        ["--problems", "quadratic", "--quick", "--results", str(tmp_path),
-         "--figures", str(tmp_path)]
-    )  # fmt: skip
+        [
+            "--problems",
+            "quadratic",
+            "--quick",
+            "--results",
+            str(tmp_path),
+            "--figures",
+            str(tmp_path),
+        ]
+    )
     rows = {r["method"]: r for r in results["quadratic"]["rows"]}
     # Tighter tolerances give smaller errors; GD's error shrinks with its rate.
     assert (

@@ -68,8 +68,10 @@ def assert_identical(a, b):
 def start_worker(folder):
     return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(_WORKER), str(folder)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_checkpoint(worker, folder, timeout=300):
@@ -84,15 +86,29 @@ def wait_for_checkpoint(worker, folder, timeout=300):
 def test_segments_give_the_uncut_run_bit_for_bit(tmp_path):
     loss, data, params0 = problem()
     whole = gflow.simulate(loss, data, T_MAX, params0=params0, **KWARGS)
-    cut = gflow.simulate(loss, data, T_MAX, params0=params0, checkpoint=tmp_path,
-                         checkpoint_steps=100, **KWARGS)  # fmt: skip
+    cut = gflow.simulate(
+        loss,
+        data,
+        T_MAX,
+        params0=params0,
+        checkpoint=tmp_path,
+        checkpoint_steps=100,
+        **KWARGS,
+    )
     assert_identical(whole, cut)
     # A checkpoint after every 100 loop iterations (a step each).
     assert cut.stats["checkpoint_writes"] == -(-whole.stats["num_steps"] // 100)
     assert not cut.stats["resumed"] and "resumed" not in whole.stats
     # Finished: a second call returns the result from the checkpoint at once.
-    again = gflow.simulate(loss, data, T_MAX, params0=params0, checkpoint=tmp_path,
-                           checkpoint_steps=100, **KWARGS)  # fmt: skip
+    again = gflow.simulate(
+        loss,
+        data,
+        T_MAX,
+        params0=params0,
+        checkpoint=tmp_path,
+        checkpoint_steps=100,
+        **KWARGS,
+    )
     assert again.stats["resumed"] and again.stats["checkpoint_writes"] == 0
     assert not again.stats["compiled"]
     assert_identical(whole, again)
@@ -103,13 +119,15 @@ def test_gradient_descent_in_segments_is_the_uncut_descent(tmp_path, optimizer):
     loss, data, params0 = problem()
     kwargs = dict(params0=params0, optimizer=optimizer, n_save=30)
     whole = gflow.gradient_descent(loss, data, 200.0, 0.05, **kwargs)
-    cut = gflow.gradient_descent(loss, data, 200.0, 0.05, checkpoint=tmp_path,
-                                 checkpoint_steps=300, **kwargs)  # fmt: skip
+    cut = gflow.gradient_descent(
+        loss, data, 200.0, 0.05, checkpoint=tmp_path, checkpoint_steps=300, **kwargs
+    )
     assert_identical(whole, cut)
     # Segments end at save times after at least 300 steps: fewer than 4,000 / 300.
     assert 1 < cut.stats["checkpoint_writes"] <= 4000 // 300
-    again = gflow.gradient_descent(loss, data, 200.0, 0.05, checkpoint=tmp_path,
-                                   checkpoint_steps=300, **kwargs)  # fmt: skip
+    again = gflow.gradient_descent(
+        loss, data, 200.0, 0.05, checkpoint=tmp_path, checkpoint_steps=300, **kwargs
+    )
     assert again.stats["resumed"] and again.stats["checkpoint_writes"] == 0
     assert_identical(whole, again)
 
@@ -122,8 +140,15 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path):
     worker.send_signal(signal.SIGKILL)
     worker.communicate()
     assert worker.returncode == -signal.SIGKILL
-    resumed = gflow.simulate(loss, data, T_MAX, params0=params0, checkpoint=tmp_path,
-                             checkpoint_steps=25, **KWARGS)  # fmt: skip
+    resumed = gflow.simulate(
+        loss,
+        data,
+        T_MAX,
+        params0=params0,
+        checkpoint=tmp_path,
+        checkpoint_steps=25,
+        **KWARGS,
+    )
     # It was killed mid-run: the resumed call had segments left to run.
     assert resumed.stats["resumed"] and resumed.stats["checkpoint_writes"] > 0
     whole = gflow.simulate(loss, data, T_MAX, params0=params0, **KWARGS)
@@ -137,8 +162,15 @@ def test_ctrl_c_leaves_the_last_checkpoint(tmp_path):
     _, err = worker.communicate(timeout=120)
     assert worker.returncode != 0 and "KeyboardInterrupt" in err
     loss, data, params0 = problem()
-    resumed = gflow.simulate(loss, data, T_MAX, params0=params0, checkpoint=tmp_path,
-                             checkpoint_steps=25, **KWARGS)  # fmt: skip
+    resumed = gflow.simulate(
+        loss,
+        data,
+        T_MAX,
+        params0=params0,
+        checkpoint=tmp_path,
+        checkpoint_steps=25,
+        **KWARGS,
+    )
     assert resumed.stats["resumed"] and resumed.succeeded
 
 
@@ -152,8 +184,14 @@ def test_a_checkpoint_of_another_call_is_refused(tmp_path):
     with pytest.raises(ValueError, match="written by a different call"):
         gflow.simulate(loss, data, 5.0, params0=other, checkpoint=tmp_path, **short)
     with pytest.raises(ValueError, match="written by a different call"):
-        gflow.simulate(loss, (data[0], data[1] * 2), 5.0, params0=params0,
-                       checkpoint=tmp_path, **short)  # fmt: skip
+        gflow.simulate(
+            loss,
+            (data[0], data[1] * 2),
+            5.0,
+            params0=params0,
+            checkpoint=tmp_path,
+            **short,
+        )
 
 
 def test_a_damaged_checkpoint_is_refused(tmp_path):
@@ -173,14 +211,27 @@ def test_checkpoint_bad_input(tmp_path):
     with pytest.raises(ValueError, match="is a file"):
         gflow.simulate(loss, None, 1.0, params0=jnp.ones(2), checkpoint=a_file)
     with pytest.raises(ValueError, match="cannot be written to"):
-        gflow.simulate(loss, None, 1.0, params0=jnp.ones(2),
-                       checkpoint=a_file / "below")  # fmt: skip
+        gflow.simulate(
+            loss, None, 1.0, params0=jnp.ones(2), checkpoint=a_file / "below"
+        )
     with pytest.raises(ValueError, match="checkpoint_every"):
-        gflow.simulate(loss, None, 1.0, params0=jnp.ones(2), checkpoint=tmp_path,
-                       checkpoint_every=0)  # fmt: skip
+        gflow.simulate(
+            loss,
+            None,
+            1.0,
+            params0=jnp.ones(2),
+            checkpoint=tmp_path,
+            checkpoint_every=0,
+        )
     with pytest.raises(ValueError, match="checkpoint_steps"):
-        gflow.simulate(loss, None, 1.0, params0=jnp.ones(2), checkpoint=tmp_path,
-                       checkpoint_steps=0)  # fmt: skip
+        gflow.simulate(
+            loss,
+            None,
+            1.0,
+            params0=jnp.ones(2),
+            checkpoint=tmp_path,
+            checkpoint_steps=0,
+        )
     if os.geteuid() != 0:  # root writes anywhere
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
@@ -191,11 +242,13 @@ def test_checkpoint_bad_input(tmp_path):
 def test_segments_that_compile_nothing_count_as_run_time(tmp_path):
     loss, data, params0 = problem()
     kwargs = dict(KWARGS, max_steps=10**5, checkpoint_steps=20)
-    gflow.simulate(loss, data, 20.0, params0=params0, checkpoint=tmp_path / "a",
-                   **kwargs)  # fmt: skip
+    gflow.simulate(
+        loss, data, 20.0, params0=params0, checkpoint=tmp_path / "a", **kwargs
+    )
     # The same program again: every segment runs, none compiles.
-    warm = gflow.simulate(loss, data, 20.0, params0=params0,
-                          checkpoint=tmp_path / "b", **kwargs)  # fmt: skip
+    warm = gflow.simulate(
+        loss, data, 20.0, params0=params0, checkpoint=tmp_path / "b", **kwargs
+    )
     assert warm.stats["checkpoint_writes"] > 1 and not warm.stats["compiled"]
     assert warm.stats["compile_time_s"] == 0.0
     assert warm.stats["run_time_s"] == warm.stats["wall_time_s"]

@@ -38,10 +38,19 @@ def test_bad_arguments_exit_with_one_line(argv, reason, capsys):
 def test_reproduce_writes_figures_and_summary(tmp_path):
     # `python -m gflow` is the same entry point as the installed `gflow` command.
     done = subprocess.run(
-        [sys.executable, "-m", "gflow", "reproduce", "condensation", "--out",
-         str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "gflow",
+            "reproduce",
+            "condensation",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     summary = json.loads((tmp_path / "condensation_summary.json").read_text())
     assert summary["condensed_at"] < summary["rank_collapse_at"]

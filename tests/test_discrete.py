@@ -48,9 +48,16 @@ def test_any_optax_optimizer_and_time_per_step():
     optimizer = optax.sgd(lr, momentum=momentum)
     tau = lr / (1 - momentum)
     gd = gflow.gradient_descent(
-        loss, data, tau * steps, lr, params0=params0, optimizer=optimizer,
-        time_per_step=tau, spacing="linear", n_save=11,
-    )  # fmt: skip
+        loss,
+        data,
+        tau * steps,
+        lr,
+        params0=params0,
+        optimizer=optimizer,
+        time_per_step=tau,
+        spacing="linear",
+        n_save=11,
+    )
     reference = optax_steps(loss, data, params0, optimizer, steps)
     assert tree_max_abs_diff(gd.final, reference[-1]) < 1e-13
     assert abs(float(gd.ts[-1]) - tau * steps) < 1e-12
@@ -71,9 +78,13 @@ def test_new_data_params_and_lr_do_not_recompile():
     ts = np.linspace(0, 1, 11)
     gflow.gradient_descent(loss, data, 1.0, 0.01, params0=params0, ts=ts)
     again = gflow.gradient_descent(
-        loss, jax.tree.map(lambda x: 2 * x, data), 1.0, 0.02,
-        params0=jax.tree.map(lambda x: x + 1, params0), ts=ts,
-    )  # fmt: skip
+        loss,
+        jax.tree.map(lambda x: 2 * x, data),
+        1.0,
+        0.02,
+        params0=jax.tree.map(lambda x: x + 1, params0),
+        ts=ts,
+    )
     assert not again.stats["compiled"]
 
 

@@ -64,9 +64,15 @@ def test_finished_members_free_their_lanes():
     rates = jnp.array([[50.0, 50.0]] * 63 + [[50.0, 0.05]])
     params0 = {"x": jnp.ones((64, 2)), "i": jnp.arange(64.0)}
     ens = gflow.simulate_ensemble(
-        _two_rate_loss, rates, 400.0, params0=params0, stop_at_grad_norm=1e-6,
-        n_save=3, lanes=4, solver="tsit5",
-    )  # fmt: skip
+        _two_rate_loss,
+        rates,
+        400.0,
+        params0=params0,
+        stop_at_grad_norm=1e-6,
+        n_save=3,
+        lanes=4,
+        solver="tsit5",
+    )
     steps = ens.stats["num_steps"]
     assert np.all(ens.result == "stopped_at_grad_norm")
     assert steps[-1] > 20 * steps[:-1].max()  # the slow member needs far more
@@ -87,8 +93,9 @@ def test_members_in_both_modes_of_auto_match_simulate():
     rates = jnp.array([[1e4, 1.0], [2.0, 1.0]] * 3)
     params0 = {"x": jnp.ones((6, 2)), "i": jnp.arange(6.0)}
     kwargs = dict(n_save=5, rtol=1e-7, atol=1e-10)
-    ens = gflow.simulate_ensemble(_two_rate_loss, rates, 20.0, params0=params0,
-                                  lanes=3, **kwargs)  # fmt: skip
+    ens = gflow.simulate_ensemble(
+        _two_rate_loss, rates, 20.0, params0=params0, lanes=3, **kwargs
+    )
     for i in range(6):
         start = jax.tree.map(lambda x, i=i: x[i], params0)
         single = gflow.simulate(_two_rate_loss, rates, 20.0, params0=start, **kwargs)
@@ -298,8 +305,11 @@ def test_two_processes_give_what_one_gives():
     def start(rank):
         return subprocess.Popen(
             [sys.executable, "-c", textwrap.dedent(_DISTRIBUTED), str(rank), port],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        )  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
 
     workers = [start(0), start(1)]
     outputs = [w.communicate(timeout=600) for w in workers]

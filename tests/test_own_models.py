@@ -11,8 +11,9 @@ import gflow
 
 def mlp_problem(seed=0):
     mlp = eqx.nn.MLP(3, 2, 8, 1, activation=jnp.tanh, key=jax.random.key(seed))
-    mlp = jax.tree.map(lambda x: x.astype(jnp.float64) if eqx.is_inexact_array(x)
-                       else x, mlp)  # fmt: skip
+    mlp = jax.tree.map(
+        lambda x: x.astype(jnp.float64) if eqx.is_inexact_array(x) else x, mlp
+    )
     x = jax.random.normal(jax.random.key(1), (16, 3))
     data = (x, jnp.sin(x[:, :2]))
 
@@ -25,18 +26,27 @@ def mlp_problem(seed=0):
 
 def test_an_equinox_module_flows_and_stays_a_module():
     mlp, data, loss = mlp_problem()
-    traj = gflow.simulate(loss, data, 2.0, params0=mlp, n_save=5, rtol=1e-10,
-                          atol=1e-12)  # fmt: skip
+    traj = gflow.simulate(
+        loss, data, 2.0, params0=mlp, n_save=5, rtol=1e-10, atol=1e-12
+    )
     assert isinstance(traj.final, eqx.nn.MLP)
     assert traj.final(jnp.ones(3)).shape == (2,)  # callable
     # The same flow as partitioning by hand: the activation is held fixed.
     trained, fixed = eqx.partition(mlp, eqx.is_inexact_array)
     by_hand = gflow.simulate(
-        lambda p, d: loss(eqx.combine(p, fixed), d), data, 2.0, params0=trained,
-        n_save=5, rtol=1e-10, atol=1e-12,
-    )  # fmt: skip
-    for a, b in zip(jax.tree.leaves(eqx.filter(traj.params, eqx.is_array)),
-                    jax.tree.leaves(by_hand.params), strict=True):  # fmt: skip
+        lambda p, d: loss(eqx.combine(p, fixed), d),
+        data,
+        2.0,
+        params0=trained,
+        n_save=5,
+        rtol=1e-10,
+        atol=1e-12,
+    )
+    for a, b in zip(
+        jax.tree.leaves(eqx.filter(traj.params, eqx.is_array)),
+        jax.tree.leaves(by_hand.params),
+        strict=True,
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert traj.final.activation is mlp.activation
     assert traj.loss[-1] < traj.loss[0]
@@ -61,10 +71,12 @@ def test_gradient_descent_metrics_and_ensembles_of_modules():
     def output_norm(model, data):
         return jnp.linalg.norm(jax.vmap(model)(data[0]))
 
-    traj = gflow.simulate(loss, data, 1.0, params0=mlp, n_save=3,
-                          metrics={"norm": output_norm})  # fmt: skip
-    np.testing.assert_allclose(traj.metrics["norm"][-1], output_norm(traj.final, data),
-                               rtol=1e-12)  # fmt: skip
+    traj = gflow.simulate(
+        loss, data, 1.0, params0=mlp, n_save=3, metrics={"norm": output_norm}
+    )
+    np.testing.assert_allclose(
+        traj.metrics["norm"][-1], output_norm(traj.final, data), rtol=1e-12
+    )
 
     class Model(eqx.Module):  # keys -> model.init returning a Module
         def init(self, key):
@@ -77,8 +89,9 @@ def test_gradient_descent_metrics_and_ensembles_of_modules():
     ens = gflow.simulate_ensemble(Model(), data, 1.0, keys=keys, save="final")
     assert isinstance(ens.final, eqx.nn.MLP)
     member = ens.member(1)
-    single = gflow.simulate(Model(), data, 1.0, params0=Model().init(keys[1]),
-                            n_save=2, spacing="linear")  # fmt: skip
+    single = gflow.simulate(
+        Model(), data, 1.0, params0=Model().init(keys[1]), n_save=2, spacing="linear"
+    )
     np.testing.assert_allclose(member.loss, single.loss, rtol=1e-12)
     assert isinstance(member.final, eqx.nn.MLP)
 
@@ -91,8 +104,9 @@ def test_save_and_load_a_module_trajectory_with_a_template(tmp_path):
         gflow.Trajectory.load(tmp_path / "mlp.npz")
     back = gflow.Trajectory.load(tmp_path / "mlp.npz", like=mlp)
     assert isinstance(back.final, eqx.nn.MLP)
-    np.testing.assert_array_equal(back.final.layers[0].weight,
-                                  traj.final.layers[0].weight)  # fmt: skip
+    np.testing.assert_array_equal(
+        back.final.layers[0].weight, traj.final.layers[0].weight
+    )
     wrong = eqx.nn.MLP(3, 2, 4, 2, key=jax.random.key(0))
     with pytest.raises(ValueError, match="not the structure"):
         gflow.Trajectory.load(tmp_path / "mlp.npz", like=wrong)
@@ -162,9 +176,11 @@ def test_data_sharded_over_four_devices_gives_the_same_flow():
 
     run = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(_DATA_SHARDED)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
         env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4"),
-    )  # fmt: skip
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
     # Only the order of the sums over examples differs: round-off.

@@ -19,8 +19,12 @@ def test_loss_and_series():
     assert len(ax.lines) == 2 and ax.get_xscale() == "log"
     # t = 0 cannot sit on a log axis: the first save is left out there.
     np.testing.assert_allclose(ax.lines[0].get_xdata(), np.asarray(traj.ts)[1:])
-    ax = gflow.plot.series(traj.ts, np.stack([traj.loss, traj.grad_norm], 1),
-                           label=["loss", "|grad|"], log_time=False)  # fmt: skip
+    ax = gflow.plot.series(
+        traj.ts,
+        np.stack([traj.loss, traj.grad_norm], 1),
+        label=["loss", "|grad|"],
+        log_time=False,
+    )
     assert [line.get_label() for line in ax.lines] == ["loss", "|grad|"]
     assert len(ax.lines[0].get_xdata()) == len(traj)
     plt.close("all")
@@ -28,8 +32,9 @@ def test_loss_and_series():
 
 def test_phases_shading_and_row_similarity():
     ts = np.array([0.0, 0.1, 1.0, 10.0])
-    found = gflow.Phases(0.1, None, ("phase 1", "phase 1", "phase 2", "phase 2"), {},
-                         ts, True, "found")  # fmt: skip
+    found = gflow.Phases(
+        0.1, None, ("phase 1", "phase 1", "phase 2", "phase 2"), {}, ts, True, "found"
+    )
     none = gflow.Phases(None, None, ("no phases",) * 4, {}, ts, False, "none")
     _, ax = plt.subplots()
     ax.plot(ts[1:], ts[1:])
@@ -54,9 +59,15 @@ def test_phase_portrait_and_basin_map_draw_what_they_are_given():
     flow = gflow.simulate(
         model, None, 50.0, params0={"e": jnp.array(0.1), "w": jnp.array(-1.0)}
     )
-    ax = gflow.plot.phase_portrait(model, ("e", "w"), (0, 2), (-2, 1.5),
-                                   trajectories=[flow], labels=["flow"],
-                                   invariant=gflow.models.markov_energy)  # fmt: skip
+    ax = gflow.plot.phase_portrait(
+        model,
+        ("e", "w"),
+        (0, 2),
+        (-2, 1.5),
+        trajectories=[flow],
+        labels=["flow"],
+        invariant=gflow.models.markov_energy,
+    )
     line = ax.get_lines()[0]
     np.testing.assert_allclose(line.get_xdata(), flow.params["e"])
     assert ax.get_xlabel() == "e" and ax.get_ylabel() == "w"
@@ -132,6 +143,7 @@ def test_loss_shades_the_phases_it_is_given():
     assert found.found  # Phase 1 ends at t1 = 1.82 on this small model
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels == ["flow", "phase 1", "phase 2"]
-    assert any(abs(line.get_xdata()[0] - found.t1) < 1e-12
-               for line in ax.get_lines()[1:])  # fmt: skip
+    assert any(
+        abs(line.get_xdata()[0] - found.t1) < 1e-12 for line in ax.get_lines()[1:]
+    )
     plt.close(ax.figure)

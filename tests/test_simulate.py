@@ -307,12 +307,18 @@ def test_a_rerun_in_a_new_process_loads_its_programs_from_the_cache(tmp_path):
     import subprocess
     import sys
 
-    env = dict(os.environ, GFLOW_COMPILATION_CACHE="1",
-               GFLOW_CACHE_DIR=str(tmp_path / "cache"))  # fmt: skip
+    env = dict(
+        os.environ, GFLOW_COMPILATION_CACHE="1", GFLOW_CACHE_DIR=str(tmp_path / "cache")
+    )
 
     def run():
-        done = subprocess.run([sys.executable, "-c", _CACHED_RUN], env=env,
-                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-c", _CACHED_RUN],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         return json.loads(done.stdout.strip().splitlines()[-1])
 

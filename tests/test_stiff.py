@@ -9,8 +9,8 @@ import pytest
 import scipy.linalg
 
 import gflow
-from gflow import _rock4_tables
-from gflow._stabilized import RKC2, ROCK4
+from gflow import RKC2, ROCK4
+from gflow._solvers import _rock4_tables
 
 STABILIZED = {"rkc2": (RKC2, 2), "rock4": (ROCK4, 4)}
 
@@ -34,9 +34,16 @@ def spread_quadratic(eigenvalues, seed=0):
 def fixed_step_error(solver, loss, A, theta0, exact, t_max, n_steps):
     field = diffrax.ODETerm(lambda t, y, A: -jax.grad(loss)(y, A))
     sol = diffrax.diffeqsolve(
-        field, solver, 0.0, t_max, t_max / n_steps, jnp.asarray(theta0), A,
-        stepsize_controller=diffrax.ConstantStepSize(), max_steps=int(n_steps) + 1,
-    )  # fmt: skip
+        field,
+        solver,
+        0.0,
+        t_max,
+        t_max / n_steps,
+        jnp.asarray(theta0),
+        A,
+        stepsize_controller=diffrax.ConstantStepSize(),
+        max_steps=int(n_steps) + 1,
+    )
     return float(np.max(np.abs(np.asarray(sol.ys[-1]) - exact(theta0, t_max))))
 
 
@@ -79,9 +86,16 @@ def test_order_on_a_nonlinear_flow(name):
     steps = np.array([8, 16, 32])
     for n in steps:
         sol = diffrax.diffeqsolve(
-            field, cls(), 0.0, 2.0, 2.0 / n, params0, F,
-            stepsize_controller=diffrax.ConstantStepSize(), max_steps=int(n) + 1,
-        )  # fmt: skip
+            field,
+            cls(),
+            0.0,
+            2.0,
+            2.0 / n,
+            params0,
+            F,
+            stepsize_controller=diffrax.ConstantStepSize(),
+            max_steps=int(n) + 1,
+        )
         errors.append(
             max(
                 float(np.max(np.abs(np.asarray(sol.ys[k][-1]) - exact(2.0)[k])))
@@ -157,8 +171,16 @@ def test_saddle_is_solved_accurately(solver):
     eigenvalues = np.array([-1.0, -0.5, 1.0, 10.0, 100.0, 1e3])
     loss, A, q, exact = spread_quadratic(eigenvalues, seed=5)
     theta0 = q.sum(axis=1)
-    traj = gflow.simulate(loss, A, 3.0, params0=jnp.asarray(theta0), solver=solver,
-                          n_save=7, rtol=1e-8, atol=1e-10)  # fmt: skip
+    traj = gflow.simulate(
+        loss,
+        A,
+        3.0,
+        params0=jnp.asarray(theta0),
+        solver=solver,
+        n_save=7,
+        rtol=1e-8,
+        atol=1e-10,
+    )
     for i, t in enumerate(traj.ts):
         expected = exact(theta0, float(t))
         error = np.max(np.abs(np.asarray(traj.params[i]) - expected))

@@ -1,4 +1,4 @@
-"""What every built-in model offers, and validation helpers for their settings."""
+"""What every built-in model offers, and seeding NumPy from JAX keys."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from .._checks import is_int
 
 
 class AbstractModel(eqx.Module):
@@ -38,43 +40,6 @@ class AbstractExampleModel(AbstractModel):
     def loss(self, params: Any, data: Any) -> jax.Array:
         """The mean of `per_example_loss` over the examples."""
         return jnp.mean(self.per_example_loss(params, data))
-
-
-def require(condition: bool, message: str) -> None:
-    """Raise a ValueError with `message` unless `condition` holds."""
-    if not condition:
-        raise ValueError(message)
-
-
-def is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def require_int(name: str, value: Any, minimum: int) -> None:
-    require(
-        is_int(value) and value >= minimum,
-        f"`{name}` must be an integer >= {minimum}; got {value!r}.",
-    )
-
-
-def require_ints(**sizes: tuple[Any, int]) -> None:
-    """`require_int` for each `name=(value, minimum)`."""
-    for name, (value, minimum) in sizes.items():
-        require_int(name, value, minimum)
-
-
-def require_probability(name: str, value: Any) -> None:
-    require(
-        isinstance(value, int | float) and 0 < value < 1,
-        f"`{name}` must be a probability strictly between 0 and 1; got {value!r}.",
-    )
-
-
-def require_positive(name: str, value: Any) -> None:
-    require(
-        isinstance(value, int | float) and not isinstance(value, bool) and value > 0,
-        f"`{name}` must be a positive number; got {value!r}.",
-    )
 
 
 def numpy_rng(key) -> np.random.Generator:

@@ -18,13 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._base import (
-    AbstractExampleModel,
-    numpy_rng,
-    require,
-    require_int,
-    require_positive,
-)
+from .._checks import require, require_int, require_positive
+from ._base import AbstractExampleModel, numpy_rng
 
 ANCHORS = (1, 2, 3, 4)
 KEYS = tuple(range(5, 101))

@@ -16,15 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._checks import require, require_int, require_ints, require_positive
 from .._declarations import PhaseSpec
-from ._base import (
-    AbstractExampleModel,
-    numpy_rng,
-    require,
-    require_int,
-    require_ints,
-    require_positive,
-)
+from ._base import AbstractExampleModel, numpy_rng
 
 TARGET_1, TARGET_2, COMMON = 0, 1, 2
 #: Sample groups of Definition 2.1: both targets (y = +1), µ1 only, µ2 only, neither.

@@ -7,7 +7,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from ._base import AbstractExampleModel, require, require_int, require_positive
+from .._checks import require, require_int, require_positive
+from ._base import AbstractExampleModel
 
 
 class LinearRegression(AbstractExampleModel):

@@ -20,14 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._base import (
-    AbstractExampleModel,
-    AbstractModel,
-    require,
-    require_int,
-    require_positive,
-    require_probability,
-)
+from .._checks import require, require_int, require_positive, require_probability
+from ._base import AbstractExampleModel, AbstractModel
 
 #: E on the separatrix of the canonical (e, w) flow: E(saddle) = −(1 + log 2) / 2.
 MARKOV_SEPARATRIX_ENERGY = -(1.0 + math.log(2.0)) / 2.0

@@ -1,8 +1,8 @@
 """The coefficients of gflow's fourth-order stabilized method ("rock4"), derived here.
 
-Run `python -m gflow._rock4_tables` to regenerate `gflow/rock4.npz` (a few minutes);
-`tests/test_stiff.py` recomputes some degrees and checks every stored method's
-order conditions.
+Run `python -m gflow._solvers._rock4_tables` to regenerate `gflow/_solvers/rock4.npz`
+(a few minutes); `tests/test_stiff.py` recomputes some degrees and checks every
+stored method's order conditions.
 
 The construction follows the idea of Abdulle's ROCK4 (2002): an s-stage method
 whose stability polynomial is R(z) = P(z) w(z), with
@@ -210,20 +210,31 @@ def _tableau(mu, nu, kappa, finish):
 def order_conditions(A, b):
     """The residuals of the 8 conditions of order 4 (Butcher trees up to order 4)."""
     c = A.sum(1)
-    return np.array([
-        b.sum() - 1, b @ c - 1 / 2, b @ c**2 - 1 / 3, b @ A @ c - 1 / 6,
-        b @ c**3 - 1 / 4, b @ (c * (A @ c)) - 1 / 8, b @ A @ c**2 - 1 / 12,
-        b @ A @ A @ c - 1 / 24,
-    ])  # fmt: skip
+    return np.array(
+        [
+            b.sum() - 1,
+            b @ c - 1 / 2,
+            b @ c**2 - 1 / 3,
+            b @ A @ c - 1 / 6,
+            b @ c**3 - 1 / 4,
+            b @ (c * (A @ c)) - 1 / 8,
+            b @ A @ c**2 - 1 / 12,
+            b @ A @ A @ c - 1 / 24,
+        ]
+    )
 
 
 def _finishing_polynomial(finish):
     a21, a31, a32, a41, a42, a43, b1, b2, b3, b4 = finish
     c2, c3, c4 = a21, a31 + a32, a41 + a42 + a43
-    return np.array([
-        b1 + b2 + b3 + b4, b2 * c2 + b3 * c3 + b4 * c4,
-        b3 * a32 * c2 + b4 * (a42 * c2 + a43 * c3), b4 * a43 * a32 * a21,
-    ])  # fmt: skip
+    return np.array(
+        [
+            b1 + b2 + b3 + b4,
+            b2 * c2 + b3 * c3 + b4 * c4,
+            b3 * a32 * c2 + b4 * (a42 * c2 + a43 * c3),
+            b4 * a43 * a32 * a21,
+        ]
+    )
 
 
 #: Classical RK4's finishing coefficients (a21, a31, a32, a41, a42, a43, b1..b4):
@@ -272,8 +283,9 @@ def embedded_weights(A, b):
     tests = [np.ones(s + 1), c, c**2, A_ext @ c]
     base = np.append(A[m], 0.0)
     matrix = np.array([v @ columns for v in tests])
-    rhs = np.array([t - base @ v for v, t in zip(tests, (1, 1 / 2, 1 / 3, 1 / 6),
-                                                 strict=True)])  # fmt: skip
+    rhs = np.array(
+        [t - base @ v for v, t in zip(tests, (1, 1 / 2, 1 / 3, 1 / 6), strict=True)]
+    )
     return np.linalg.lstsq(matrix, rhs, rcond=None)[0]
 
 
@@ -292,8 +304,11 @@ def make(degrees=DEGREES) -> dict[str, np.ndarray]:
         embedded.append(embedded_weights(A, b))
         mus.append(mu), nus.append(nu), kappas.append(kappa)
         growth.append(_stable(int(s), l)[1])
-        print(f"s = {s:3d}: l = {l:10.2f} = {l / s**2:.4f} s^2, largest stage "
-              f"{growth[-1]:.3g}", flush=True)  # fmt: skip
+        print(
+            f"s = {s:3d}: l = {l:10.2f} = {l / s**2:.4f} s^2, largest stage "
+            f"{growth[-1]:.3g}",
+            flush=True,
+        )
     return dict(
         degrees=np.asarray(degrees),
         lengths=np.array(lengths),

@@ -1,103 +1,18 @@
-"""What a solve integrates: the gradient flow, or a continuous model of an optimiser.
-
-A flow turns a loss into the differential equation gflow solves. Its state may be
-more than the parameters (a heavy-ball flow carries a velocity); `params(state)`
-says which part they are, and `velocity(...)` gives dθ/dt at a saved state, which
-`Trajectory.at` uses to interpolate between saves.
-
-- `GradientFlow()`: dθ/dt = −∇L, the η → 0 limit of gradient descent (the default).
-- `ModifiedGD(lr)`: the modified equation of gradient descent with learning rate
-  `lr` to second order (backward error analysis), dθ/dt = −∇(L + (lr/4)‖∇L‖²).
-- `HeavyBall(lr, momentum)`: the continuous model of heavy-ball momentum,
-  m θ'' + θ' = −∇L.
-- `SGD(lr, batch_size)`: the stochastic modified equation of minibatch SGD, an
-  Itô SDE with the drift of `ModifiedGD` and the minibatch noise.
-"""
+"""The gradient flow, and the flows that model optimisers at a finite learning rate."""
 
 from __future__ import annotations
 
-import abc
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import ClassVar
 
-import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 
-from ._options import check_batch_size, require_positive
-
-
-class AbstractFlow(eqx.Module):
-    """The vector field (and noise) of a solve, built from a loss.
-
-    Class attributes the engine reads:
-        cost: (gradients, Hessian-vector products) of one evaluation of the terms.
-        row_hvps: Hessian-vector products `velocity` spends on a saved row.
-        start_grads: gradients `initial_state` spends.
-        gradient_field: whether the vector field is −∇ of some function (its
-            Jacobian symmetric, its eigenvalues real), as the stabilized solvers
-            (`"rkc2"`, `"rock4"`, and `"auto"`'s switch to them) require.
-        is_sde: whether the flow has noise (then solved by Euler–Maruyama).
-    """
-
-    cost: ClassVar[tuple[int, int]] = (1, 0)
-    row_hvps: ClassVar[int] = 0
-    start_grads: ClassVar[int] = 0
-    gradient_field: ClassVar[bool] = True
-    is_sde: ClassVar[bool] = False
-
-    def initial_state(self, loss_fn: Callable, params: Any, data: Any) -> Any:
-        """The solver's state at t = 0 for initial parameters `params`."""
-        return params
-
-    def params(self, state: Any) -> Any:
-        """The parameters within a solver state."""
-        return state
-
-    @abc.abstractmethod
-    def vector_field(self, loss_fn: Callable) -> Callable:
-        """`f(t, state, data)`: the time derivative of the state (the drift)."""
-
-    def terms(self, loss_fn: Callable, path: Any = None) -> diffrax.AbstractTerm:
-        """The diffrax terms of the equation (`path`: the Brownian motion of an
-        SDE flow)."""
-        return diffrax.ODETerm(self.vector_field(loss_fn))
-
-    def velocity(self, loss_fn: Callable, state: Any, data: Any, grad: Any) -> Any:
-        """dθ/dt at `state`, given the loss gradient `grad` there."""
-        return self.params(self.vector_field(loss_fn)(0.0, state, data))
-
-    def prepared(self, model: Any, bind: Callable, params: Any, data: Any):
-        """The flow ready to run on `model`'s data: what it takes from the model
-        (SGD's per-example loss, with `bind` putting back the fixed leaves),
-        checked against `params` and `data`."""
-        return self
-
-
-def describe_flow(flow: AbstractFlow) -> str:
-    """The flow and its settings, e.g. "HeavyBall(lr=0.01, momentum=0.9)": for
-    `Trajectory.meta` and checkpoint fingerprints (stable across processes)."""
-    settings = [
-        f"{name}={value.item() if isinstance(value, np.ndarray) else value}"
-        for name, value in vars(flow).items()
-        if isinstance(value, np.ndarray | int | float | str)
-    ]
-    return f"{type(flow).__name__}({', '.join(settings)})"
-
-
-def _rate(name: str, value: Any) -> np.ndarray:
-    """A positive finite rate, kept as an array so that new values reuse the
-    compiled program."""
-    require_positive(name, value)
-    return np.asarray(value, np.float64)
-
-
-def _like(x: Any, tree: Any) -> jax.Array:
-    """`x` in the floating-point dtype of `tree` (a float32 run stays float32)."""
-    return jnp.asarray(x, jnp.result_type(*jax.tree.leaves(tree)))
+from .._checks import check_batch_size
+from ._base import AbstractFlow, AbstractSDEFlow, _like, _rate
 
 
 class GradientFlow(AbstractFlow):
@@ -275,7 +190,7 @@ class HeavyBall(AbstractFlow):
         return state[1]
 
 
-class SGD(AbstractFlow):
+class SGD(AbstractSDEFlow):
     """The stochastic modified equation of minibatch SGD (Li, Tai & E 2017/2019).
 
         dθ = −∇(L + (lr/4)‖∇L‖²) dt + sqrt(lr·c/B) Σ(θ)^{1/2} dW,   c = (n − B)/(n − 1)
@@ -317,7 +232,6 @@ class SGD(AbstractFlow):
     per_example_loss: Callable | None = None
     cost: ClassVar[tuple[int, int]] = (2, 1)
     row_hvps: ClassVar[int] = 1
-    is_sde: ClassVar[bool] = True
 
     def __init__(
         self, lr: float, batch_size: int, per_example_loss: Callable | None = None
@@ -356,8 +270,9 @@ class SGD(AbstractFlow):
                 f"shape (n,); got shape {getattr(losses, 'shape', None)}."
             )
         check_batch_size(self.batch_size, losses.shape[0])
-        return eqx.tree_at(lambda f: f.per_example_loss, self, fn,
-                           is_leaf=lambda x: x is None)  # fmt: skip
+        return eqx.tree_at(
+            lambda f: f.per_example_loss, self, fn, is_leaf=lambda x: x is None
+        )
 
     def noise_shape(self, state, data) -> jax.ShapeDtypeStruct:
         """The Brownian motion's shape: one component per example."""
@@ -388,11 +303,3 @@ class SGD(AbstractFlow):
             return lx.FunctionLinearOperator(apply, structure)
 
         return g
-
-    def terms(self, loss_fn, path=None):
-        if path is None:
-            raise ValueError("flow SGD needs a Brownian path (`noise_key=`).")
-        return diffrax.MultiTerm(
-            diffrax.ODETerm(self.vector_field(loss_fn)),
-            diffrax.ControlTerm(self.diffusion(), path),
-        )

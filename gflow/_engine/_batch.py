@@ -1,0 +1,81 @@
+"""Work on batches of lanes: per-lane functions applied to a batch, and loops that
+serve the lanes that need something, a few at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+
+def where(pred, a, b):
+    """Per lane: `a` where `pred`, else `b`. (A Python scalar in a lane's state,
+    such as diffrax's PID `at_dtmin` flag, becomes an array where the other is.)"""
+
+    pred = jnp.asarray(pred)
+
+    def pick(x, y):
+        if not (eqx.is_array(x) or eqx.is_array(y)):
+            return x
+        x, y = jnp.asarray(x), jnp.asarray(y)
+        ndim = max(x.ndim, y.ndim)
+        return jnp.where(pred.reshape(pred.shape + (1,) * (ndim - pred.ndim)), x, y)
+
+    return jax.tree.map(pick, a, b)
+
+
+def per_lane(fn: Callable, width: int) -> Callable:
+    """`fn` of one lane, applied to `width` lanes (leading axis of every array).
+
+    One lane is not vmapped, so that the solver's `lax.cond`s (e.g. whether to
+    estimate the spectral radius, which method "auto" takes) stay branches instead
+    of becoming selects that evaluate both sides.
+    """
+    if width > 1:
+        return eqx.filter_vmap(fn)
+
+    def one(*args):
+        out = fn(*jax.tree.map(lambda x: x[0] if eqx.is_array(x) else x, args))
+        return jax.tree.map(lambda x: x[None] if eqx.is_array(x) else x, out)
+
+    return one
+
+
+def if_any(mask, fn, *args):
+    """`fn(*args)` if any of `mask` holds, else zeros like it: work for a batch of
+    lanes is skipped when none of them needs it."""
+
+    def skip(*args):
+        return zeros(eqx.filter_eval_shape(fn, *args))
+
+    return jax.lax.cond(jnp.any(mask), lambda *a: fn(*a), skip, *args)
+
+
+def select(mask, width):
+    """Up to `width` lane indices where `mask` holds; the rest point past the end."""
+    return jnp.nonzero(mask, size=width, fill_value=mask.shape[0])[0]
+
+
+def for_some(pending: Callable, work: Callable, carry, width: int):
+    """Apply `work(carry, lanes)` to the lanes where `pending(carry)`, `width` at a
+    time, until none is pending. `work` must make progress on the lanes it gets."""
+
+    def body(carry):
+        return work(carry, select(pending(carry), width))
+
+    return jax.lax.while_loop(lambda c: jnp.any(pending(c)), body, carry)
+
+
+def zeros(struct, lead=()):
+    """Zeros shaped like `struct` (ShapeDtypeStructs) with leading axes `lead`;
+    Python scalars (fixed flags in a solver's state) become arrays of them, so that
+    every leaf of the loop's carry is an array with the leading axes."""
+
+    def leaf(s):
+        if isinstance(s, jax.ShapeDtypeStruct):
+            return jnp.zeros(lead + s.shape, s.dtype)
+        return jnp.full(lead, s)
+
+    return jax.tree.map(leaf, struct)

@@ -1,0 +1,182 @@
+"""The engine's data model: what is solved (`Problem`), the numbers of a run
+(`Controls`), one member's solve in progress (`Lane`), what members produce
+(`Outputs`), the loop's carry (`State`) and the values of a saved row (`Row`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from .._tree import tree_norm
+from ..flows import AbstractFlow
+
+
+class Metrics(eqx.Module):
+    """`{name: fn(params, data)}` evaluated on every saved state.
+
+    Attributes:
+        fns: the metrics as a tuple of `(name, fn)` pairs (hashable: part of the
+            compiled program's identity).
+    """
+
+    fns: tuple[tuple[str, Callable], ...]
+
+    @classmethod
+    def build(cls, metrics: Mapping[str, Callable] | None) -> Metrics:
+        metrics = {} if metrics is None else metrics
+        if not isinstance(metrics, Mapping) or not all(
+            isinstance(k, str) and callable(f) for k, f in metrics.items()
+        ):
+            raise TypeError(
+                "`metrics` must be a dict {name: fn(params, data)} with string names "
+                "and callable values."
+            )
+        return cls(tuple(metrics.items()))
+
+    def __call__(self, params: Any, data: Any) -> dict[str, Any]:
+        values = {}
+        for name, fn in self.fns:
+            try:
+                values[name] = fn(params, data)
+            except Exception as e:  # noqa: BLE001 - re-raised naming the metric
+                raise ValueError(
+                    f"metric {name!r} failed on the parameters: {type(e).__name__}: {e}"
+                ) from e
+        return values
+
+
+class Problem(eqx.Module):
+    """What is solved. Everything here is part of the compiled program's identity
+    (changing it recompiles); numbers that change from run to run are `Controls`."""
+
+    loss_fn: Callable
+    flow: AbstractFlow
+    solver: diffrax.AbstractSolver
+    adaptive: bool = eqx.field(static=True)
+    metrics: Metrics
+    stop_when: Callable | None
+    lanes: int = eqx.field(static=True)
+    width: int = eqx.field(static=True)
+    progress: bool = eqx.field(static=True)
+
+    def terms(self, controls: Controls, noise, y, data):
+        """The equation's terms; an SDE flow's Brownian motion is a virtual
+        Brownian tree drawn from the lane's key `noise`, resolved to dt0 / 2."""
+        if not self.flow.is_sde:
+            return self.flow.terms(self.loss_fn)
+        path = diffrax.VirtualBrownianTree(
+            controls.ts[0],
+            controls.ts[-1],
+            tol=controls.dt0 / 2,
+            shape=self.flow.noise_shape(self.flow.params(y), data),
+            key=jax.random.wrap_key_data(noise),
+        )
+        return self.flow.terms(self.loss_fn, path)
+
+    def cost(self, evaluations, solver_hvps):
+        """(gradients, Hessian-vector products) of `evaluations` of the terms,
+        with the solver's own Hessian-vector products."""
+        grads, hvps = self.flow.cost
+        counted = jnp.asarray(evaluations) >= 0  # implicit solvers: -1, not counted
+        return (
+            jnp.where(counted, evaluations * grads, evaluations),
+            jnp.where(counted, evaluations * hvps + solver_hvps, solver_hvps),
+        )
+
+
+class Controls(eqx.Module):
+    """The numbers of a run: arrays, so new values reuse the compiled program."""
+
+    ts: jax.Array  # (T,) save times
+    slot: jax.Array  # (T,) int32: the parameter slot of each save row; R if none
+    rtol: jax.Array
+    atol: jax.Array
+    dt0: jax.Array | None
+    stop_at_loss: jax.Array | None
+    stop_at_grad_norm: jax.Array | None
+    max_steps: jax.Array
+
+
+class Lane(eqx.Module):
+    """One member's solve in progress (every field has a leading lane axis)."""
+
+    member: jax.Array  # the member it holds; M when none
+    noise: Any  # an SDE flow's key (raw uint32), None otherwise
+    t: jax.Array  # time reached (last accepted step)
+    tnext: jax.Array  # end of the next step attempt
+    y: Any
+    solver_state: Any
+    controller_state: Any
+    steps: jax.Array
+    accepted: jax.Array
+    grads: jax.Array  # gradients spent stepping (initial step included)
+    row_grads: jax.Array  # gradients spent on saved rows and stopping checks
+    hvps: jax.Array
+    row: jax.Array  # the next row to write
+    last_t: jax.Array  # the time of the last row written
+    loss_gap: jax.Array  # loss - stop_at_loss at t
+    code: jax.Array  # RESULTS code once done; successful while running
+    running: jax.Array
+    done: jax.Array  # finished: to be recorded, then refilled
+
+
+class Outputs(eqx.Module):
+    """What the members produced, indexed by member."""
+
+    ts: jax.Array  # (M, T)
+    loss: jax.Array
+    grad_norm: jax.Array
+    metrics: Any
+    params: Any  # (M, R, ...)
+    velocity: Any
+    n_rows: jax.Array  # (M,)
+    code: jax.Array
+    steps: jax.Array
+    accepted: jax.Array
+    grads: jax.Array
+    row_grads: jax.Array
+    hvps: jax.Array
+
+
+class State(eqx.Module):
+    """The loop's carry: everything needed to go on."""
+
+    lanes: Lane
+    out: Outputs
+    next_member: jax.Array
+    iterations: jax.Array
+    # While members are still queued: iterations, and lane-steps of running lanes.
+    queued_iterations: jax.Array
+    queued_busy: jax.Array
+
+
+class Row(eqx.Module):
+    """The values saved in one row."""
+
+    loss: jax.Array
+    grad_norm: jax.Array
+    metrics: Any
+    params: Any
+    velocity: Any
+
+
+def row_values(loss_fn, flow: AbstractFlow, metrics: Metrics, y, data) -> Row:
+    """What a saved row holds for state `y`: one gradient evaluation."""
+    params = flow.params(y)
+    loss, grad = jax.value_and_grad(loss_fn)(params, data)
+    return Row(
+        loss=loss,
+        grad_norm=tree_norm(grad),
+        metrics=metrics(params, data),
+        params=params,
+        velocity=flow.velocity(loss_fn, y, data, grad),
+    )
+
+
+def row(problem: Problem, y, data) -> Row:
+    return row_values(problem.loss_fn, problem.flow, problem.metrics, y, data)

@@ -1,0 +1,280 @@
+"""One lane's work: starting a member, one step attempt (diffrax's `solver.step`
+and the step-size controller), the stopping checks after it, and where the loss
+crosses `stop_at_loss` within it."""
+
+from __future__ import annotations
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from .._compat import clip_to_end, with_controller_tolerances
+from .._results import RUNNING, result_code
+from .._solvers import (
+    after_rejection,
+    error_order,
+    lands_on_saves,
+    needs_f0,
+    start,
+    step_cost,
+)
+from .._tree import tree_norm
+from ._batch import where
+from ._problem import Controls, Lane, Problem, Row, row_values
+
+STOP_CODES = {
+    "loss": result_code("stopped_at_loss"),
+    "grad_norm": result_code("stopped_at_grad_norm"),
+    "condition": result_code("stopped_by_condition"),
+}
+# Bisection alone would narrow a step to 2**-60 of its length.
+_CROSSING_ITERATIONS = 60
+
+
+def step_controller(problem: Problem, controls: Controls):
+    if problem.adaptive:
+        return diffrax.PIDController(rtol=controls.rtol, atol=controls.atol)
+    return diffrax.ConstantStepSize()
+
+
+def rms(tree):
+    leaves = jax.tree.leaves(tree)
+    size = sum(x.size for x in leaves)
+    return jnp.sqrt(sum(jnp.sum(x**2) for x in leaves) / size)
+
+
+def initial_step(field, t0, y0, f0, data, controls, error_order):
+    """The first step size of Hairer, Nørsett & Wanner (II.4), as diffrax's
+    PIDController chooses it, but reusing `f0`: one more vector field."""
+    scale = jax.tree.map(lambda y: controls.atol + jnp.abs(y) * controls.rtol, y0)
+    d0 = rms(jax.tree.map(jnp.divide, y0, scale))
+    d1 = rms(jax.tree.map(jnp.divide, f0, scale))
+    tiny = (d0 < 1e-5) | (d1 < 1e-5)
+    h0 = jnp.where(tiny, 1e-6, 0.01 * d0 / jnp.where(tiny, 1, d1))
+    f1 = field(t0 + h0, jax.tree.map(lambda y, f: y + h0 * f, y0, f0), data)
+    d2 = rms(jax.tree.map(lambda a, b, s: (a - b) / s, f1, f0, scale)) / h0
+    largest = jnp.maximum(d1, d2)
+    h1 = jnp.where(
+        largest <= 1e-15,
+        jnp.maximum(1e-6, h0 * 1e-3),
+        (0.01 / largest) ** (1 / error_order),
+    )
+    return jnp.minimum(100 * h0, h1)
+
+
+def row(problem: Problem, y, data) -> Row:
+    return row_values(problem.loss_fn, problem.flow, problem.metrics, y, data)
+
+
+def load(problem: Problem, controls: Controls, entry, data):
+    """A lane starting a member (`entry`: its queue entry, initial parameters and
+    noise key) at t = 0, and the values of its first row."""
+    params0, noise = entry
+    ts = controls.ts
+    t0, t_max = ts[0], ts[-1]
+    y0 = problem.flow.initial_state(problem.loss_fn, params0, data)
+    terms = problem.terms(controls, noise, y0, data)
+    field = problem.flow.vector_field(problem.loss_fn)
+    order = problem.solver.error_order(terms)
+    grads = 0
+    f0 = None
+    if needs_f0(problem.solver) or (problem.adaptive and controls.dt0 is None):
+        f0 = field(t0, y0, data)
+        grads += 1
+    if controls.dt0 is None and problem.adaptive:
+        dt = initial_step(field, t0, y0, f0, data, controls, order)
+        grads += 1
+    else:
+        dt = controls.dt0
+    tnext = jnp.minimum(t0 + dt, t_max)
+    controller = step_controller(problem, controls)
+    _, controller_state = controller.init(
+        terms, t0, t_max, y0, dt, data, problem.solver.func, order
+    )
+    values = row(problem, y0, data)
+    code, loss_gap = stopped_at_start(problem, controls, values, y0, data)
+    zero = jnp.zeros((), jnp.int32)
+    grads, hvps = problem.cost(grads, 0)
+    grads += problem.flow.start_grads
+    lane = Lane(
+        member=zero,
+        noise=noise,
+        t=t0,
+        tnext=tnext,
+        y=y0,
+        solver_state=start(problem.solver, terms, t0, tnext, y0, data, f0),
+        controller_state=controller_state,
+        steps=zero,
+        accepted=zero,
+        grads=zero + grads,
+        row_grads=zero + 1,
+        hvps=zero + hvps + problem.flow.row_hvps,  # the first row's velocity
+        row=zero + 1,
+        last_t=t0,
+        loss_gap=loss_gap,
+        code=code,
+        running=code == RUNNING,
+        done=code != RUNNING,
+    )
+    return lane, values
+
+
+def stopped_at_start(problem, controls, values: Row, y0, data):
+    """The result code if a boolean stop already holds at t = 0 (the loss stop needs
+    a crossing, as diffrax's events do), and loss - stop_at_loss there."""
+    code = jnp.asarray(RUNNING, jnp.int32)
+    gap = jnp.zeros((), values.loss.dtype)
+    if controls.stop_at_loss is not None:
+        gap = values.loss - controls.stop_at_loss
+    if problem.stop_when is not None:
+        held = condition(problem, y0, data)
+        code = jnp.where(held, STOP_CODES["condition"], code)
+    if controls.stop_at_grad_norm is not None:
+        held = values.grad_norm <= controls.stop_at_grad_norm
+        code = jnp.where(held, STOP_CODES["grad_norm"], code)
+    return code, gap
+
+
+def condition(problem, y, data):
+    return jnp.asarray(problem.stop_when(problem.flow.params(y), data), dtype=bool)
+
+
+def attempt(problem: Problem, controls: Controls, lane: Lane, data):
+    """One step attempt of one lane: the lane after it, the step's dense output,
+    whether it was accepted, and where it started."""
+    t_max = controls.ts[-1]
+    terms = problem.terms(controls, lane.noise, lane.y, data)
+    controller = step_controller(problem, controls)
+    solver = with_controller_tolerances(problem.solver, controller)
+    y1, y_error, dense, solver_state, solver_result = solver.step(
+        terms, lane.t, lane.tnext, lane.y, data, lane.solver_state, False
+    )
+    if y_error is not None:
+        y_error = jax.tree.map(lambda e: jnp.where(jnp.isnan(e), jnp.inf, e), y_error)
+    keep, tprev, tnext, _, controller_state, controller_result = (
+        controller.adapt_step_size(
+            lane.t,
+            lane.tnext,
+            lane.y,
+            y1,
+            data,
+            y_error,
+            error_order(solver, terms, solver_state),
+            lane.controller_state,
+        )
+    )
+    tprev = jnp.minimum(tprev, t_max)
+    lands = lands_on_saves(solver, where(keep, solver_state, lane.solver_state))
+    if lands is not None:
+        # Its dense output is of lower order than its steps: end the steps on the
+        # save times instead of interpolating to them.
+        ts = controls.ts
+        following = ts[
+            jnp.minimum(jnp.searchsorted(ts, tprev, side="right"), ts.shape[0] - 1)
+        ]
+        tnext = jnp.where(
+            lands & (following > tprev), jnp.minimum(tnext, following), tnext
+        )
+    tnext = clip_to_end(tprev, tnext, t_max, keep)
+    grads, hvps = problem.cost(*step_cost(solver, solver_state))
+    failed = (solver_result != diffrax.RESULTS.successful) & keep
+    collapsed = tnext <= tprev  # the step size is below the resolution of t
+    code = jnp.where(
+        failed,
+        result_code("solver_failed"),
+        jnp.where(
+            (controller_result != diffrax.RESULTS.successful) | (collapsed & ~keep),
+            result_code("dt_min_reached"),
+            RUNNING,
+        ),
+    )
+    new = eqx.tree_at(
+        lambda s: (
+            s.t,
+            s.tnext,
+            s.y,
+            s.solver_state,
+            s.controller_state,
+            s.steps,
+            s.accepted,
+            s.grads,
+            s.hvps,
+            s.code,
+        ),
+        lane,
+        (
+            tprev,
+            tnext,
+            where(keep, y1, lane.y),
+            where(
+                keep,
+                solver_state,
+                after_rejection(solver, lane.solver_state, solver_state),
+            ),
+            controller_state,
+            lane.steps + 1,
+            lane.accepted + keep,
+            lane.grads + grads,
+            lane.hvps + hvps,
+            code,
+        ),
+        is_leaf=lambda x: x is None,  # a solver or controller without state
+    )
+    return new, dense, keep
+
+
+def events(problem: Problem, controls: Controls, lane: Lane, data):
+    """After a step: loss - stop_at_loss, and which boolean stop holds (a code)."""
+    params = problem.flow.params(lane.y)
+    code = jnp.asarray(RUNNING, jnp.int32)
+    gap = lane.loss_gap
+    extra = 0
+    if controls.stop_at_grad_norm is not None:
+        loss, grad = jax.value_and_grad(problem.loss_fn)(params, data)
+        extra = 1
+        held = tree_norm(grad) <= controls.stop_at_grad_norm
+        code = jnp.where(held, STOP_CODES["grad_norm"], code)
+    elif controls.stop_at_loss is not None:
+        loss = problem.loss_fn(params, data)
+    if controls.stop_at_loss is not None:
+        gap = loss - controls.stop_at_loss
+    if problem.stop_when is not None:
+        code = jnp.where(
+            condition(problem, lane.y, data), STOP_CODES["condition"], code
+        )
+    return gap, code, extra
+
+
+def locate_loss_crossing(problem, controls, t0, t1, dense, data):
+    """Where the loss falls to `stop_at_loss` within a step, and the state there.
+
+    Newton's method on the dense output, started from `t1` as diffrax starts its
+    event root finds, kept inside the bracket: the loss is above the threshold at
+    `t0` and not above it at `t1`, and a Newton step that would leave the bracket
+    (or is not finite) bisects it instead.
+    """
+    interpolation = problem.solver.interpolation_cls(t0=t0, t1=t1, **dense)
+
+    def gap(t):
+        params = problem.flow.params(interpolation.evaluate(t))
+        return problem.loss_fn(params, data) - controls.stop_at_loss
+
+    tol = 1e-10 if t1.dtype == jnp.float64 else 1e-5
+
+    def improve(carry):
+        low, high, t, _, count = carry
+        value, slope = jax.jvp(gap, (t,), (jnp.ones_like(t),))
+        low, high = jnp.where(value > 0, t, low), jnp.where(value > 0, high, t)
+        newton = t - value / slope
+        inside = (newton > low) & (newton < high)  # False if not finite
+        new = jnp.where(value == 0, t, jnp.where(inside, newton, (low + high) / 2))
+        return low, high, new, jnp.abs(new - t), count + 1
+
+    def going(carry):
+        *_, t, change, count = carry
+        return (change > tol * (1 + jnp.abs(t))) & (count < _CROSSING_ITERATIONS)
+
+    start = (t0, t1, t1, jnp.asarray(jnp.inf, t1.dtype), 0)
+    root = jax.lax.while_loop(going, improve, start)[2]
+    return root, interpolation.evaluate(root)

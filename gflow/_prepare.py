@@ -1,0 +1,317 @@
+"""The front half every entry point shares: from what the user passed (a model, data,
+a time, keywords) to checked options, the trained part of the parameters, the flow,
+and the engine's `Problem` and `Controls`.
+
+`simulate`, `simulate_ensemble` and `gradient_descent` each call `prepare`; every
+check of the model, the data and the options happens here, before anything is
+compiled, so that a bad call fails fast with a message that names the cause.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from ._checks import check_keys
+from ._compile import use_persistent_cache
+from ._engine import Controls, Problem
+from ._keywords import parse
+from ._linalg import power_iteration
+from ._model import bind, initial_batch, initial_params, resolve_loss, split
+from ._options import Options
+from ._solvers import AutoTsit5, needs_hvps, solver_name
+from .flows import AbstractFlow, GradientFlow
+from .flows._base import describe_flow
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A checked call, ready to build and run.
+
+    Attributes:
+        loss_fn: the loss as a function of the trained leaves.
+        opts: the options (metrics and stop rule bound to the fixed leaves).
+        params0: the trained leaves of the initial parameters (with a leading
+            member axis for an ensemble).
+        fixed: the leaves held fixed (functions, integers, ...), put back into the
+            trajectory's parameters.
+        one: the trained leaves of one member (for shapes and checks).
+        members: the number of members of an ensemble; None for a single run.
+        flow: the flow to integrate (None for gradient descent).
+        noise: an SDE flow's keys as raw uint32 data, one per member; else None.
+        dtype: the floating-point dtype of the parameters.
+        seed: the integer seed the parameters came from, if known.
+    """
+
+    loss_fn: Callable
+    opts: Options
+    params0: Any
+    fixed: Any
+    one: Any
+    members: int | None
+    flow: AbstractFlow | None
+    noise: jax.Array | None
+    dtype: Any
+    seed: int | None
+
+    def meta(self, kind: str) -> dict[str, Any]:
+        """How the run was made, for `Trajectory.meta`."""
+        meta = dict(self.opts.meta(kind, self.dtype), seed=self.seed)
+        if self.flow is not None:
+            meta["flow"] = describe_flow(self.flow)
+        return meta
+
+
+def prepare(
+    entry: str,
+    model: Any,
+    data: Any,
+    t_max: Any,
+    options: dict,
+    allowed: tuple[str, ...],
+    *,
+    params0: Any,
+    key: Any = None,
+    keys: Any = None,
+    batched: bool = False,
+    flow: Any = None,
+    noise_key: Any = None,
+    flows: bool = True,
+) -> Prepared:
+    """Check a call of `gflow.{entry}` and prepare it (see `Prepared`).
+
+    `batched`: an ensemble (`params0` with a leading member axis, or `keys`).
+    `flows`: whether the entry point integrates a flow (not gradient descent).
+    """
+    use_persistent_cache()
+    loss_fn = resolve_loss(model)
+    opts = parse(entry, t_max, allowed, options)
+    if batched:
+        params, seed = initial_batch(model, params0, keys), None
+    else:
+        params, seed = initial_params(model, params0, key)
+    params, fixed, loss_fn, opts = trained_part(loss_fn, opts, params)
+    one = jax.tree.map(lambda x: x[0], params) if batched else params
+    members = jax.tree.leaves(params)[0].shape[0] if batched else None
+    noise = None
+    if flows:
+        flow, noise = prepared_flow(flow, model, fixed, one, data, noise_key, members)
+    dtype = jnp.result_type(*jax.tree.leaves(params))
+    checked_loss(loss_fn, one, data)
+    jax.eval_shape(opts.metrics, one, data)  # a metric that fails is named
+    if opts.solver is not None:
+        opts.solver.warn_precision(dtype)
+        opts = checked_solver(opts, loss_fn, flow, one, data)
+    return Prepared(
+        loss_fn, opts, params, fixed, one, members, flow, noise, dtype, seed
+    )
+
+
+def trained_part(loss_fn, opts: Options, params: Any):
+    """The leaves a run trains, the leaves it holds fixed, and the loss and options
+    as functions of the trained leaves (the fixed ones put back inside)."""
+    trained, fixed = split(params)
+    opts = eqx.tree_at(
+        lambda o: (o.metrics.fns, o.stopping.when),
+        opts,
+        (
+            tuple((name, bind(fn, fixed)) for name, fn in opts.metrics.fns),
+            bind(opts.stopping.when, fixed),
+        ),
+        is_leaf=lambda x: x is None,
+    )
+    return trained, fixed, bind(loss_fn, fixed), opts
+
+
+def checked_loss(loss_fn, params: Any, data: Any) -> jax.ShapeDtypeStruct:
+    """Trace the loss once abstractly, turning shape errors into clear ones."""
+    try:
+        value = jax.eval_shape(loss_fn, params, data)
+    except Exception as e:  # noqa: BLE001 - re-raised with context below
+        raise ValueError(
+            f"loss(params, data) failed on the given parameters and data: "
+            f"{type(e).__name__}: {e}\nCheck that `data` has the shapes the loss "
+            "expects and that `params0` (or model.init) matches the model."
+        ) from e
+    if not isinstance(value, jax.ShapeDtypeStruct) or value.shape != ():
+        shape = getattr(value, "shape", type(value).__name__)
+        raise ValueError(
+            f"loss(params, data) must return a scalar; it returned {shape}. "
+            "Reduce it, e.g. with jnp.mean over the examples."
+        )
+    if not jnp.issubdtype(value.dtype, jnp.floating):
+        raise TypeError(
+            f"loss(params, data) must be floating-point; got {value.dtype}."
+        )
+    return value
+
+
+def checked_solver(
+    opts: Options, loss_fn, flow: AbstractFlow, params: Any, data: Any
+) -> Options:
+    """The solver options that suit `flow` and the loss.
+
+    An SDE flow gets Euler–Maruyama (`_sde_solver`). A flow that is not a gradient
+    field is refused by the stabilized solvers, and served by Tsit5 under "auto".
+    Otherwise the Hessian-vector products a stiff solver needs are lowered, in a
+    power iteration as the solver runs them (some losses fail only there: a
+    `jax.custom_vjp` function is refused forward-mode differentiation when lowered
+    inside a loop). A loss that fails is refused with the cause, or, for `"auto"`,
+    which only chooses a method for the user, served by Tsit5 with a warning (the
+    options returned say so)."""
+    solver = opts.solver.solver
+    if flow.is_sde:
+        return _sde_solver(opts, flow)
+    if not needs_hvps(solver):
+        return opts
+    if not flow.gradient_field:
+        if isinstance(solver, AutoTsit5):  # "auto" chooses for the user: Tsit5
+            return _with_solver(opts, diffrax.Tsit5())
+        raise ValueError(
+            f"solver {solver_name(solver)!r} needs a gradient field (a symmetric "
+            f"Jacobian, real eigenvalues); flow {type(flow).__name__} is not one. "
+            "Use solver='tsit5' (or 'auto', which runs Tsit5 for it)."
+        )
+    field = flow.vector_field(loss_fn)
+
+    def top_eigenvalue(y):
+        def hvp(v):
+            return jax.jvp(lambda z: field(0.0, z, data), (y,), (v,))[1]
+
+        return power_iteration(hvp, y, 1)[0]
+
+    try:
+        jax.jit(top_eigenvalue).lower(flow.initial_state(loss_fn, params, data))
+    except Exception as e:  # noqa: BLE001 - re-raised with context below
+        if not isinstance(solver, AutoTsit5):
+            raise _no_hvp(solver, e) from e
+        warnings.warn(
+            "solver 'auto' falls back to 'tsit5': the Hessian-vector products it "
+            f"uses to detect stiffness fail for this loss ({type(e).__name__}). "
+            "Pass solver='tsit5' to silence this warning.",
+            stacklevel=4,
+        )
+        return _with_solver(opts, diffrax.Tsit5())
+    return opts
+
+
+def _with_solver(opts: Options, solver: diffrax.AbstractSolver) -> Options:
+    return eqx.tree_at(lambda o: o.solver.solver, opts, solver)
+
+
+def _sde_solver(opts: Options, flow: AbstractFlow) -> Options:
+    """An SDE flow runs Euler–Maruyama (Itô) at a fixed step: the default solver
+    becomes diffrax's Euler at the flow's default step unless `dt0` is given."""
+    solver = opts.solver
+    if isinstance(solver.solver, AutoTsit5):
+        dt0 = flow.default_dt0 if solver.dt0 is None else solver.dt0
+        euler = type(solver)(
+            diffrax.Euler(), solver.rtol, solver.atol, dt0, solver.max_steps
+        )
+        return eqx.tree_at(lambda o: o.solver, opts, euler)
+    if type(solver.solver) is not diffrax.Euler:
+        raise ValueError(
+            f"flow {type(flow).__name__} is a stochastic differential equation (Itô), "
+            "solved by Euler–Maruyama: `solver` must be 'euler' (with `dt0`) or "
+            f"'auto' (Euler at dt0 = lr/4); got {solver_name(solver.solver)!r}."
+        )
+    return opts
+
+
+def prepared_flow(flow, model, fixed, params, data, noise_key, members: int | None):
+    """The flow ready to run (`flow.prepared`), and the noise keys of the members
+    as raw uint32 keys with a leading member axis (None for a flow without noise).
+    `members` is None for `simulate` (one key), the batch size for an ensemble."""
+    flow = resolve_flow(flow)
+    flow = flow.prepared(model, lambda fn: bind(fn, fixed), params, data)
+    if not flow.is_sde:
+        if noise_key is not None:
+            raise ValueError(
+                f"`noise_key` is for flows with noise (gflow.flows.SGD); flow "
+                f"{type(flow).__name__} has none."
+            )
+        return flow, None
+    if noise_key is None:
+        how = (
+            "jax.random.key(seed)"
+            if members is None
+            else f"jax.random.split(key, {members}): one key per member"
+        )
+        raise ValueError(
+            f"flow {type(flow).__name__} is stochastic: pass `noise_key=` ({how})."
+        )
+    keys = check_keys("noise_key", noise_key, members)
+    return flow, jax.random.key_data(keys if members is not None else keys[None])
+
+
+def resolve_flow(flow: Any) -> AbstractFlow:
+    """The flow to integrate: the gradient flow unless one is given."""
+    if flow is None:
+        return GradientFlow()
+    if not isinstance(flow, AbstractFlow):
+        raise TypeError(
+            "`flow` must be a gflow.flows flow (e.g. gflow.flows.GradientFlow()); "
+            f"got {type(flow).__name__}."
+        )
+    return flow
+
+
+def _no_hvp(solver, error: Exception) -> ValueError:
+    return ValueError(
+        f"solver {solver_name(solver)!r} needs Hessian-vector products "
+        "(forward-mode derivatives of the gradient) to measure the stiffness, and "
+        f"they fail for this loss: {type(error).__name__}: {error}\nUse "
+        "solver='tsit5', which needs gradients only, or write the loss with "
+        "operations JAX can differentiate in forward mode (a jax.custom_vjp "
+        "function has no forward mode: give it a custom_jvp instead)."
+    )
+
+
+def build(
+    prepared: Prepared, *, lanes: int = 1, width: int = 1, progress: bool = False
+) -> tuple[Problem, Controls]:
+    """The engine's `Problem` and `Controls` for a prepared call."""
+    opts = prepared.opts
+    solver, stopping, saves = opts.solver, opts.stopping, opts.saves
+    problem = Problem(
+        loss_fn=prepared.loss_fn,
+        flow=prepared.flow,
+        solver=solver.solver,
+        adaptive=solver.adaptive,
+        metrics=opts.metrics,
+        stop_when=stopping.when,
+        lanes=lanes,
+        width=width,
+        progress=progress,
+    )
+
+    def array(x, like=prepared.dtype):
+        return None if x is None else jnp.asarray(x, dtype=like)
+
+    controls = Controls(
+        ts=array(saves.ts),
+        slot=jnp.asarray(saves.slots),
+        rtol=array(solver.rtol),
+        atol=array(solver.atol),
+        dt0=array(solver.dt0),
+        stop_at_loss=array(stopping.at_loss),
+        stop_at_grad_norm=array(stopping.at_grad_norm),
+        max_steps=jnp.asarray(solver.max_steps, jnp.int32),
+    )
+    return problem, controls
+
+
+def queue(prepared: Prepared) -> tuple[Any, Any]:
+    """The members to solve: (initial trained leaves, noise keys), each with a
+    leading member axis."""
+    params0 = prepared.params0
+    if prepared.members is None:
+        params0 = jax.tree.map(lambda x: x[None], params0)
+    return params0, prepared.noise

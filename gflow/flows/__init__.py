@@ -1,0 +1,22 @@
+"""What a solve integrates: the gradient flow, or a continuous model of an optimiser.
+
+A flow turns a loss into the differential equation gflow solves. Its state may be
+more than the parameters (a heavy-ball flow carries a velocity); `params(state)`
+says which part they are, and `velocity(...)` gives dθ/dt at a saved state, which
+`Trajectory.at` uses to interpolate between saves.
+
+- `GradientFlow()`: dθ/dt = −∇L, the η → 0 limit of gradient descent (the default).
+- `ModifiedGD(lr)`: the modified equation of gradient descent with learning rate
+  `lr` to second order (backward error analysis), dθ/dt = −∇(L + (lr/4)‖∇L‖²).
+- `HeavyBall(lr, momentum)`: the continuous model of heavy-ball momentum,
+  m θ'' + θ' = −∇L.
+- `SGD(lr, batch_size)`: the stochastic modified equation of minibatch SGD, an
+  Itô SDE with the drift of `ModifiedGD` and the minibatch noise.
+"""
+
+from ._base import AbstractFlow as AbstractFlow
+from ._base import AbstractSDEFlow as AbstractSDEFlow
+from ._optimizers import SGD as SGD
+from ._optimizers import GradientFlow as GradientFlow
+from ._optimizers import HeavyBall as HeavyBall
+from ._optimizers import ModifiedGD as ModifiedGD

@@ -1,0 +1,129 @@
+"""The flow protocol: what the engine asks of anything it integrates."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._checks import require_positive
+
+
+class AbstractFlow(eqx.Module):
+    """The vector field (and noise) of a solve, built from a loss.
+
+    A flow declares what it costs, so that `stats` counts every gradient and
+    Hessian-vector product exactly, and what kind of equation it is:
+
+    Attributes:
+        cost: (gradients, Hessian-vector products) of one evaluation of the terms.
+        row_hvps: Hessian-vector products `velocity` spends on a saved row.
+        gradient_field: whether the vector field is −∇ of some function (its
+            Jacobian symmetric, its eigenvalues real), as the stabilized solvers
+            (`"rkc2"`, `"rock4"`, and `"auto"`'s switch to them) require.
+        is_sde: whether the flow has noise (an `AbstractSDEFlow`, solved by
+            Euler–Maruyama).
+
+    Subclasses implement `vector_field`, and override `initial_state`, `params`
+    and `velocity` when their state is more than the parameters.
+    """
+
+    cost: ClassVar[tuple[int, int]] = (1, 0)
+    row_hvps: ClassVar[int] = 0
+    gradient_field: ClassVar[bool] = True
+    is_sde: ClassVar[bool] = False
+
+    @property
+    def start_grads(self) -> int:
+        """Gradients `initial_state` spends."""
+        return 0
+
+    def initial_state(self, loss_fn: Callable, params: Any, data: Any) -> Any:
+        """The solver's state at t = 0 for initial parameters `params`."""
+        return params
+
+    def params(self, state: Any) -> Any:
+        """The parameters within a solver state."""
+        return state
+
+    @abc.abstractmethod
+    def vector_field(self, loss_fn: Callable) -> Callable:
+        """`f(t, state, data)`: the time derivative of the state (the drift)."""
+
+    def terms(self, loss_fn: Callable, path: Any = None) -> diffrax.AbstractTerm:
+        """The diffrax terms of the equation (`path`: the Brownian motion of an
+        SDE flow)."""
+        return diffrax.ODETerm(self.vector_field(loss_fn))
+
+    def velocity(self, loss_fn: Callable, state: Any, data: Any, grad: Any) -> Any:
+        """dθ/dt at `state`, given the loss gradient `grad` there."""
+        return self.params(self.vector_field(loss_fn)(0.0, state, data))
+
+    def prepared(self, model: Any, bind: Callable, params: Any, data: Any):
+        """The flow ready to run on `model`'s data: what it takes from the model
+        (SGD's per-example loss, with `bind` putting back the fixed leaves),
+        checked against `params` and `data`."""
+        return self
+
+
+class AbstractSDEFlow(AbstractFlow):
+    """A flow with noise: the Itô SDE dθ = f dt + g dW, solved by Euler–Maruyama
+    at a fixed step on a Brownian path drawn from the run's `noise_key`.
+
+    Besides the drift (`vector_field`), it declares the diffusion `g`, the shape
+    of the Brownian motion `W` and the default step.
+    """
+
+    is_sde: ClassVar[bool] = True
+
+    @property
+    @abc.abstractmethod
+    def default_dt0(self) -> float:
+        """The Euler–Maruyama step used unless `dt0=` is given."""
+
+    @abc.abstractmethod
+    def noise_shape(self, params: Any, data: Any) -> jax.ShapeDtypeStruct:
+        """The shape and dtype of the Brownian motion at parameters `params`."""
+
+    @abc.abstractmethod
+    def diffusion(self) -> Callable:
+        """`g(t, state, data)`: the diffusion, a linear operator on dW."""
+
+    def terms(self, loss_fn: Callable, path: Any = None) -> diffrax.AbstractTerm:
+        if path is None:
+            raise ValueError(
+                f"flow {type(self).__name__} needs a Brownian path (`noise_key=`)."
+            )
+        return diffrax.MultiTerm(
+            diffrax.ODETerm(self.vector_field(loss_fn)),
+            diffrax.ControlTerm(self.diffusion(), path),
+        )
+
+
+def describe_flow(flow: AbstractFlow) -> str:
+    """The flow and its settings, e.g. "HeavyBall(lr=0.01, momentum=0.9)": for
+    `Trajectory.meta` and checkpoint fingerprints (stable across processes)."""
+    settings = [
+        f"{name}={value.item() if isinstance(value, np.ndarray) else value}"
+        for name, value in vars(flow).items()
+        if isinstance(value, np.ndarray | int | float | str)
+    ]
+    return f"{type(flow).__name__}({', '.join(settings)})"
+
+
+def _rate(name: str, value: Any) -> np.ndarray:
+    """A positive finite rate, kept as an array so that new values reuse the
+    compiled program."""
+    require_positive(name, value)
+    return np.asarray(value, np.float64)
+
+
+def _like(x: Any, tree: Any) -> jax.Array:
+    """`x` in the floating-point dtype of `tree` (a float32 run stays float32)."""
+    return jnp.asarray(x, jnp.result_type(*jax.tree.leaves(tree)))
