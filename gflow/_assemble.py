@@ -8,7 +8,6 @@ from typing import Any
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ._engine import Outputs
@@ -36,8 +35,8 @@ def assemble(
     member's end repeat its last row. The leaves held `fixed` are put back into the
     parameters and velocities, which keep the user's structure.
     """
-    out = jax.device_get(out)
     param_rows = opts.saves.param_rows
+    out = _unpadded(jax.device_get(out), len(opts.saves.ts), len(param_rows))
     n, code, row_source, slot_source = _valid_rows(out, param_rows, len(opts.saves.ts))
     members = np.arange(n.size)[:, None]
     t_end = np.asarray(out.ts)[members[:, 0], np.maximum(n, 1) - 1]
@@ -66,6 +65,29 @@ def assemble(
         param_rows=param_rows,
     )
     return batch if batched else _single(batch, all_stats, meta)
+
+
+def _unpadded(out: Outputs, n_times: int, n_kept: int) -> Outputs:
+    """The outputs without the padding of their save rows and parameter slots."""
+
+    def rows(x):
+        return x[:, :n_times]
+
+    def slots(x):
+        return x[:, :n_kept]
+
+    return eqx.tree_at(
+        lambda o: (o.ts, o.loss, o.grad_norm, o.metrics, o.params, o.velocity),
+        out,
+        (
+            rows(out.ts),
+            rows(out.loss),
+            rows(out.grad_norm),
+            jax.tree.map(rows, out.metrics),
+            jax.tree.map(slots, out.params),
+            jax.tree.map(slots, out.velocity),
+        ),
+    )
 
 
 def _valid_rows(out: Outputs, param_rows: np.ndarray, n_times: int):
@@ -104,7 +126,7 @@ def _single(batch: Trajectory, all_stats: dict, meta: dict) -> Trajectory:
     stats = {k: v for k, v in single.stats.items() if k != "t_end"}
     stats.update({k: v for k, v in all_stats.items() if np.ndim(v) == 0 or v is None})
     return Trajectory(
-        **take_fields(single, jnp.asarray, jnp.asarray),
+        **take_fields(single, jax.device_put, jax.device_put),
         result=single.result,
         stats=stats,
         meta=meta,
@@ -137,6 +159,7 @@ def timings(timer) -> dict[str, Any]:
         compile_time_s=timer.compile_time_s,
         run_time_s=timer.run_time_s,
         compiled=timer.num_compilations > 0,
+        programs_compiled=timer.num_compilations,
         compile_cache_hits=timer.num_cache_hits,
     )
 

@@ -13,11 +13,13 @@ signal the tests rely on).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import pathlib
 import threading
 import time
+from collections.abc import Callable
 
 import jax
 import jax.monitoring
@@ -34,26 +36,37 @@ _active = threading.local()
 CACHE_SWITCH = "GFLOW_COMPILATION_CACHE"
 #: Where the cache lives, if not in the user's cache directory.
 CACHE_DIR = "GFLOW_CACHE_DIR"
-#: Every program is cached, however quick to compile: a rerun compiles nothing.
-MIN_COMPILE_TIME_S = 0.0
+#: Programs that compile faster than this are not written to the cache (JAX's own
+#: default is 1 s): gflow's loops are cached, the small programs of eager JAX
+#: code (the user's too, once the cache is on) are not.
+MIN_COMPILE_TIME_S = 0.1
+#: The names of gflow's compiled programs, as JAX reports them.
+PROGRAMS = {"jit(_advance)", "jit(_descend)"}
 
 
 def _duration_listener(event: str, duration: float, **kwargs) -> None:
     timer = getattr(_active, "timer", None)
-    if timer is not None and event in _COMPILE_EVENTS:
-        # Compilation happens before the program runs, and tracing may nest eager
-        # compilations inside it, so durations overlap: the compile time is the
-        # time from the start of the block to the end of its last compile event.
-        timer._last_compile_end = time.perf_counter()
-        if event == "/jax/core/compile/backend_compile_duration":
-            timer.num_compilations += 1
+    if timer is None or event not in _COMPILE_EVENTS:
+        return
+    # Compilation happens before the program runs, and tracing may nest eager
+    # compilations inside it, so durations overlap: the compile time is the time
+    # from the start of the block to the end of its last compile event.
+    timer._last_compile_end = time.perf_counter()
+    if event == "/jax/core/compile/backend_compile_duration":
+        # A program loaded from the persistent cache reports a cache hit first.
+        hit, timer._hit = timer._hit, False
+        if kwargs.get("fun_name") in PROGRAMS:
+            timer.num_cache_hits += hit
+            timer.num_compilations += not hit
+    elif timer.on_compile is not None:
+        announce, timer.on_compile = timer.on_compile, None
+        announce()
 
 
 def _event_listener(event: str, **kwargs) -> None:
     timer = getattr(_active, "timer", None)
     if timer is not None and event == "/jax/compilation_cache/cache_hits":
-        # A program loaded from the persistent cache: its "compile" was a load.
-        timer.num_cache_hits += 1
+        timer._hit = True
 
 
 @functools.cache
@@ -84,19 +97,47 @@ def use_persistent_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_TIME_S)
 
 
+@dataclasses.dataclass
+class Timing:
+    """The time of a call made of several timed blocks (segments of a run): their
+    compile times and counts add up; the run time is the rest of the wall time."""
+
+    wall_time_s: float = 0.0
+    compile_time_s: float = 0.0
+    num_compilations: int = 0
+    num_cache_hits: int = 0
+
+    @property
+    def run_time_s(self) -> float:
+        return max(self.wall_time_s - self.compile_time_s, 0.0)
+
+    def add(self, timer: CompileTimer) -> None:
+        """Count a finished block in."""
+        self.wall_time_s += timer.wall_time_s
+        self.compile_time_s += timer.compile_time_s
+        self.num_compilations += timer.num_compilations
+        self.num_cache_hits += timer.num_cache_hits
+
+
 class CompileTimer:
     """Context manager: wall time of the block, split into compiling and running.
 
     Attributes set on exit: `wall_time_s`, `compile_time_s` (0 when everything was
     in JAX's in-memory cache; the tracing and the load when a program came from the
-    persistent cache), `run_time_s`, `num_compilations` (real compilations: programs
-    loaded from the persistent cache are `num_cache_hits`).
+    persistent cache), `run_time_s`, `num_compilations` (gflow's programs compiled:
+    those loaded from the persistent cache are `num_cache_hits`).
     """
+
+    def __init__(self, on_compile: Callable[[], None] | None = None):
+        #: Called once, when the block's first program has been traced (its
+        #: compilation is about to start): e.g. to say "compiling...".
+        self.on_compile = on_compile
 
     def __enter__(self) -> CompileTimer:
         _listen()
         self.num_compilations = 0
         self.num_cache_hits = 0
+        self._hit = False
         self._outer = getattr(_active, "timer", None)
         _active.timer = self
         self._start = self._last_compile_end = time.perf_counter()
@@ -108,7 +149,6 @@ class CompileTimer:
         self.compile_time_s = self._last_compile_end - self._start
         self.run_time_s = end - self._last_compile_end
         _active.timer = self._outer
-        self.num_compilations -= self.num_cache_hits
         if self._outer is not None:
             if self._last_compile_end > self._start:  # the block compiled something
                 self._outer._last_compile_end = max(

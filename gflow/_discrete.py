@@ -14,12 +14,12 @@ import optax
 from . import _checkpoint
 from ._assemble import assemble, finish
 from ._checks import check_batch_size, check_keys, require_positive
-from ._compile import CompileTimer
 from ._engine import Metrics, Outputs, Row, row_values
 from ._keywords import CHECKPOINT_KEYWORDS, COMMON_KEYWORDS, takes_options
 from ._options import Options, matmul_precision_context
-from ._prepare import prepare
+from ._prepare import padded_saves, prepare
 from ._results import result_code
+from ._run import Segments, run_in_segments
 from ._trajectory import Trajectory
 from ._tree import tree_set
 from .flows import GradientFlow
@@ -118,10 +118,16 @@ def gradient_descent(
     )
     steps, opts = _on_whole_steps(prepared.opts, tau)
     problem = Descent(prepared.loss_fn, optimizer, opts.metrics, batches)
+    # Padded to the number of saves asked for, not to those left once saves on
+    # the same step are merged: every learning rate then shares the program.
+    ts, slot, n_slots = padded_saves(opts.saves, asked=prepared.opts.saves)
+    save_steps = np.full(ts.shape, steps[-1], np.int32)
+    save_steps[: steps.size] = steps
     controls = DescentControls(
-        save_steps=jnp.asarray(steps, jnp.int32),
-        slot=jnp.asarray(opts.saves.slots),
-        lr=jnp.asarray(lr, dtype=prepared.dtype),
+        save_steps=save_steps,
+        n_saves=np.asarray(steps.size, np.int32),
+        slot=slot,
+        lr=np.asarray(lr, np.dtype(prepared.dtype)),
     )
     meta = dict(
         prepared.meta("discrete"),
@@ -131,10 +137,12 @@ def gradient_descent(
         t_max=int(steps[-1]) * tau,
         batch_size=batch_size,
     )
-    state, timer, stats = _run(problem, controls, prepared, data, opts, meta, model)
-    out = _outputs(state, jnp.asarray(steps * tau, prepared.dtype))
+    state, timing, stats = _run(
+        problem, controls, prepared, data, opts, meta, model, n_slots
+    )
+    out = _outputs(state, (save_steps * tau).astype(prepared.dtype), steps.size)
     traj = assemble(
-        out, opts, meta, timer, batched=False, fixed=prepared.fixed, stats=stats
+        out, opts, meta, timing, batched=False, fixed=prepared.fixed, stats=stats
     )
     return finish(traj, "gradient_descent", opts.throw, "discrete")
 
@@ -161,24 +169,20 @@ def _on_whole_steps(opts: Options, tau: float) -> tuple[np.ndarray, Options]:
     return steps, opts
 
 
-def _run(problem, controls, prepared, data, opts: Options, meta, model):
+def _run(problem, controls, prepared, data, opts: Options, meta, model, n_slots):
     """Descend to the last save, in one call or in checkpointed segments; the final
-    state, the timer and the checkpoint's counters."""
+    state, the timing and the checkpoint's counters."""
     n_steps = int(controls.save_steps[-1])
 
     def fresh():
-        n_saves, n_slots = len(opts.saves.ts), len(opts.saves.param_rows)
-        return _start(problem, controls, prepared.params0, data, n_saves, n_slots)
+        return _blank(problem, controls, prepared.params0, data, n_slots)
 
     def advance(state, budget):
-        return _descend(problem, controls, state, data, jnp.asarray(budget, jnp.int32))
+        return _descend(problem, controls, state, data, np.asarray(budget, np.int32))
 
+    segments = Segments()
     saving = opts.checkpointing
-    with matmul_precision_context(opts.matmul_precision):
-        if saving.folder is None:
-            with CompileTimer() as timer:
-                state = jax.block_until_ready(advance(fresh(), n_steps))
-            return state, timer, {}
+    if saving.folder is not None:
         call = _checkpoint.describe(
             model, opts, meta, optimizer=repr(problem.optimizer)
         )
@@ -191,15 +195,14 @@ def _run(problem, controls, prepared, data, opts: Options, meta, model):
             controls.save_steps,
             problem.batches,
         )
-        return _checkpoint.run_in_segments(
+        segments = Segments(saving.folder, stamp, saving.every_s, saving.every_steps)
+    with matmul_precision_context(opts.matmul_precision):
+        return run_in_segments(
             fresh,
             advance,
-            lambda s: int(s.steps) >= n_steps,
+            lambda s: int(s.steps) >= n_steps and int(s.next_save) > 0,
             lambda s: int(s.steps),
-            saving.folder,
-            stamp,
-            saving.every_s,
-            saving.every_steps,
+            segments,
         )
 
 
@@ -269,9 +272,12 @@ class Descent(eqx.Module):
 
 
 class DescentControls(eqx.Module):
-    """The numbers of a descent: arrays, so new values reuse the compiled program."""
+    """The numbers of a descent: arrays, so new values reuse the compiled program.
+    The save steps are padded to a size class (with the last step), as a flow's
+    save times are."""
 
     save_steps: jax.Array  # (T,) int32: the step of each save row
+    n_saves: jax.Array  # () int32: how many of them are real
     slot: jax.Array  # (T,) int32: the parameter slot of each save row
     lr: jax.Array
 
@@ -286,53 +292,60 @@ class _State(eqx.Module):
     loss: jax.Array  # (n_saves,): every save row
     grad_norm: jax.Array
     metrics: Any
-    next_save: jax.Array  # the next save row to reach
+    next_save: jax.Array  # the next save row to write (0: nothing ran yet)
     steps: jax.Array  # steps taken
 
 
-@eqx.filter_jit
-def _start(
-    problem: Descent,
-    controls: DescentControls,
-    params0,
-    data,
-    n_saves: int,
-    n_slots: int,
-):
-    """The state before the first step: row 0 written."""
-    first = problem.row(params0, data)
-    slot = controls.slot
-
-    def buffer(x, n, value):
-        return jnp.zeros((n,) + jnp.shape(x), jnp.result_type(x)).at[0].set(value)
-
-    kept = jax.tree.map(lambda x: jnp.zeros((n_slots,) + x.shape, x.dtype), params0)
+def _blank(problem: Descent, controls: DescentControls, params0, data, n_slots: int):
+    """The state before anything ran, on the host (nothing compiles): at the
+    initial parameters, with no row written yet."""
+    row = eqx.filter_eval_shape(problem.row, params0, data)
     optimizer = problem.optimizer
+    opt_state = None
+    if optimizer is not None:
+        opt_state = _zeros(eqx.filter_eval_shape(optimizer.init, params0), ())
+    n_saves = controls.save_steps.shape[0]
+    zero = np.zeros((), np.int32)
     return _State(
         params=params0,
-        opt_state=None if optimizer is None else optimizer.init(params0),
-        saved=tree_set(kept, slot[0], params0),
-        velocity=tree_set(kept, slot[0], first.velocity),
-        loss=buffer(first.loss, n_saves, first.loss),
-        grad_norm=buffer(first.grad_norm, n_saves, first.grad_norm),
-        metrics=jax.tree.map(lambda x: buffer(x, n_saves, x), first.metrics),
-        next_save=jnp.asarray(1, jnp.int32),
-        steps=jnp.asarray(0, jnp.int32),
+        opt_state=opt_state,
+        saved=_zeros(row.params, (n_slots,)),
+        velocity=_zeros(row.velocity, (n_slots,)),
+        loss=_zeros(row.loss, (n_saves,)),
+        grad_norm=_zeros(row.grad_norm, (n_saves,)),
+        metrics=_zeros(row.metrics, (n_saves,)),
+        next_save=zero,
+        steps=zero.copy(),
     )
+
+
+def _zeros(struct, lead):
+    return jax.tree.map(lambda s: np.zeros(lead + s.shape, s.dtype), struct)
 
 
 @eqx.filter_jit
 def _descend(problem: Descent, controls: DescentControls, state: _State, data, budget):
     """Step from save row to save row until the last, or until `budget` steps have
-    been taken (whole save intervals: at least one)."""
+    been taken (whole save intervals: at least one). A fresh state starts with the
+    optimiser's state and the row at step 0."""
     save_steps, slot = controls.save_steps, controls.slot
-    stop_at = state.steps + jnp.minimum(budget, save_steps[-1] - state.steps)
+    last = save_steps[controls.n_saves - 1]
+    stop_at = state.steps + jnp.minimum(budget, last - state.steps)
+    if problem.optimizer is not None:
+        opt_state = jax.lax.cond(
+            state.next_save == 0,
+            lambda: problem.optimizer.init(state.params),
+            lambda: state.opt_state,
+        )
+        state = eqx.tree_at(lambda s: s.opt_state, state, opt_state)
 
     def step(k, carry):
         return problem.step(k, carry, data, controls.lr)
 
-    def cond(state):
-        return (state.next_save < save_steps.shape[0]) & (state.steps < stop_at)
+    def going(state):
+        return (state.next_save < controls.n_saves) & (
+            (state.steps < stop_at) | (state.next_save == 0)
+        )
 
     def interval(state):
         i = state.next_save
@@ -352,28 +365,28 @@ def _descend(problem: Descent, controls: DescentControls, state: _State, data, b
             steps=save_steps[i],
         )
 
-    return jax.lax.while_loop(cond, interval, state)
+    return jax.lax.while_loop(going, interval, state)
 
 
-def _outputs(state: _State, ts) -> Outputs:
+def _outputs(state: _State, ts, n_saves: int) -> Outputs:
     """The finished descent as the engine's outputs (one member)."""
-    one = jnp.ones(1, jnp.int32)
+    one = np.ones(1, np.int32)
 
     def member(tree):
-        return jax.tree.map(lambda x: x[None], tree)
+        return jax.tree.map(lambda x: x[None], jax.device_get(tree))
 
     return Outputs(
-        ts=jnp.asarray(ts)[None],
-        loss=state.loss[None],
-        grad_norm=state.grad_norm[None],
+        ts=np.asarray(ts)[None],
+        loss=member(state.loss),
+        grad_norm=member(state.grad_norm),
         metrics=member(state.metrics),
         params=member(state.saved),
         velocity=member(state.velocity),
-        n_rows=one * ts.size,
+        n_rows=one * n_saves,
         code=one * result_code("successful"),
-        steps=one * state.steps,
-        accepted=one * state.steps,
-        grads=one * state.steps,
-        row_grads=one * ts.size,
+        steps=one * int(state.steps),
+        accepted=one * int(state.steps),
+        grads=one * int(state.steps),
+        row_grads=one * n_saves,
         hvps=0 * one,
     )

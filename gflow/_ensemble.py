@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 from . import _run
 from ._assemble import assemble, finish
 from ._checks import check_int
-from ._compile import CompileTimer
+from ._compile import Timing
 from ._keywords import FLOW_KEYWORDS, takes_options
 from ._options import Options
 from ._prepare import build, prepare, queue
@@ -148,21 +148,21 @@ def simulate_ensemble(
     )
     mesh = None if n_devices == 1 else Mesh(np.asarray(devices), (_MEMBER_AXIS,))
     per_device = n_lanes // n_devices
-    problem, controls = build(
+    problem, controls, n_slots = build(
         prepared, lanes=per_device, width=max(1, per_device // _MEMBERS_PER_LANE)
     )
-    with CompileTimer() as timer:
-        out, counts = _solve_share(
-            problem,
-            controls,
-            queue(prepared),
-            share,
-            data,
-            opts,
-            mesh,
-            n_devices,
-            block,
-        )
+    out, counts, timing = _solve_share(
+        problem,
+        controls,
+        queue(prepared),
+        share,
+        data,
+        opts,
+        mesh,
+        n_devices,
+        block,
+        n_slots,
+    )
     if processes > 1:
         out, counts = _gather(out, counts, share.size, batch)
     meta = dict(
@@ -182,20 +182,32 @@ def simulate_ensemble(
         ),
     )
     traj = assemble(
-        out, opts, meta, timer, batched=True, stats=stats, fixed=prepared.fixed
+        out, opts, meta, timing, batched=True, stats=stats, fixed=prepared.fixed
     )
     return finish(traj, "simulate_ensemble", opts.throw)
 
 
 def _solve_share(
-    problem, controls, queue, share, data, opts: Options, mesh, n_devices, block
+    problem,
+    controls,
+    queue,
+    share,
+    data,
+    opts: Options,
+    mesh,
+    n_devices,
+    block,
+    n_slots,
 ):
     """This process's members, a block at a time; outputs on the host, in member
-    order, and the lanes' work counters."""
+    order, the lanes' work counters and the timing of the blocks."""
     parts = []
     counts = dict(lane_steps=0, busy_before_drain=0, lane_steps_before_drain=0)
+    timing = Timing()
+    # On the host: indexing device arrays would compile a program per shape.
+    queue = jax.tree.map(np.asarray, queue)
     for start in range(0, share.size, block):
-        out, state = _solve_block(
+        out, state, block_timing = _solve_block(
             problem,
             controls,
             queue,
@@ -205,20 +217,23 @@ def _solve_share(
             opts,
             mesh,
             n_devices,
+            n_slots,
         )
         parts.append(out)
-        # On the host: a reduction of device arrays would compile after the run,
-        # and be counted as compile time.
+        timing.add(block_timing)
+        # On the host: a reduction of device arrays would compile after the run.
         iterations, busy, queued = jax.device_get(
             (state.iterations, state.queued_busy, state.queued_iterations)
         )
         counts["lane_steps"] += int(np.sum(iterations)) * problem.lanes
         counts["busy_before_drain"] += int(np.sum(busy))
         counts["lane_steps_before_drain"] += int(np.sum(queued)) * problem.lanes
-    return jax.tree.map(lambda *x: np.concatenate(x), *parts), counts
+    return jax.tree.map(lambda *x: np.concatenate(x), *parts), counts, timing
 
 
-def _solve_block(problem, controls, queue, members, block, data, opts, mesh, n_devices):
+def _solve_block(
+    problem, controls, queue, members, block, data, opts, mesh, n_devices, n_slots
+):
     """One block of members (padded to `block`, so every block runs the same
     program), dealt to the devices in turn; its outputs on the host, in member
     order."""
@@ -230,19 +245,21 @@ def _solve_block(problem, controls, queue, members, block, data, opts, mesh, n_d
     # Member padded[k] goes to device k mod n: the queue is device-major.
     order = np.arange(padded.size).reshape(per_device, n_devices).T.ravel()
     queue = jax.tree.map(lambda x: x[padded[order]], queue)
-    state, _ = _run.run(
+    state, timing, _ = _run.solve(
         problem,
         controls,
         queue,
         data,
-        opts,
+        n_slots=n_slots,
+        matmul_precision=opts.matmul_precision,
         mesh=mesh,
         n_devices=None if mesh is None else n_devices,
     )
     position = np.empty_like(order)
     position[order] = np.arange(order.size)
     keep = position[: members.size]
-    return jax.tree.map(lambda x: x[keep], jax.device_get(state.out)), state
+    out = jax.tree.map(lambda x: x[keep], jax.device_get(state.out))
+    return out, state, timing
 
 
 def _gather(out, counts, share_size: int, batch: int):

@@ -123,7 +123,12 @@ KEYWORDS: dict[str, Keyword] = {
         "of 93 for the quickstart). None keeps JAX's default. No effect on CPUs.",
     ),
     "progress": Keyword(
-        False, "bool", "show a progress bar (tqdm if installed, else text)."
+        False,
+        "bool",
+        "report progress on stderr as plain text: `compiling...` while the program "
+        "compiles, then t, the loss at the last save, the steps and the solver's "
+        "method, between segments of the run (about twice a second). The compiled "
+        "program is the same as without, so the compilation cache serves both.",
     ),
     "checkpoint": Keyword(
         None,

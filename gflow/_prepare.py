@@ -18,15 +18,16 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ._checks import check_keys
 from ._compile import use_persistent_cache
-from ._engine import Controls, Problem
+from ._engine import Controls, Problem, size_class
 from ._keywords import parse
 from ._linalg import power_iteration
 from ._model import bind, initial_batch, initial_params, resolve_loss, split
 from ._options import Options
-from ._solvers import AutoTsit5, needs_hvps, solver_name
+from ._solvers import AutoTsit5, modes, needs_hvps, solver_name
 from .flows import AbstractFlow, GradientFlow
 from .flows._base import describe_flow
 
@@ -45,7 +46,8 @@ class Prepared:
         one: the trained leaves of one member (for shapes and checks).
         members: the number of members of an ensemble; None for a single run.
         flow: the flow to integrate (None for gradient descent).
-        noise: an SDE flow's keys as raw uint32 data, one per member; else None.
+        noise: an SDE flow's keys as raw uint32 data (one per member, for an
+            ensemble); else None.
         dtype: the floating-point dtype of the parameters.
         seed: the integer seed the parameters came from, if known.
     """
@@ -98,7 +100,8 @@ def prepare(
     else:
         params, seed = initial_params(model, params0, key)
     params, fixed, loss_fn, opts = trained_part(loss_fn, opts, params)
-    one = jax.tree.map(lambda x: x[0], params) if batched else params
+    # One member's shapes (never its values: indexing would compile a program).
+    one = jax.tree.map(_member_shape, params) if batched else params
     members = jax.tree.leaves(params)[0].shape[0] if batched else None
     noise = None
     if flows:
@@ -112,6 +115,10 @@ def prepare(
     return Prepared(
         loss_fn, opts, params, fixed, one, members, flow, noise, dtype, seed
     )
+
+
+def _member_shape(x) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
 
 
 def trained_part(loss_fn, opts: Options, params: Any):
@@ -160,12 +167,10 @@ def checked_solver(
 
     An SDE flow gets Euler–Maruyama (`_sde_solver`). A flow that is not a gradient
     field is refused by the stabilized solvers, and served by Tsit5 under "auto".
-    Otherwise the Hessian-vector products a stiff solver needs are lowered, in a
-    power iteration as the solver runs them (some losses fail only there: a
-    `jax.custom_vjp` function is refused forward-mode differentiation when lowered
-    inside a loop). A loss that fails is refused with the cause, or, for `"auto"`,
-    which only chooses a method for the user, served by Tsit5 with a warning (the
-    options returned say so)."""
+    Otherwise the Hessian-vector products a stabilized solver needs are checked
+    (`hvp_failure`): a loss that fails them is refused with the cause. "auto" is
+    checked when its stabilized method is first needed (a flow that never
+    stiffens needs none); then, if they fail, it runs Tsit5 and says so."""
     solver = opts.solver.solver
     if flow.is_sde:
         return _sde_solver(opts, flow)
@@ -179,6 +184,21 @@ def checked_solver(
             f"Jacobian, real eigenvalues); flow {type(flow).__name__} is not one. "
             "Use solver='tsit5' (or 'auto', which runs Tsit5 for it)."
         )
+    if modes(solver) is not None:
+        return opts  # checked when its stabilized method is first needed
+    failure = hvp_failure(
+        flow, loss_fn, flow.initial_state(loss_fn, params, data), data
+    )
+    if failure is not None:
+        raise _no_hvp(solver, failure) from failure
+    return opts
+
+
+def hvp_failure(flow: AbstractFlow, loss_fn, state: Any, data: Any):
+    """Why the Hessian-vector products a stiff solver needs fail for this loss, or
+    None: they are lowered in a power iteration as the solver runs them (some
+    losses fail only there: a `jax.custom_vjp` function is refused forward-mode
+    differentiation inside a loop). `state` may be shapes."""
     field = flow.vector_field(loss_fn)
 
     def top_eigenvalue(y):
@@ -188,18 +208,21 @@ def checked_solver(
         return power_iteration(hvp, y, 1)[0]
 
     try:
-        jax.jit(top_eigenvalue).lower(flow.initial_state(loss_fn, params, data))
-    except Exception as e:  # noqa: BLE001 - re-raised with context below
-        if not isinstance(solver, AutoTsit5):
-            raise _no_hvp(solver, e) from e
-        warnings.warn(
-            "solver 'auto' falls back to 'tsit5': the Hessian-vector products it "
-            f"uses to detect stiffness fail for this loss ({type(e).__name__}). "
-            "Pass solver='tsit5' to silence this warning.",
-            stacklevel=4,
-        )
-        return _with_solver(opts, diffrax.Tsit5())
-    return opts
+        jax.jit(top_eigenvalue).lower(state)
+    except Exception as e:  # noqa: BLE001 - the cause, for the caller to report
+        return e
+    return None
+
+
+def auto_falls_back(failure: Exception) -> None:
+    """Warn that "auto" runs Tsit5 alone: its stiff steps would need
+    Hessian-vector products, which fail for this loss."""
+    warnings.warn(
+        "solver 'auto' falls back to 'tsit5': the Hessian-vector products its "
+        f"stiff steps need fail for this loss ({type(failure).__name__}). Pass "
+        "solver='tsit5' to silence this warning.",
+        stacklevel=5,
+    )
 
 
 def _with_solver(opts: Options, solver: diffrax.AbstractSolver) -> Options:
@@ -227,7 +250,8 @@ def _sde_solver(opts: Options, flow: AbstractFlow) -> Options:
 
 def prepared_flow(flow, model, fixed, params, data, noise_key, members: int | None):
     """The flow ready to run (`flow.prepared`), and the noise keys of the members
-    as raw uint32 keys with a leading member axis (None for a flow without noise).
+    as raw uint32 keys, with a leading member axis for an ensemble (None for a
+    flow without noise).
     `members` is None for `simulate` (one key), the batch size for an ensemble."""
     flow = resolve_flow(flow)
     flow = flow.prepared(model, lambda fn: bind(fn, fixed), params, data)
@@ -247,8 +271,7 @@ def prepared_flow(flow, model, fixed, params, data, noise_key, members: int | No
         raise ValueError(
             f"flow {type(flow).__name__} is stochastic: pass `noise_key=` ({how})."
         )
-    keys = check_keys("noise_key", noise_key, members)
-    return flow, jax.random.key_data(keys if members is not None else keys[None])
+    return flow, jax.random.key_data(check_keys("noise_key", noise_key, members))
 
 
 def resolve_flow(flow: Any) -> AbstractFlow:
@@ -275,9 +298,12 @@ def _no_hvp(solver, error: Exception) -> ValueError:
 
 
 def build(
-    prepared: Prepared, *, lanes: int = 1, width: int = 1, progress: bool = False
-) -> tuple[Problem, Controls]:
-    """The engine's `Problem` and `Controls` for a prepared call."""
+    prepared: Prepared, *, lanes: int = 1, width: int = 1
+) -> tuple[Problem, Controls, int]:
+    """The engine's `Problem` and `Controls` for a prepared call, and the padded
+    number of parameter slots. Save times and slots are padded to their size class
+    (`gflow._engine.size_class`), so that a new number of them reuses the program.
+    Controls are NumPy arrays: building them compiles nothing."""
     opts = prepared.opts
     solver, stopping, saves = opts.solver, opts.stopping, opts.saves
     problem = Problem(
@@ -289,29 +315,45 @@ def build(
         stop_when=stopping.when,
         lanes=lanes,
         width=width,
-        progress=progress,
     )
+    ts, slot, n_slots = padded_saves(saves)
+    dtype = np.dtype(prepared.dtype)
 
-    def array(x, like=prepared.dtype):
-        return None if x is None else jnp.asarray(x, dtype=like)
+    def array(x):
+        return None if x is None else np.asarray(x, dtype)
 
     controls = Controls(
-        ts=array(saves.ts),
-        slot=jnp.asarray(saves.slots),
+        ts=ts.astype(dtype),
+        n_times=np.asarray(len(saves.ts), np.int32),
+        slot=slot,
+        final_slot=slot[len(saves.ts) - 1],
+        switch_after=np.zeros((), dtype),
         rtol=array(solver.rtol),
         atol=array(solver.atol),
         dt0=array(solver.dt0),
         stop_at_loss=array(stopping.at_loss),
         stop_at_grad_norm=array(stopping.at_grad_norm),
-        max_steps=jnp.asarray(solver.max_steps, jnp.int32),
+        max_steps=np.asarray(solver.max_steps, np.int32),
     )
-    return problem, controls
+    return problem, controls, n_slots
+
+
+def padded_saves(saves, asked=None) -> tuple[np.ndarray, np.ndarray, int]:
+    """The save times padded with copies of t_max and their parameter slots padded
+    with an index past the last slot, both to the size class of their count (or of
+    the counts `asked` for, when gradient descent merged some); and the padded
+    number of slots."""
+    asked = saves if asked is None else asked
+    n_times = len(saves.ts)
+    n_slots = size_class(len(asked.param_rows))
+    ts = np.full(size_class(len(asked.ts), smallest=16), saves.ts[-1])
+    ts[:n_times] = saves.ts
+    slot = np.full(ts.shape, n_slots, np.int32)
+    slot[:n_times] = np.where(saves.params_at, saves.slots, n_slots)
+    return ts, slot, n_slots
 
 
 def queue(prepared: Prepared) -> tuple[Any, Any]:
-    """The members to solve: (initial trained leaves, noise keys), each with a
-    leading member axis."""
-    params0 = prepared.params0
-    if prepared.members is None:
-        params0 = jax.tree.map(lambda x: x[None], params0)
-    return params0, prepared.noise
+    """The members to solve: (initial trained leaves, noise keys), with a leading
+    member axis for an ensemble; one member's, without, for a single run."""
+    return prepared.params0, prepared.noise

@@ -1,78 +1,230 @@
-"""Running the engine: one call, timed (compiling apart from running) under the
-requested matmul precision; or cut into segments with a checkpoint after each."""
+"""Running a compiled loop to the end, in segments when the host has something to
+do between them: write a checkpoint, report progress, or switch "auto" between its
+explicit and stabilized programs. Every segment runs the same compiled program(s)
+from the state the last one left, so a run cut into segments takes the same steps,
+bit for bit, as one that is not; and the programs are the same as without progress
+or checkpoints, so the persistent compilation cache serves them all.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from . import _checkpoint, _engine
-from ._compile import CompileTimer
-from ._options import Options, matmul_precision_context
+from ._compile import CompileTimer, Timing
+from ._engine import Controls, Problem, State
+from ._options import matmul_precision_context
+from ._prepare import auto_falls_back, hvp_failure
+from ._solvers import modes, needs_hvps, solver_name
 
-#: Iterations of the engine's loop when a run is not cut into segments.
-UNBOUNDED = np.iinfo(np.int32).max
+#: A budget of loop iterations that never runs out.
+UNBOUNDED = int(np.iinfo(np.int32).max)
+# The first segment of a timed run is short: it measures how fast the work goes.
+_FIRST_SEGMENT = 50
 
 
-def run(
-    problem,
-    controls,
+@dataclasses.dataclass
+class Segments:
+    """How a run is cut: a checkpoint after each segment (`folder`, `stamp`,
+    every `every_s` seconds or `every_steps` units of work), and/or a progress
+    report (`report(state)`) every `report_s` seconds."""
+
+    folder: Any = None
+    stamp: str = ""
+    every_s: float = float("inf")
+    every_steps: int | None = None
+    report: Callable[[Any], None] | None = None
+    report_s: float = 0.5
+    compiling: Callable[[], None] | None = None
+
+    @property
+    def seconds(self) -> float:
+        """The longest a segment should run (inf: no timed segments)."""
+        checkpoint_s = self.every_s if self.folder is not None else float("inf")
+        report_s = self.report_s if self.report is not None else float("inf")
+        return min(checkpoint_s, report_s)
+
+
+def run_in_segments(
+    fresh: Callable[[], Any],
+    advance: Callable[[Any, int], Any],
+    finished: Callable[[Any], bool],
+    work: Callable[[Any], int],
+    segments: Segments,
+) -> tuple[Any, Timing, dict]:
+    """Run `advance(state, budget)` from `fresh()` (or the stored checkpoint) until
+    `finished(state)`; between segments, write a checkpoint and report progress as
+    `segments` asks. `work(state)` counts the work done (loop iterations, steps):
+    budgets are in its units. `advance` may return before its budget is spent
+    (e.g. to switch programs): it is then called again.
+
+    Returns the final state, the timing of the whole call and the checkpoint's
+    counters for `stats`."""
+    timing = Timing()
+    start = time.perf_counter()
+    with CompileTimer() as first:
+        state = fresh()
+    timing.add(first)
+    stored = None
+    if segments.folder is not None:
+        stored = _checkpoint.read(segments.folder, segments.stamp, state)
+        state = state if stored is None else jax.device_put(stored)
+    budget = segments.every_steps or (
+        _FIRST_SEGMENT if np.isfinite(segments.seconds) else UNBOUNDED
+    )
+    writes, write_s = 0, 0.0
+    while not finished(state):
+        before = work(state)
+        with CompileTimer(segments.compiling) as segment:
+            state = jax.block_until_ready(advance(state, budget))
+        timing.add(segment)
+        if segments.folder is not None:
+            begin = time.perf_counter()
+            _checkpoint.write(segments.folder, segments.stamp, state)
+            write_s += time.perf_counter() - begin
+            writes += 1
+        if segments.report is not None:
+            segments.report(state)
+        if segments.every_steps is None and np.isfinite(segments.seconds):
+            rate = (work(state) - before) / max(segment.run_time_s, 1e-3)
+            budget = int(np.clip(rate * segments.seconds, 1, UNBOUNDED))
+    timing.wall_time_s = time.perf_counter() - start
+    stats = {}
+    if segments.folder is not None:
+        stats = dict(
+            resumed=stored is not None,
+            checkpoint_writes=writes,
+            checkpoint_write_time_s=write_s,
+        )
+    return state, timing, stats
+
+
+def solve(
+    problem: Problem,
+    controls: Controls,
     queue,
     data,
-    opts: Options,
     *,
+    n_slots: int,
+    matmul_precision: str | None,
     mesh=None,
-    n_devices=None,
-    state=None,
-    budget=UNBOUNDED,
-):
-    """Run the engine (from a fresh state unless `state` is given); returns the
-    final state and the timer of the call."""
-    with CompileTimer() as timer, matmul_precision_context(opts.matmul_precision):
-        if state is None:
-            state = _engine.fresh_state(
-                problem,
-                controls,
-                queue,
-                data,
-                int(opts.saves.params_at.sum()),
-                n_devices,
-            )
-        state = _engine.advance(
-            problem, controls, queue, data, state, jnp.asarray(budget, jnp.int32), mesh
-        )
-        state = jax.block_until_ready(state)
-    return state, timer
+    n_devices: int | None = None,
+    segments: Segments | None = None,
+    single: bool = False,
+) -> tuple[State, Timing, dict]:
+    """Run the engine from a blank state until every member is done. `single`:
+    one member (`gflow.simulate`), its queue entry without a member axis.
 
-
-def run_in_segments(problem, controls, queue, data, opts: Options, stamp: str):
-    """`run`, cut into segments with a checkpoint after each (`_checkpoint`),
-    resumed from the checkpoint in `opts.checkpointing.folder` if there is one.
-    The segments run the same compiled program as an uncut run from the same
-    states, so the steps are the same bit for bit."""
-    n_members = jax.tree.leaves(queue)[0].shape[0]
-    saving = opts.checkpointing
-
-    def advance(state, budget):
-        return run(problem, controls, queue, data, opts, state=state, budget=budget)[0]
-
-    def finished(state):  # every member taken from the queue, none still running
-        # (On the host: a jnp reduction here would compile, inside the timer.)
-        next_member, running = jax.device_get((state.next_member, state.lanes.running))
-        return int(next_member) >= n_members and not np.any(running)
+    A solver of two methods (gflow's "auto") starts with the program of its common
+    method alone; only when a lane wants the other is the program that holds it
+    compiled, and the run goes on from the same state (one member: a program per
+    method, switching back and forth; an ensemble: the program of both). Compiling
+    it costs time, and a run that is nearly done would not win it back: when the
+    lanes that want it would take fewer than `Modes.min_steps` more steps (and no
+    member is still queued), the run finishes in the common method instead. The
+    choice depends on the run's state alone, so it is the same on any machine.
+    """
+    n_members = 1 if single else jax.tree.leaves(queue)[0].shape[0]
+    mode = first_mode(problem)
+    split = modes(problem.solver)
 
     def fresh():
-        n_slots = int(opts.saves.params_at.sum())
-        return _engine.fresh_state(problem, controls, queue, data, n_slots)
+        # (The problem as the first program sees it: their traces of a member's
+        # start are then one.)
+        first = dataclasses.replace(problem, mode=mode)
+        return _engine.blank_state(
+            first, controls, queue, data, n_slots, n_devices, single
+        )
 
-    return _checkpoint.run_in_segments(
-        fresh,
-        advance,
-        finished,
-        lambda state: int(state.iterations),
-        saving.folder,
-        stamp,
-        saving.every_s,
-        saving.every_steps,
+    checked = False  # whether the rare method's derivatives were checked
+
+    def advance(state, budget):
+        nonlocal mode, controls, checked
+        stepping = dataclasses.replace(problem, mode=mode)
+        budget = np.asarray(budget, np.int32)
+        state = _engine.advance(
+            stepping, controls, queue, data, state, budget, mesh, single
+        )
+        steps_left, next_member = jax.device_get((state.switch, state.next_member))
+        if not np.any(steps_left):
+            return state
+        queued = int(np.sum(next_member)) < n_members
+        if mode == "common" and not queued and np.max(steps_left) < split.min_steps:
+            # Not worth compiling the other method: finish in this one.
+            controls = _no_switch(controls)
+        elif (
+            mode == "common"
+            and not checked
+            and (failure := _rare_fails(problem, state, data))
+        ):
+            auto_falls_back(failure)
+            controls = _no_switch(controls)
+        else:
+            checked = True
+            mode = next_mode(mode, single)
+        return state
+
+    def finished(state):  # every member taken from the queue, none still running
+        next_member, running = jax.device_get((state.next_member, state.lanes.running))
+        return int(np.sum(next_member)) >= n_members and not np.any(running)
+
+    def work(state):
+        return int(np.sum(jax.device_get(state.iterations)))
+
+    segments = segments or Segments()
+    if segments.report is not None:
+        report = segments.report
+        segments = dataclasses.replace(
+            segments, report=lambda state: report(state, mode_name(problem, mode))
+        )
+    with matmul_precision_context(matmul_precision):
+        return run_in_segments(fresh, advance, finished, work, segments)
+
+
+def _no_switch(controls: Controls) -> Controls:
+    """Controls under which no lane switches to the rare method again."""
+    never = np.asarray(np.inf, controls.ts.dtype)
+    return dataclasses.replace(controls, switch_after=never)
+
+
+def _rare_fails(problem: Problem, state: State, data) -> Exception | None:
+    """Why the rare method's Hessian-vector products fail for this loss, or
+    None."""
+    if not needs_hvps(problem.solver):
+        return None
+    one = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), state.lanes.y
     )
+    return hvp_failure(problem.flow, problem.loss_fn, one, data)
+
+
+def mode_name(problem: Problem, mode: str | None) -> str:
+    """The solver and the method it steps with, for progress reports."""
+    name = solver_name(problem.solver)
+    split = modes(problem.solver)
+    if split is None or mode is None:
+        return name
+    if mode == "both":
+        return f"{name} ({' and '.join(split.names)})"
+    return f"{name} ({split.names[mode == 'rare']})"
+
+
+def first_mode(problem: Problem) -> str | None:
+    """The mode a run starts in: a solver of two methods, its common one."""
+    return None if modes(problem.solver) is None else "common"
+
+
+def next_mode(mode: str | None, single: bool) -> str | None:
+    """The mode after a lane asked for the other method: one member switches
+    between the two; an ensemble's lanes then run in both."""
+    if mode == "common":
+        return "rare" if single else "both"
+    if mode == "rare":
+        return "common"
+    return mode

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import equinox as eqx
@@ -10,6 +11,7 @@ from . import _checkpoint, _run
 from ._assemble import assemble, finish
 from ._keywords import CHECKPOINT_KEYWORDS, FLOW_KEYWORDS, takes_options
 from ._prepare import build, prepare, queue
+from ._progress import TextProgress
 from ._trajectory import Trajectory
 from .flows import AbstractFlow
 
@@ -91,14 +93,12 @@ def simulate(
         noise_key=noise_key,
     )
     opts = prepared.opts
-    problem, controls = build(prepared, progress=opts.progress)
+    problem, controls, n_slots = build(prepared)
     members = queue(prepared)
     meta = prepared.meta("flow")
+    segments = _run.Segments()
     saving = opts.checkpointing
-    if saving.folder is None:
-        state, timer = _run.run(problem, controls, members, data, opts)
-        stats = {}
-    else:
+    if saving.folder is not None:
         call = _checkpoint.describe(
             model, opts, meta, solver=repr(opts.solver.solver), flow=meta["flow"]
         )
@@ -110,10 +110,25 @@ def simulate(
             data,
             controls,
         )
-        state, timer, stats = _run.run_in_segments(
-            problem, controls, members, data, opts, stamp
+        segments = _run.Segments(
+            saving.folder, stamp, saving.every_s, saving.every_steps
         )
+    if opts.progress:
+        progress = TextProgress("simulate", opts.saves.t_max)
+        segments = dataclasses.replace(
+            segments, report=progress, compiling=progress.compiling
+        )
+    state, timing, stats = _run.solve(
+        problem,
+        controls,
+        members,
+        data,
+        n_slots=n_slots,
+        matmul_precision=opts.matmul_precision,
+        segments=segments,
+        single=True,
+    )
     traj = assemble(
-        state.out, opts, meta, timer, batched=False, fixed=prepared.fixed, stats=stats
+        state.out, opts, meta, timing, batched=False, fixed=prepared.fixed, stats=stats
     )
     return finish(traj, "simulate", opts.throw)

@@ -50,6 +50,22 @@ def tree_random_normal(key: jax.Array, like: Any) -> Any:
     )
 
 
+def tree_scrambled(like: Any) -> Any:
+    """A fixed vector of the shapes of `like`'s leaves whose entries look random
+    (a sine hash of their positions, in [-0.5, 0.5)): a start for a power
+    iteration that has a component along every eigenvector, at the cost of a few
+    arithmetic operations (no random-number generator in the program)."""
+    leaves, treedef = jax.tree.flatten(like)
+    out, offset = [], 0
+    for leaf in leaves:
+        dtype = jnp.result_type(leaf)
+        index = jnp.arange(offset, offset + jnp.size(leaf), dtype=dtype) + 1
+        hashed = jnp.sin(index * 12.9898) * 43758.5453
+        out.append(jnp.reshape(hashed - jnp.floor(hashed) - 0.5, jnp.shape(leaf)))
+        offset += jnp.size(leaf)
+    return jax.tree.unflatten(treedef, out)
+
+
 def tree_take(tree: Any, index: Any) -> Any:
     """`tree[index]` along the leading axis of every array leaf."""
     return jax.tree.map(lambda x: x[index] if eqx.is_array(x) else x, tree)

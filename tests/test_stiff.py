@@ -1,6 +1,8 @@
 """Stabilized solvers for stiff flows: order, stage counts, exact work counts, the
 automatic switch, negative curvature, bad input, and the stored ROCK4 tables."""
 
+import warnings
+
 import diffrax
 import jax
 import jax.numpy as jnp
@@ -129,7 +131,8 @@ def counting_quadratic():
     return loss, A, calls
 
 
-@pytest.mark.parametrize("solver", ["rkc2", "rock4", "auto"])
+# "auto" here switches even for a run this short (min_steps=0).
+@pytest.mark.parametrize("solver", ["rkc2", "rock4", gflow.AutoTsit5(min_steps=0)])
 def test_gradient_and_hvp_counts_are_exact(solver):
     loss, A, calls = counting_quadratic()
     traj = gflow.simulate(loss, A, 2.0, params0=jnp.ones(6), solver=solver, n_save=7)
@@ -190,24 +193,33 @@ def test_saddle_is_solved_accurately(solver):
 
 
 def test_a_loss_without_hessian_vector_products_is_refused_clearly():
+    curvature = jnp.array([1.0, 1e3])
+
     @jax.custom_vjp
     def opaque(x):
-        return jnp.sum(x**2)
+        return 0.5 * jnp.sum(curvature * x**2)
 
-    opaque.defvjp(lambda x: (opaque(x), x), lambda x, g: (2 * g * x,))
+    opaque.defvjp(lambda x: (opaque(x), x), lambda x, g: (g * curvature * x,))
 
     def loss(params, data):
         return opaque(params)
 
     with pytest.raises(ValueError, match="solver 'rkc2' needs Hessian-vector"):
-        gflow.simulate(loss, None, 1.0, params0=jnp.ones(3), solver="rkc2")
+        gflow.simulate(loss, None, 1.0, params0=jnp.ones(2), solver="rkc2")
     # Tsit5 needs gradients only.
-    tsit5 = gflow.simulate(loss, None, 1.0, params0=jnp.ones(3), solver="tsit5")
-    # "auto" (the default) says it falls back to Tsit5, and does.
+    kwargs = dict(params0=jnp.ones(2), n_save=5)
+    tsit5 = gflow.simulate(loss, None, 20.0, solver="tsit5", **kwargs)
+    # "auto" (the default) needs them only once the flow stiffens: then it says
+    # it falls back to Tsit5, and does.
     with pytest.warns(UserWarning, match="'auto' falls back to 'tsit5'"):
-        auto = gflow.simulate(loss, None, 1.0, params0=jnp.ones(3))
-    assert auto.meta["solver"] == tsit5.meta["solver"] == "Tsit5"
+        auto = gflow.simulate(loss, None, 20.0, **kwargs)
+    assert auto.stats["num_hvp_evals"] == 0
     np.testing.assert_array_equal(np.asarray(auto.params), np.asarray(tsit5.params))
+    # A flow that never stiffens runs without a word.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        calm = gflow.simulate(loss, None, 2e-3, **kwargs)
+    assert calm.result == "successful"
 
 
 def test_stored_rock4_tables_are_the_derivation_and_of_order_4():

@@ -1,25 +1,24 @@
-"""The engine: lanes of solver state, one compiled `lax.while_loop` over steps.
+"""The engine: one compiled `lax.while_loop` over solver steps, by layer.
 
-Every flow gflow solves runs here, built on diffrax's step API: `solver.step`, the
-controller's `adapt_step_size`, and `solver.interpolation_cls` for the save times.
-A lane holds one member's solve: its time, state, step size, solver and controller
-states, counters and save cursor. Each iteration every running lane attempts one
-step (vmapped); then, a few lanes at a time (`width`), the lanes that crossed save
-times write those rows, lanes whose loss fell through `stop_at_loss` locate the
-crossing, and lanes whose member is done write its results and take the next
-member from the queue. `simulate` is one lane and one member; `simulate_ensemble`
-is many lanes refilled from a queue until it drains, with no trip to the host.
+* `_problem`: the data model (`Problem`, `Controls`, `Lane`, `Outputs`, `State`);
+* `_batch`: work on batches of lanes (vmapped per-lane functions, gathered loops);
+* `_step`: one lane's work, built on diffrax's step API (`solver.step`, the
+  controller's `adapt_step_size`, `solver.interpolation_cls` for the save times);
+* `_one` and `_many`: the loop of one member (`simulate`), and of an ensemble's
+  lanes refilled from a queue (`simulate_ensemble`);
+* `_entry`: the compiled program (`advance`) and the state it starts from.
 
 Outputs are indexed by member: row times, loss, gradient norm and metrics at every
-row; parameters and velocities only in the rows' parameter slots (`slot`), the last
-slot being each member's final state; counters and the result code.
-
-The loop stops after `budget` iterations; its whole carry (`State`) can be handed
-back in to go on, which is how checkpointed runs are segmented.
+row; parameters and velocities only in the rows' parameter slots (`slot`), a
+member's last row in its final slot; counters and the result code. The loop stops
+after `budget` iterations, or when a lane wants a solver mode its program does not
+step with; its whole carry (`State`) can be handed back in to go on, which is how
+runs are cut into segments (checkpoints, progress, "auto"'s stiff mode).
 """
 
-from ._loop import advance as advance
-from ._loop import fresh_state as fresh_state
+from ._entry import advance as advance
+from ._entry import blank_state as blank_state
+from ._problem import MODES as MODES
 from ._problem import Controls as Controls
 from ._problem import Metrics as Metrics
 from ._problem import Outputs as Outputs
@@ -27,3 +26,4 @@ from ._problem import Problem as Problem
 from ._problem import Row as Row
 from ._problem import State as State
 from ._problem import row_values as row_values
+from ._problem import size_class as size_class

@@ -1,6 +1,16 @@
 """The engine's data model: what is solved (`Problem`), the numbers of a run
 (`Controls`), one member's solve in progress (`Lane`), what members produce
-(`Outputs`), the loop's carry (`State`) and the values of a saved row (`Row`)."""
+(`Outputs`), the loop's carry (`State`) and the values of a saved row (`Row`).
+
+What changes the compiled program and what does not: a `Problem`'s static fields
+and its Python functions (the loss, the metrics, the stop rule, the flow's kind and
+the solver) are the program's identity; its arrays (a flow's learning rate, the
+leaves held fixed inside the loss) and every `Controls` array are arguments of the
+program, so new values reuse it. Save times are padded to a size class
+(`size_class`), so a new number of them reuses it too. Whether an optional control
+is None (`dt0`, `stop_at_loss`, `stop_at_grad_norm`) and whether a stop rule is
+given does change the program: what a call does not ask for is not compiled.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +24,11 @@ import jax.numpy as jnp
 
 from .._tree import tree_norm
 from ..flows import AbstractFlow
+
+#: The modes a program steps a solver with two methods (gflow's "auto") in: the
+#: common method only (the program stops when a lane wants the other), the rare
+#: method only (one lane), or both (an ensemble's lanes in either).
+MODES = (None, "common", "rare", "both")
 
 
 class Metrics(eqx.Module):
@@ -51,8 +66,9 @@ class Metrics(eqx.Module):
 
 
 class Problem(eqx.Module):
-    """What is solved. Everything here is part of the compiled program's identity
-    (changing it recompiles); numbers that change from run to run are `Controls`."""
+    """What is solved: the loss (of the trained leaves), the flow, the solver, the
+    metrics and stop rule, and how the program is laid out (`lanes` stepping at
+    once, `width` of them served at a time, the solver's `mode`)."""
 
     loss_fn: Callable
     flow: AbstractFlow
@@ -62,7 +78,7 @@ class Problem(eqx.Module):
     stop_when: Callable | None
     lanes: int = eqx.field(static=True)
     width: int = eqx.field(static=True)
-    progress: bool = eqx.field(static=True)
+    mode: str | None = eqx.field(default=None, static=True)
 
     def terms(self, controls: Controls, noise, y, data):
         """The equation's terms; an SDE flow's Brownian motion is a virtual
@@ -90,10 +106,18 @@ class Problem(eqx.Module):
 
 
 class Controls(eqx.Module):
-    """The numbers of a run: arrays, so new values reuse the compiled program."""
+    """The numbers of a run: arrays, arguments of the compiled program.
 
-    ts: jax.Array  # (T,) save times
-    slot: jax.Array  # (T,) int32: the parameter slot of each save row; R if none
+    `ts` and `slot` are padded to a size class: `ts` with copies of `t_max` (so
+    `ts[-1]` is `t_max`), `slot` with an index past the last slot; `n_times` says
+    how many save times are real."""
+
+    ts: jax.Array  # (T,) save times, padded with t_max
+    n_times: jax.Array  # () int32: how many of `ts` are real
+    slot: jax.Array  # (T,) int32: the parameter slot of each save row; past the end
+    #                  if it keeps none
+    final_slot: jax.Array  # () int32: the slot of a member's last row
+    switch_after: jax.Array  # a lane switches to a solver's rare method from then on
     rtol: jax.Array
     atol: jax.Array
     dt0: jax.Array | None
@@ -103,7 +127,8 @@ class Controls(eqx.Module):
 
 
 class Lane(eqx.Module):
-    """One member's solve in progress (every field has a leading lane axis)."""
+    """One member's solve in progress (in a batch, every field has a leading lane
+    axis)."""
 
     member: jax.Array  # the member it holds; M when none
     noise: Any  # an SDE flow's key (raw uint32), None otherwise
@@ -120,9 +145,10 @@ class Lane(eqx.Module):
     row: jax.Array  # the next row to write
     last_t: jax.Array  # the time of the last row written
     loss_gap: jax.Array  # loss - stop_at_loss at t
-    code: jax.Array  # RESULTS code once done; successful while running
-    running: jax.Array
-    done: jax.Array  # finished: to be recorded, then refilled
+    code: jax.Array  # RESULTS code: "running" until done
+    running: jax.Array  # still stepping
+    done: jax.Array  # stopped stepping: its last row and counters to be recorded
+    closed: jax.Array  # its last row is written (its counters are next)
 
 
 class Outputs(eqx.Module):
@@ -132,7 +158,7 @@ class Outputs(eqx.Module):
     loss: jax.Array
     grad_norm: jax.Array
     metrics: Any
-    params: Any  # (M, R, ...)
+    params: Any  # (M, S, ...)
     velocity: Any
     n_rows: jax.Array  # (M,)
     code: jax.Array
@@ -153,6 +179,9 @@ class State(eqx.Module):
     # While members are still queued: iterations, and lane-steps of running lanes.
     queued_iterations: jax.Array
     queued_busy: jax.Array
+    # When the loop stopped because lanes want the solver's other mode: the most
+    # steps they would still take at their step size (else 0).
+    switch: jax.Array
 
 
 class Row(eqx.Module):
@@ -178,5 +207,8 @@ def row_values(loss_fn, flow: AbstractFlow, metrics: Metrics, y, data) -> Row:
     )
 
 
-def row(problem: Problem, y, data) -> Row:
-    return row_values(problem.loss_fn, problem.flow, problem.metrics, y, data)
+def size_class(n: int, smallest: int = 1) -> int:
+    """The padded length of `n` save times or parameter slots: the power of two at
+    or above `n` (and `smallest`). Lengths in one class share a compiled program:
+    a new number of save times recompiles only past the next power of two."""
+    return max(smallest, 1 << max(n - 1, 0).bit_length())

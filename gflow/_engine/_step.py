@@ -1,6 +1,7 @@
-"""One lane's work: starting a member, one step attempt (diffrax's `solver.step`
-and the step-size controller), the stopping checks after it, and where the loss
-crosses `stop_at_loss` within it."""
+"""One lane's work, as functions of one lane (a batch vmaps them): starting a
+member, one step attempt (diffrax's `solver.step` and the step-size controller),
+the stopping checks after it, where the loss crosses `stop_at_loss` within it, and
+the values of the rows it writes."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from .._solvers import (
     after_rejection,
     error_order,
     lands_on_saves,
+    modes,
     needs_f0,
     start,
     step_cost,
@@ -28,8 +30,42 @@ STOP_CODES = {
     "grad_norm": result_code("stopped_at_grad_norm"),
     "condition": result_code("stopped_by_condition"),
 }
+_SUCCESSFUL = result_code("successful")
+_MAX_STEPS_REACHED = result_code("max_steps_reached")
 # Bisection alone would narrow a step to 2**-60 of its length.
 _CROSSING_ITERATIONS = 60
+
+
+def in_mode(problem: Problem) -> Problem:
+    """The problem with the solver of its mode: for a solver of two methods
+    ("auto"), the common or the rare one; else as it is."""
+    split = modes(problem.solver)
+    if split is None or problem.mode in (None, "both"):
+        return problem
+    solver = split.common if problem.mode == "common" else split.rare
+    return eqx.tree_at(lambda p: p.solver, problem, solver)
+
+
+def wanting_other_mode(problem: Problem, controls: Controls, lanes: Lane):
+    """Which running lanes (of a batch) want the method their program does not
+    step with (in the common mode, from `controls.switch_after` on): the program
+    then stops, and the next one takes the other mode."""
+    split = modes(problem.solver)
+    if split is None or problem.mode in (None, "both"):
+        return jnp.zeros_like(lanes.running)
+    rare = split.rare_cost(lanes.solver_state) > 0
+    if problem.mode == "common":
+        return lanes.running & rare & (lanes.t >= controls.switch_after)
+    return lanes.running & ~rare
+
+
+def steps_left(controls: Controls, lanes: Lane, wanting):
+    """The most steps the lanes that want the other mode would still take at their
+    present step size (0 when none wants it): the host compiles the other method
+    only when that is worth it."""
+    h = jnp.maximum(lanes.tnext - lanes.t, jnp.finfo(lanes.t.dtype).tiny)
+    left = (controls.ts[-1] - lanes.t) / h
+    return jnp.max(jnp.where(wanting, left, 0.0), initial=0.0)
 
 
 def step_controller(problem: Problem, controls: Controls):
@@ -63,10 +99,14 @@ def initial_step(field, t0, y0, f0, data, controls, error_order):
     return jnp.minimum(100 * h0, h1)
 
 
-def row(problem: Problem, y, data) -> Row:
+def row_at(problem: Problem, y, data) -> Row:
+    """The values of a saved row at state `y`."""
     return row_values(problem.loss_fn, problem.flow, problem.metrics, y, data)
 
 
+# Jitted, so that its trace is made once and shared: by the shapes of the state a
+# run starts from (`_entry.blank_state`) and by the program that runs it.
+@eqx.filter_jit
 def load(problem: Problem, controls: Controls, entry, data):
     """A lane starting a member (`entry`: its queue entry, initial parameters and
     noise key) at t = 0, and the values of its first row."""
@@ -77,11 +117,15 @@ def load(problem: Problem, controls: Controls, entry, data):
     terms = problem.terms(controls, noise, y0, data)
     field = problem.flow.vector_field(problem.loss_fn)
     order = problem.solver.error_order(terms)
+    values = row_at(problem, y0, data)
     grads = 0
     f0 = None
     if needs_f0(problem.solver) or (problem.adaptive and controls.dt0 is None):
-        f0 = field(t0, y0, data)
-        grads += 1
+        if problem.flow.velocity_is_field:  # the first row's work
+            f0 = values.velocity
+        else:
+            f0 = field(t0, y0, data)
+            grads += 1
     if controls.dt0 is None and problem.adaptive:
         dt = initial_step(field, t0, y0, f0, data, controls, order)
         grads += 1
@@ -92,7 +136,6 @@ def load(problem: Problem, controls: Controls, entry, data):
     _, controller_state = controller.init(
         terms, t0, t_max, y0, dt, data, problem.solver.func, order
     )
-    values = row(problem, y0, data)
     code, loss_gap = stopped_at_start(problem, controls, values, y0, data)
     zero = jnp.zeros((), jnp.int32)
     grads, hvps = problem.cost(grads, 0)
@@ -116,6 +159,8 @@ def load(problem: Problem, controls: Controls, entry, data):
         code=code,
         running=code == RUNNING,
         done=code != RUNNING,
+        # A member that stops at t = 0 ends there: its first row is its last.
+        closed=code != RUNNING,
     )
     return lane, values
 
@@ -165,30 +210,9 @@ def attempt(problem: Problem, controls: Controls, lane: Lane, data):
         )
     )
     tprev = jnp.minimum(tprev, t_max)
-    lands = lands_on_saves(solver, where(keep, solver_state, lane.solver_state))
-    if lands is not None:
-        # Its dense output is of lower order than its steps: end the steps on the
-        # save times instead of interpolating to them.
-        ts = controls.ts
-        following = ts[
-            jnp.minimum(jnp.searchsorted(ts, tprev, side="right"), ts.shape[0] - 1)
-        ]
-        tnext = jnp.where(
-            lands & (following > tprev), jnp.minimum(tnext, following), tnext
-        )
-    tnext = clip_to_end(tprev, tnext, t_max, keep)
+    tnext = _next_end(solver, controls, keep, tprev, tnext, solver_state, lane)
     grads, hvps = problem.cost(*step_cost(solver, solver_state))
-    failed = (solver_result != diffrax.RESULTS.successful) & keep
-    collapsed = tnext <= tprev  # the step size is below the resolution of t
-    code = jnp.where(
-        failed,
-        result_code("solver_failed"),
-        jnp.where(
-            (controller_result != diffrax.RESULTS.successful) | (collapsed & ~keep),
-            result_code("dt_min_reached"),
-            RUNNING,
-        ),
-    )
+    code = _attempt_code(solver_result, controller_result, keep, tprev, tnext)
     new = eqx.tree_at(
         lambda s: (
             s.t,
@@ -222,6 +246,133 @@ def attempt(problem: Problem, controls: Controls, lane: Lane, data):
         is_leaf=lambda x: x is None,  # a solver or controller without state
     )
     return new, dense, keep
+
+
+def _next_end(solver, controls: Controls, keep, tprev, tnext, solver_state, lane):
+    """Where the next attempt ends: on the next save time for a solver whose
+    dense output is of lower order than its steps (instead of interpolating to
+    it), and clipped to t_max as diffrax clips it."""
+    lands = lands_on_saves(solver, where(keep, solver_state, lane.solver_state))
+    if lands is not None:
+        ts = controls.ts
+        following = ts[
+            jnp.minimum(jnp.searchsorted(ts, tprev, side="right"), ts.shape[0] - 1)
+        ]
+        tnext = jnp.where(
+            lands & (following > tprev), jnp.minimum(tnext, following), tnext
+        )
+    return clip_to_end(tprev, tnext, controls.ts[-1], keep)
+
+
+def _attempt_code(solver_result, controller_result, keep, tprev, tnext):
+    """The code "running", or why the lane cannot go on: the solver failed on a step it
+    would keep, or the step size collapsed below the resolution of t."""
+    failed = (solver_result != diffrax.RESULTS.successful) & keep
+    collapsed = tnext <= tprev
+    return jnp.where(
+        failed,
+        result_code("solver_failed"),
+        jnp.where(
+            (controller_result != diffrax.RESULTS.successful) | (collapsed & ~keep),
+            result_code("dt_min_reached"),
+            RUNNING,
+        ),
+    )
+
+
+def outcome(controls: Controls, before: Lane, stepped: Lane, accepted, stops):
+    """The lane after a step attempt: its result code ("running" while it goes on)
+    and whether it is done (a stop held, t_max reached, a failure, or its
+    `max_steps` spent)."""
+    ended = stops != RUNNING
+    finished = accepted & (stepped.t >= controls.ts[-1])
+    over = stepped.running & (stepped.steps >= controls.max_steps)
+    failed = stepped.code != RUNNING
+    code = jnp.select(
+        [ended, failed, finished, over],
+        [stops, stepped.code, _SUCCESSFUL, _MAX_STEPS_REACHED],
+        RUNNING,
+    )
+    done = before.running & (ended | finished | over | failed)
+    return eqx.tree_at(
+        lambda s: (s.code, s.running, s.done),
+        stepped,
+        (code, before.running & ~done, done),
+    )
+
+
+def checks(
+    problem: Problem, controls: Controls, before: Lane, stepped: Lane, accepted, data
+):
+    """The stopping checks after a step (only those the run asks for): the lane
+    with its loss gap and counters updated, the stop code that holds, and whether
+    the loss crossed `stop_at_loss` within the step."""
+    gap, held, extra = events(problem, controls, stepped, data)
+    stepped = eqx.tree_at(
+        lambda s: (s.row_grads, s.loss_gap),
+        stepped,
+        (
+            stepped.row_grads + extra * before.running,
+            jnp.where(accepted, gap, stepped.loss_gap),
+        ),
+    )
+    stops = jnp.where(accepted, held, RUNNING)
+    crossed = jnp.zeros((), bool)
+    if controls.stop_at_loss is not None:
+        crossed = accepted & (before.loss_gap > 0) & (gap <= 0)
+        stops = jnp.where(crossed, STOP_CODES["loss"], stops)
+    return stepped, stops, crossed
+
+
+def asks_for_checks(problem: Problem, controls: Controls) -> bool:
+    """Whether the run asks for a stop (then `checks` runs after every step)."""
+    return (
+        controls.stop_at_loss is not None
+        or controls.stop_at_grad_norm is not None
+        or problem.stop_when is not None
+    )
+
+
+def row_due(controls: Controls, lane: Lane, accepted, limit):
+    """Whether a lane's next save row lies within its last step: times in
+    (t0, limit], or (t0, limit) for a lane that is done (its last row, at the time
+    it ended, is written apart)."""
+    row = jnp.minimum(lane.row, controls.ts.shape[0] - 1)
+    t = controls.ts[row]
+    due = jnp.where(lane.done, t < limit, t <= limit)
+    return accepted & (lane.row < controls.n_times) & due
+
+
+def next_row(
+    problem: Problem, controls: Controls, lane: Lane, t0, dense, limit, regular, data
+):
+    """The next row a lane writes: a save row within its last step (`regular`),
+    else its last row, at `limit` (where it ended), replacing a row written at
+    that time. Values come from the step's dense output. Returns (row, time, slot,
+    values)."""
+    t = jnp.where(
+        regular, controls.ts[jnp.minimum(lane.row, controls.ts.shape[0] - 1)], limit
+    )
+    replace = ~regular & (lane.row > 0) & (lane.last_t >= t)
+    row = jnp.where(replace, lane.row - 1, lane.row)
+    slot = jnp.where(regular, controls.slot[row], controls.final_slot)
+    interpolation = problem.solver.interpolation_cls(t0=t0, t1=lane.t, **dense)
+    return row, t, slot, row_at(problem, interpolation.evaluate(t), data)
+
+
+def wrote_row(problem: Problem, lane: Lane, row, t, regular) -> Lane:
+    """The lane after writing `row` at time `t` (its last row unless `regular`)."""
+    return eqx.tree_at(
+        lambda s: (s.row, s.last_t, s.row_grads, s.hvps, s.closed),
+        lane,
+        (
+            row + 1,
+            t,
+            lane.row_grads + 1,
+            lane.hvps + problem.flow.row_hvps,
+            lane.closed | ~regular,
+        ),
+    )
 
 
 def events(problem: Problem, controls: Controls, lane: Lane, data):

@@ -7,6 +7,7 @@ import diffrax
 
 from ._auto import AutoTsit5 as AutoTsit5
 from ._protocol import AbstractGflowSolver as AbstractGflowSolver
+from ._protocol import Modes as Modes
 from ._protocol import after_rejection as after_rejection
 from ._protocol import error_order as error_order
 from ._protocol import lands_on_saves as lands_on_saves

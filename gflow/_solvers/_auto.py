@@ -10,10 +10,11 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .._compat import fsal_state, fsal_value, unvmap_all, unvmap_any
 from .._tree import tree_norm
-from ._protocol import AbstractGflowSolver
+from ._protocol import AbstractGflowSolver, Modes
 from ._rkc2 import RKC2
 from ._stabilized import AbstractStabilized, StabilizedState
 
@@ -33,14 +34,68 @@ class _AutoInterpolation(diffrax.AbstractLocalInterpolation):
         del left
         if t1 is not None:
             return self.evaluate(t1) - self.evaluate(t0)
-        tsit5 = diffrax.Tsit5.interpolation_cls(
+        return jax.tree.map(
+            lambda a, b: jnp.where(self.stiff, a, b),
+            self._hermite(t0),
+            self._tsit5(t0),
+        )
+
+    def _tsit5(self, t):
+        return diffrax.Tsit5.interpolation_cls(
             t0=self.t0, t1=self.t1, y0=self.y0, y1=self.y1, k=self.k
-        ).evaluate(t0)
+        ).evaluate(t)
+
+    def _hermite(self, t):
         ends = jax.tree.map(lambda k: k[jnp.array([0, -1])], self.k)
-        hermite = diffrax.ThirdOrderHermitePolynomialInterpolation.from_k(
+        return diffrax.ThirdOrderHermitePolynomialInterpolation.from_k(
             t0=self.t0, t1=self.t1, y0=self.y0, y1=self.y1, k=ends
-        ).evaluate(t0)
-        return jax.tree.map(lambda a, b: jnp.where(self.stiff, a, b), hermite, tsit5)
+        ).evaluate(t)
+
+
+class _Tsit5Interpolation(_AutoInterpolation):
+    """The dense output of "auto" in its Tsit5 mode: Tsit5's alone."""
+
+    def evaluate(self, t0, t1=None, left=True):
+        del left
+        return self._tsit5(t0) if t1 is None else self._tsit5(t1) - self._tsit5(t0)
+
+
+class _StiffInterpolation(_AutoInterpolation):
+    """The dense output of "auto" in its stiff mode: the cubic Hermite alone."""
+
+    def evaluate(self, t0, t1=None, left=True):
+        del left
+        if t1 is None:
+            return self._hermite(t0)
+        return self._hermite(t1) - self._hermite(t0)
+
+
+class Rate(eqx.Module):
+    """Gradient-equivalents (gradients + 2 Hessian-vector products) per unit of
+    time of one method's recent steps: sums over its steps, older ones weighing
+    less (each new accepted step multiplies the past by `_MEMORY`); rejected
+    attempts count their cost and no time."""
+
+    cost: jax.Array
+    time: jax.Array
+
+    @classmethod
+    def zero(cls, dtype) -> Rate:
+        return cls(jnp.zeros((), dtype), jnp.zeros((), dtype))
+
+    def accepted(self, cost, h) -> Rate:
+        return Rate(_MEMORY * self.cost + cost, _MEMORY * self.time + h)
+
+    def rejected(self, cost) -> Rate:
+        return Rate(self.cost + cost, self.time)
+
+    @property
+    def value(self):
+        return self.cost / jnp.maximum(self.time, jnp.finfo(self.time.dtype).tiny)
+
+
+# The weight of the past in a `Rate`: about the last five steps count.
+_MEMORY = 0.8
 
 
 class AutoState(eqx.Module):
@@ -51,6 +106,12 @@ class AutoState(eqx.Module):
     stabilized: StabilizedState
     grads: jax.Array
     hvps: jax.Array
+    explicit: Rate  # the cost rate of Tsit5's recent steps
+    stabilized_rate: Rate  # the cost rate of the stabilized method since the switch
+    stiff_steps: jax.Array  # accepted stabilized steps since the switch
+    switched_at: jax.Array  # when the stabilized method last took over
+    not_before: jax.Array  # no switch to the stabilized method before this time
+    failures: jax.Array  # switches undone because the stabilized steps cost more
 
 
 class AutoTsit5(AbstractGflowSolver):
@@ -64,6 +125,16 @@ class AutoTsit5(AbstractGflowSolver):
     stiff direction). It hands back once h·ρ has stayed below `threshold / 2` for
     `patience` steps: Tsit5 would then be stable with room to spare.
 
+    It switches only where the stabilized method is cheaper. Both methods' cost
+    per unit of time is measured as they step (gradient-equivalents: gradients
+    and twice the Hessian-vector products, rejected attempts included). If, after
+    `2 * patience` stabilized steps, they cost more per unit of time than Tsit5's
+    last steps did (a flow stiff enough to bind Tsit5, but whose accuracy keeps
+    the second-order stabilized steps short), Tsit5 takes over again and the
+    stabilized method is not tried again for 8 times as long as that trial lasted,
+    twice as long after each further failed trial: a flow on which it never pays
+    costs at most a few percent more than Tsit5 alone.
+
     Its stiff steps need Hessian-vector products: for a loss without forward-mode
     derivatives, `gflow.simulate` runs Tsit5 instead and says so in a warning.
     `traj.stats["num_hvp_evals"]` counts them.
@@ -72,6 +143,10 @@ class AutoTsit5(AbstractGflowSolver):
         stiff: the stabilized method.
         threshold: h·ρ above which a Tsit5 step counts as stability-bound.
         patience: how many steps in a row decide a switch.
+        min_steps: the stabilized method is compiled (`gflow.simulate` starts
+            without it) only for a run that would still take at least this many
+            Tsit5 steps at their present size; a shorter one finishes with Tsit5,
+            which is sooner than compiling (a second or more).
 
     Example:
         >>> traj = gflow.simulate(model, data, 1000.0)  # solver="auto", the default
@@ -84,17 +159,25 @@ class AutoTsit5(AbstractGflowSolver):
     stiff: AbstractStabilized = RKC2()
     threshold: float = 3.0
     patience: int = eqx.field(default=5, static=True)
+    min_steps: int = eqx.field(default=1000, static=True)
     # Set by `modes`: the method every step takes, for lanes an ensemble has
     # already sorted by mode; None: each step picks from the state.
     mode: bool | None = eqx.field(default=None, static=True, repr=False)
 
     term_structure: ClassVar = diffrax.AbstractTerm
-    interpolation_cls: ClassVar = _AutoInterpolation
     needs_hvps: ClassVar[bool] = True
     _tsit5: ClassVar = diffrax.Tsit5()
 
     def order(self, terms) -> int:
         return 5
+
+    @property
+    def interpolation_cls(self):
+        """The dense output: of the method a mode steps with, or, each step
+        picking its method, of whichever took the step."""
+        if self.mode is None:
+            return _AutoInterpolation
+        return _StiffInterpolation if self.mode else _Tsit5Interpolation
 
     def lands_on_saves(self, state: AutoState):
         """While a stabilized method whose dense output is weaker than its steps
@@ -108,6 +191,7 @@ class AutoTsit5(AbstractGflowSolver):
 
     def start(self, terms, t0, t1, y0, args, f0) -> AutoState:
         zero = jnp.zeros((), jnp.int32)
+        dtype = jnp.result_type(t0, t1)
         return AutoState(
             stiff=jnp.zeros((), bool),
             last_stiff=jnp.zeros((), bool),
@@ -116,30 +200,56 @@ class AutoTsit5(AbstractGflowSolver):
             stabilized=self.stiff.start(terms, t0, t1, y0, args, f0),
             grads=zero,
             hvps=zero,
+            explicit=Rate.zero(dtype),
+            stabilized_rate=Rate.zero(dtype),
+            stiff_steps=zero,
+            switched_at=jnp.zeros((), dtype),
+            not_before=jnp.zeros((), dtype),
+            failures=zero,
         )
 
     def after_rejection(self, state: AutoState, attempt: AutoState) -> AutoState:
+        """The state before the rejected attempt, with its cost counted in the
+        rate of the method that took it."""
         stabilized = self.stiff.after_rejection(state.stabilized, attempt.stabilized)
-        return eqx.tree_at(lambda s: s.stabilized, state, stabilized)
+        cost = _equivalents(attempt)
+        return eqx.tree_at(
+            lambda s: (s.stabilized, s.explicit, s.stabilized_rate),
+            state,
+            (
+                stabilized,
+                jax.tree.map(
+                    lambda a, b: jnp.where(attempt.last_stiff, a, b),
+                    state.explicit,
+                    state.explicit.rejected(cost),
+                ),
+                jax.tree.map(
+                    lambda a, b: jnp.where(attempt.last_stiff, a, b),
+                    state.stabilized_rate.rejected(cost),
+                    state.stabilized_rate,
+                ),
+            ),
+        )
 
     def step_cost(self, state: AutoState):
         return state.grads, state.hvps
 
-    def modes(self):
-        """For ensembles: (the solver of lanes in Tsit5 mode, the solver of lanes in
-        stiff mode, a stiff state's expected cost: 1 + the stages of its last
-        stabilized step; 0 in Tsit5 mode). Under vmap, a step whose lanes are in
-        both modes would take both methods on every lane; the engine instead steps
-        every lane with Tsit5 and then only the stiff lanes, gathered, with the
-        stabilized method."""
+    def modes(self) -> Modes:
+        """Tsit5 (common) and the stabilized method (rare). A stiff state's
+        expected cost is 1 + the stages of its last stabilized step; 0 in Tsit5
+        mode. Under vmap, a step whose lanes are in both modes would take both
+        methods on every lane; the engine instead steps every lane with Tsit5 and
+        then only the stiff lanes, gathered, with the stabilized method."""
 
         def cost(state: AutoState):
             return jnp.where(state.stiff, 1 + state.stabilized.grads, 0)
 
-        return (
+        return Modes(
             dataclasses.replace(self, mode=False),
             dataclasses.replace(self, mode=True),
             cost,
+            ("tsit5", type(self.stiff).__name__.lower()),
+            self.min_steps,
         )
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
@@ -175,7 +285,7 @@ class AutoTsit5(AbstractGflowSolver):
         )
         h_radius = _tsit5_h_radius(y0, dense["k"])
         streak = jnp.where(h_radius > self.threshold, state.streak + 1, 0)
-        switch = streak >= self.patience
+        switch = (streak >= self.patience) & (t0 >= state.not_before)
         stabilized = eqx.tree_at(
             lambda s: (s.f0, s.radius, s.vector, s.rejections),
             state.stabilized,
@@ -188,14 +298,34 @@ class AutoTsit5(AbstractGflowSolver):
                 jnp.zeros((), jnp.int32),
             ),
         )
-        new = AutoState(
-            stiff=switch,
-            last_stiff=jnp.zeros((), bool),
-            streak=jnp.where(switch, 0, streak),
-            tsit5=tsit5,
-            stabilized=stabilized,
-            grads=jnp.asarray(6, jnp.int32),
-            hvps=jnp.zeros((), jnp.int32),
+        new = eqx.tree_at(
+            lambda s: (
+                s.stiff,
+                s.last_stiff,
+                s.streak,
+                s.tsit5,
+                s.stabilized,
+                s.grads,
+                s.hvps,
+                s.explicit,
+                s.stabilized_rate,
+                s.stiff_steps,
+                s.switched_at,
+            ),
+            state,
+            (
+                switch,
+                jnp.zeros((), bool),
+                jnp.where(switch, 0, streak),
+                tsit5,
+                stabilized,
+                jnp.asarray(6, jnp.int32),
+                jnp.zeros((), jnp.int32),
+                state.explicit.accepted(6, t1 - t0),
+                Rate.zero(state.explicit.cost.dtype),
+                jnp.zeros((), jnp.int32),
+                jnp.where(switch, t1, state.switched_at),
+            ),
         )
         return y1, error, dense["k"], new, result
 
@@ -206,9 +336,25 @@ class AutoTsit5(AbstractGflowSolver):
         y1, error, dense, stabilized, result = self.stiff.step(
             terms, t0, t1, y0, args, state.stabilized, made_jump
         )
-        easy = (t1 - t0) * stabilized.radius < self.threshold / 2
+        h = t1 - t0
+        easy = h * stabilized.radius < self.threshold / 2
         streak = jnp.where(easy, state.streak + 1, 0)
-        switch = streak >= self.patience
+        # The first stabilized step's estimate of the spectral radius is an
+        # investment of the switch, not a cost of the steps that follow.
+        first = state.stiff_steps == 0
+        cost = jnp.where(
+            first, stabilized.grads, stabilized.grads + 2 * stabilized.hvps
+        )
+        rate = state.stabilized_rate.accepted(cost, h)
+        costly = (state.stiff_steps + 1 >= 2 * self.patience) & (
+            rate.value > state.explicit.value
+        )
+        switch = (streak >= self.patience) | costly
+        failures = state.failures + costly
+        trial = t1 - state.switched_at
+        not_before = jnp.where(
+            costly, t1 + 8.0 * trial * 2.0 ** (failures - 1), state.not_before
+        )
         k = jax.tree.map(
             lambda k0, k1: (
                 jnp.zeros((7,) + k0.shape, k0.dtype).at[0].set(k0).at[-1].set(k1)
@@ -216,22 +362,49 @@ class AutoTsit5(AbstractGflowSolver):
             dense["k0"],
             dense["k1"],
         )
-        new = AutoState(
-            stiff=~switch,
-            last_stiff=jnp.ones((), bool),
-            streak=jnp.where(switch, 0, streak),
-            tsit5=fsal_state(stabilized.f0),
-            stabilized=stabilized,
-            grads=stabilized.grads,
-            hvps=stabilized.hvps,
+        new = eqx.tree_at(
+            lambda s: (
+                s.stiff,
+                s.last_stiff,
+                s.streak,
+                s.tsit5,
+                s.stabilized,
+                s.grads,
+                s.hvps,
+                s.stabilized_rate,
+                s.stiff_steps,
+                s.not_before,
+                s.failures,
+            ),
+            state,
+            (
+                ~switch,
+                jnp.ones((), bool),
+                jnp.where(switch, 0, streak),
+                fsal_state(stabilized.f0),
+                stabilized,
+                stabilized.grads,
+                stabilized.hvps,
+                rate,
+                state.stiff_steps + 1,
+                not_before,
+                failures,
+            ),
         )
         return y1, error, k, new, result
 
 
+def _equivalents(state: AutoState):
+    """The gradient-equivalents of the step that made `state`."""
+    return (state.grads + 2 * state.hvps).astype(state.explicit.cost.dtype)
+
+
 _TSIT5_TABLEAU = diffrax.Tsit5.tableau
 # Y7 - Y6 = Σ_j (b_j - a_6j) k_j: the two stages evaluated at the end of the step.
-_STAGE_GAP = jnp.asarray(
-    list(_TSIT5_TABLEAU.a_lower[5] - jnp.append(_TSIT5_TABLEAU.a_lower[4], 0.0)) + [0.0]
+# (NumPy: nothing runs on a device at import, or while a program is traced.)
+_STAGE_GAP = np.append(
+    np.asarray(_TSIT5_TABLEAU.a_lower[5]) - np.append(_TSIT5_TABLEAU.a_lower[4], 0.0),
+    0.0,
 )
 
 

@@ -11,12 +11,33 @@ from __future__ import annotations
 
 import abc
 import functools
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar, NamedTuple
 
 import diffrax
 import jax
 
 from .._compat import fsal_state
+
+
+class Modes(NamedTuple):
+    """The two methods of a solver that steps with one or the other by its state.
+
+    Attributes:
+        common: the solver stepping with the common method only.
+        rare: the solver stepping with the rare method only.
+        rare_cost: a state's expected cost of a step in the rare mode (> 0), or 0
+            for a state in the common mode.
+        names: the methods' names, for progress reports.
+        min_steps: the fewest steps a lane must still have to take for the rare
+            method to be worth compiling, once the run has started without it.
+    """
+
+    common: diffrax.AbstractSolver
+    rare: diffrax.AbstractSolver
+    rare_cost: Callable[[Any], Any]
+    names: tuple[str, str]
+    min_steps: int = 0
 
 
 class AbstractGflowSolver(diffrax.AbstractAdaptiveSolver):
@@ -57,11 +78,10 @@ class AbstractGflowSolver(diffrax.AbstractAdaptiveSolver):
         weaker than its steps); None when it never should."""
         return None
 
-    def modes(self) -> tuple[Any, Any, Any] | None:
-        """For a solver whose steps take one of two methods by the state: (the
-        solver of the common mode, the solver of the rare mode, a state's expected
-        cost in the rare mode, 0 in the common mode), so that an ensemble steps the
-        rare lanes apart; None for a solver of one method."""
+    def modes(self) -> Modes | None:
+        """For a solver whose steps take one of two methods by the state, its
+        `Modes`: the engine compiles the rare method only once a lane wants it, and
+        an ensemble steps the rare lanes apart. None for a solver of one method."""
         return None
 
 
@@ -166,13 +186,13 @@ def _(solver: AbstractGflowSolver, state: Any) -> jax.Array | None:
 
 
 @functools.singledispatch
-def modes(solver: diffrax.AbstractSolver) -> tuple[Any, Any, Any] | None:
+def modes(solver: diffrax.AbstractSolver) -> Modes | None:
     """See `AbstractGflowSolver.modes`; None for diffrax's solvers."""
     return None
 
 
 @modes.register
-def _(solver: AbstractGflowSolver) -> tuple[Any, Any, Any] | None:
+def _(solver: AbstractGflowSolver) -> Modes | None:
     return solver.modes()
 
 

@@ -10,9 +10,10 @@ gradients instead of h·ρ / 3, where ρ is the spectral radius of the Jacobian.
 `jax.jvp`), by power iteration warm-started from the previous eigenvector and
 multiplied by a safety factor. It is re-estimated only when needed: when the step
 size has grown well past the one it was estimated for, every `refresh` steps, and
-when a step is rejected twice in a row for instability (the engine reports
-rejections through `after_rejection`; one Hessian-vector product tells an unstable step
-from an inaccurate one).
+when a step is rejected twice in a row (the engine reports rejections through
+`after_rejection`), starting from the rejected step's error, which an instability
+makes point along the mode that outgrew the stability interval. One power
+iteration is the only place a Hessian-vector product is compiled.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 
 from .._compat import unvmap_any
 from .._linalg import power_iteration
-from .._tree import tree_random_normal, tree_unit
+from .._tree import tree_scrambled, tree_unit
 from ._protocol import AbstractGflowSolver
 
 
@@ -90,10 +91,10 @@ class AbstractStabilized(AbstractGflowSolver):
 
     def start(self, terms, t0, t1, y0, args, f0) -> StabilizedState:
         """The state at `t0` given the vector field `f0` there (no evaluation). The
-        first power iteration starts from a fixed pseudo-random vector, which has a
-        component along the stiff modes."""
+        first power iteration starts from a fixed vector that looks random, which
+        has a component along the stiff modes."""
         dtype = jnp.result_type(*jax.tree.leaves(y0))
-        noise = tree_random_normal(jax.random.key(0), y0)
+        noise = tree_scrambled(y0)
         zero = jnp.zeros((), jnp.int32)
         return StabilizedState(
             f0=f0,
@@ -173,36 +174,23 @@ class AbstractStabilized(AbstractGflowSolver):
         iteration runs when any lane needs it, for the lanes that do (the others
         take 0 steps).
         """
-        # A step rejected for instability has an error dominated by the mode that
-        # outgrew the stability interval, sharper than the estimate; one rejected
-        # for accuracy has not. The error's Rayleigh quotient tells. Most
-        # rejections are for accuracy and the shrunk step passes: only a second
-        # rejection in a row is worth the Hessian-vector product.
+        # A step rejected twice in a row may have been unstable: its error is then
+        # dominated by the mode that outgrew the stability interval, sharper than
+        # the estimate. The estimate is made again, starting from that error.
         suspect = state.rejections >= 2
-        quotient, sharper, checked, _ = jax.lax.cond(
-            unvmap_any(suspect),
-            lambda: power_iteration(jvp, state.error, jnp.where(suspect, 1, 0)),
-            lambda: (
-                jnp.zeros_like(state.radius),
-                state.error,
-                jnp.zeros((), jnp.int32),
-                jnp.zeros_like(state.radius),
-            ),
-        )
-        unstable = suspect & (self.safety * jnp.abs(quotient) > state.radius)
-        # Estimate at the start, after an unstable step, every `refresh` steps, and
+        # Estimate at the start, after a suspect step, every `refresh` steps, and
         # once the step has grown past four times the one the estimate served.
         due = (
-            unstable
+            suspect
             | (state.radius == 0)
             | (state.age >= self.refresh)
             | (h > 4 * state.h_estimated)
         )
         iters = jnp.where(
-            (state.radius > 0) & ~unstable, self.power_iters // 3, self.power_iters
+            (state.radius > 0) & ~suspect, self.power_iters // 3, self.power_iters
         )
         start = jax.tree.map(
-            lambda a, b: jnp.where(unstable, a, b), sharper, state.vector
+            lambda a, b: jnp.where(suspect, a, b), state.error, state.vector
         )
         # The estimate |q| + residual bounds the top eigenvalue once the vector is
         # mostly in the top eigenvectors' span (close top eigenvalues slow the
@@ -220,4 +208,4 @@ class AbstractStabilized(AbstractGflowSolver):
             ),
         )
         radius = jnp.where(due, self.safety * (jnp.abs(value) + residual), state.radius)
-        return radius, vector, due, checked + count
+        return radius, vector, due, count

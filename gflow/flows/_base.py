@@ -29,6 +29,10 @@ class AbstractFlow(eqx.Module):
             (`"rkc2"`, `"rock4"`, and `"auto"`'s switch to them) require.
         is_sde: whether the flow has noise (an `AbstractSDEFlow`, solved by
             Euler–Maruyama).
+        velocity_is_field: whether `velocity` at a state is the vector field
+            there (its state is the parameters): the engine then starts the
+            solver from the first saved row's velocity instead of evaluating the
+            field again.
 
     Subclasses implement `vector_field`, and override `initial_state`, `params`
     and `velocity` when their state is more than the parameters.
@@ -38,6 +42,7 @@ class AbstractFlow(eqx.Module):
     row_hvps: ClassVar[int] = 0
     gradient_field: ClassVar[bool] = True
     is_sde: ClassVar[bool] = False
+    velocity_is_field: ClassVar[bool] = True
 
     @property
     def start_grads(self) -> int:

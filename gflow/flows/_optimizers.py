@@ -142,6 +142,7 @@ class HeavyBall(AbstractFlow):
     momentum: np.ndarray
     start: str = eqx.field(static=True)
     gradient_field: ClassVar[bool] = False
+    velocity_is_field: ClassVar[bool] = False
 
     def __init__(self, lr: float, momentum: float, start: str = "matched"):
         self.lr = _rate("lr", lr)
