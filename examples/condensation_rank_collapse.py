@@ -36,7 +36,6 @@ import matplotlib  # noqa: E402
 import numpy as np  # noqa: E402
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 import gflow  # noqa: E402
 from gflow.metrics import effective_rank  # noqa: E402
@@ -72,7 +71,7 @@ def dynamics_figure(traj, end1, collapse):
     # Everything after the slow escape happens within a short window: zoom on it
     # with a linear time axis.
     zoom = ts >= 0.8 * ts[end1]
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    fig, axes = gflow.plot.figure(2, 2, size=(6.5, 4.5))
     (ax_escape, ax_norm), (ax_rank, ax_loss) = axes
 
     gflow.plot.series(ts, changes, label=list(names), ax=ax_escape, log_y=True, lw=2)
@@ -94,7 +93,7 @@ def dynamics_figure(traj, end1, collapse):
         ax.get_lines()[0].set(ls=(0, (4, 3)), zorder=3)
     ax_rank.set(
         ylabel="effective rank (Roy & Vetterli)",
-        title="(c) zoom: W_Q collapses towards rank one, then partly recovers",
+        title="(c) zoom: W_Q collapses towards rank one,\nthen partly recovers",
     )
     gflow.plot.series(
         ts[zoom],
@@ -111,38 +110,44 @@ def dynamics_figure(traj, end1, collapse):
     for ax in axes.ravel():
         gflow.plot.mark_time(ax, ts[end1], condensed, legend=True)
         gflow.plot.mark_time(ax, ts[collapse], collapsed, legend=True, ls=":", lw=1.5)
-    ax_escape.legend(fontsize=9, loc="upper left")
-    ax_norm.legend(fontsize=9, loc="lower right")
-    ax_rank.legend(fontsize=9, loc="upper right")
-    ax_loss.legend(fontsize=9, loc="lower left")
+    ax_escape.legend(fontsize="small", loc="upper left")
+    ax_norm.legend(fontsize="small", loc="lower right")
+    ax_rank.legend(fontsize="small", loc="upper right")
+    ax_loss.legend(fontsize="small", loc="lower left")
     fig.suptitle(
-        "Condensation, then key–query rank collapse (Chen & Luo), "
-        "gradient flow from ε-small init",
-        fontsize=13,
+        "Condensation, then key–query rank collapse (Chen & Luo):\n"
+        "the gradient flow from an ε-small initialisation",
+        fontsize="large",
     )
-    fig.tight_layout()
     return fig
 
 
 def heatmap_figure(traj, end1, collapse):
     moments = {
         "t = 0": 0,
-        f"condensed, t = {float(traj.ts[end1]):.0f}": end1,
-        f"rank collapse, t = {float(traj.ts[collapse]):.0f}": collapse,
-        f"end, t = {float(traj.ts[-1]):.0f}": len(traj) - 1,
+        f"condensed\nt = {float(traj.ts[end1]):.0f}": end1,
+        f"rank collapse\nt = {float(traj.ts[collapse]):.0f}": collapse,
+        f"end\nt = {float(traj.ts[-1]):.0f}": len(traj) - 1,
     }
     names = ("W_V", "W1", "W_Q")
-    fig, axes = plt.subplots(len(names), len(moments), figsize=(13, 9.5))
+    fig, axes = gflow.plot.figure(
+        len(names),
+        len(moments),
+        size=(13 / len(moments), 9.5 / len(names)),
+        min_width=0,  # one row per matrix, one column per moment, even in a paper
+    )
     for row, name in enumerate(names):
         for col, (when, index) in enumerate(moments.items()):
             _, image = gflow.plot.row_similarity(
                 np.asarray(traj.params[name][index]),
                 ax=axes[row, col],
-                title=f"{name}: {when}",
+                title=when if row == 0 else None,
             )
+        axes[row, 0].set_ylabel(name)
     fig.colorbar(image, ax=axes, shrink=0.6, label="cosine similarity between rows")
     fig.suptitle(
-        "Row cosine similarity, rows reordered by the top eigenvector", fontsize=13
+        "Row cosine similarity,\nrows reordered by the top eigenvector",
+        fontsize="large",
     )
     return fig
 
@@ -152,6 +157,11 @@ def main(argv=None):
     parser.add_argument("--full", action="store_true")
     parser.add_argument("--eps", type=float, default=1e-3)
     parser.add_argument("--out", default="out/condensation")
+    parser.add_argument(
+        "--paper",
+        choices=["column", "page"],
+        help="also write the figures as PDF, at a paper's column or page width",
+    )
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -186,11 +196,15 @@ def main(argv=None):
         "final_loss": float(traj.loss[-1]),
     }
     print(json.dumps(result, indent=2))
-    dynamics_figure(traj, end1, collapse).savefig(
-        out / "condensation_dynamics.png", dpi=110
+    gflow.plot.save_versions(
+        lambda: dynamics_figure(traj, end1, collapse),
+        out / "condensation_dynamics",
+        paper=args.paper,
     )
-    heatmap_figure(traj, end1, collapse).savefig(
-        out / "condensation_heatmaps.png", dpi=100
+    gflow.plot.save_versions(
+        lambda: heatmap_figure(traj, end1, collapse),
+        out / "condensation_heatmaps",
+        paper=args.paper,
     )
     (out / "condensation_summary.json").write_text(json.dumps(result, indent=2))
     print(

@@ -41,7 +41,6 @@ import jax.numpy as jnp  # noqa: E402
 import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 import gflow  # noqa: E402
@@ -88,7 +87,7 @@ def figure(traj, phases, model, data):
     ts = np.asarray(traj.ts)
     t1 = phases.t1
     t1_index = int(np.searchsorted(ts, t1))
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    fig, axes = gflow.plot.figure(2, 2, size=(6.0, 4.25))
     ax_scores, ax_loss, ax_g, ax_balance = axes.ravel()
 
     gflow.plot.attention_scores(traj, model, ax=ax_scores, lw=2)
@@ -101,7 +100,7 @@ def figure(traj, phases, model, data):
     gflow.plot.series(ts, g, label=["G(µ1)", "G(µ2)", "G(µ3)"], ax=ax_g, lw=2)
     ax_g.axhline(0, color="0.5", lw=0.8)
     ax_g.set(
-        ylabel="MLP value G(µ) = Σⱼ aⱼ wⱼᵀ W_V µ",
+        ylabel="G(µ) = Σⱼ aⱼ wⱼᵀ W_V µ",
         title="(c) the linear MLP aligns with the signals",
     )
 
@@ -116,8 +115,9 @@ def figure(traj, phases, model, data):
         lw=2,
     )
     ax_balance.set(
-        ylabel="|Σ_I2 g − Σ_I3 g| / min(Σ_I2 g, Σ_I3 g)",
-        title="(d) automatic balancing of gradients in Phase 2",
+        ylabel="gradient imbalance",
+        title="(d) gradients balance in Phase 2\n"
+        "|Σ_I2 g − Σ_I3 g| / min(Σ_I2 g, Σ_I3 g)",
     )
 
     for ax in axes.ravel():
@@ -126,13 +126,12 @@ def figure(traj, phases, model, data):
             gflow.plot.mark_time(ax, t1, "end of Phase 1")
         else:
             ax.set_xlim(left=t1)
-        ax.legend(fontsize=9) if ax.get_legend_handles_labels()[0] else None
+        ax.legend(fontsize="small") if ax.get_legend_handles_labels()[0] else None
     fig.suptitle(
-        "Word co-occurrence, gradient flow at the paper's scale "
-        f"(t up to {ts[-1]:g}; shaded: the phases found by gflow.detect_phases)",
-        fontsize=13,
+        f"Word co-occurrence at the paper's scale, t up to {ts[-1]:g}\n"
+        "(shaded: the phases found by gflow.detect_phases)",
+        fontsize="large",
     )
-    fig.tight_layout()
     return fig
 
 
@@ -165,6 +164,11 @@ def main(argv=None):
     parser.add_argument("--init", choices=["paper", "kaiming"], default="paper")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="out/cooccurrence")
+    parser.add_argument(
+        "--paper",
+        choices=["column", "page"],
+        help="also write the figures as PDF, at a paper's column or page width",
+    )
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -178,7 +182,11 @@ def main(argv=None):
     t1_index = int(np.searchsorted(np.asarray(traj.ts), phases.t1))
     result = summary(traj, t1_index)
     print(json.dumps({k: v for k, v in result.items() if k != "solver"}, indent=2))
-    figure(traj, phases, model, data).savefig(out / "cooccurrence_phases.png", dpi=110)
+    gflow.plot.save_versions(
+        lambda: figure(traj, phases, model, data),
+        out / "cooccurrence_phases",
+        paper=args.paper,
+    )
     (out / "cooccurrence_summary.json").write_text(json.dumps(result, indent=2))
     print(f"wrote {out / 'cooccurrence_phases.png'} and cooccurrence_summary.json")
     return result

@@ -27,7 +27,6 @@ import matplotlib
 import numpy as np
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 import gflow  # noqa: E402
 from gflow.models import CooccurrenceTransformer, cooccurrence_data  # noqa: E402
@@ -35,10 +34,59 @@ from gflow.models import CooccurrenceTransformer, cooccurrence_data  # noqa: E40
 LEARNING_RATES = (0.3, 0.1, 0.03)
 
 
+def figure(flow, runs, comparisons, sharpness):
+    """Loss, distance to the flow and sharpness of the flow and of GD."""
+    fig, (ax_loss, ax_dist, ax_sharp) = gflow.plot.figure(1, 3, size=(6.0, 4.8))
+    gflow.plot.loss(flow, "gradient flow (gflow)", ax=ax_loss, color="k", lw=3)
+    for i, (lr, gd) in enumerate(runs.items()):
+        gflow.plot.loss(gd, f"GD, lr = {lr:g}", ax=ax_loss, color=f"C{i + 1}", lw=1.5)
+    ax_loss.set(title="loss on the same time axis (step k at t = k·lr)")
+    for i, (lr, c) in enumerate(comparisons.items()):
+        gflow.plot.series(
+            c.ts,
+            c.param_distance,
+            label=f"GD, lr = {lr:g}",
+            ax=ax_dist,
+            log_y=True,
+            lw=2,
+            color=f"C{i + 1}",
+        )
+    ax_dist.axhline(1e-2, color="0.4", ls=":", label="1% (compare's tol)")
+    ax_dist.set(
+        ylabel="‖θ_GD(t) − θ_flow(t)‖ / max norm",
+        title="how far gradient descent strays from the flow",
+    )
+    ax_dist.legend()
+    gflow.plot.series(
+        flow.ts,
+        sharpness,
+        label="λ_max along the flow",
+        ax=ax_sharp,
+        log_y=True,
+        color="k",
+        lw=2,
+    )
+    for i, lr in enumerate(LEARNING_RATES):
+        ax_sharp.axhline(
+            2 / lr, color=f"C{i + 1}", ls="--", label=f"2 / lr, lr = {lr:g}"
+        )
+    ax_sharp.set(
+        ylabel="top Hessian eigenvalue", title="GD leaves the flow where λ_max > 2 / lr"
+    )
+    ax_sharp.legend()
+    fig.suptitle("Co-occurrence transformer (Yang et al.'s scale):\nflow vs GD")
+    return fig
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--t-max", type=float, default=300.0)
     parser.add_argument("--out", default="out/flow_vs_gd")
+    parser.add_argument(
+        "--paper",
+        choices=["column", "page"],
+        help="also write the figures as PDF, at a paper's column or page width",
+    )
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -85,47 +133,11 @@ def main(argv=None):
     print(flow.summary())
     print(json.dumps(summary, indent=2))
 
-    fig, (ax_loss, ax_dist, ax_sharp) = plt.subplots(1, 3, figsize=(18, 4.8))
-    gflow.plot.loss(flow, "gradient flow (gflow)", ax=ax_loss, color="k", lw=3)
-    for i, (lr, gd) in enumerate(runs.items()):
-        gflow.plot.loss(gd, f"GD, lr = {lr:g}", ax=ax_loss, color=f"C{i + 1}", lw=1.5)
-    ax_loss.set(title="loss on the same time axis (step k at t = k·lr)")
-    for i, (lr, c) in enumerate(comparisons.items()):
-        gflow.plot.series(
-            c.ts,
-            c.param_distance,
-            label=f"GD, lr = {lr:g}",
-            ax=ax_dist,
-            log_y=True,
-            lw=2,
-            color=f"C{i + 1}",
-        )
-    ax_dist.axhline(1e-2, color="0.4", ls=":", label="1% (compare's tol)")
-    ax_dist.set(
-        ylabel="‖θ_GD(t) − θ_flow(t)‖ / max norm",
-        title="how far gradient descent strays from the flow",
+    gflow.plot.save_versions(
+        lambda: figure(flow, runs, comparisons, sharpness),
+        out / "flow_vs_gradient_descent",
+        paper=args.paper,
     )
-    ax_dist.legend()
-    gflow.plot.series(
-        flow.ts,
-        sharpness,
-        label="λ_max along the flow",
-        ax=ax_sharp,
-        log_y=True,
-        color="k",
-        lw=2,
-    )
-    for i, lr in enumerate(LEARNING_RATES):
-        ax_sharp.axhline(
-            2 / lr, color=f"C{i + 1}", ls="--", label=f"2 / lr, lr = {lr:g}"
-        )
-    ax_sharp.set(
-        ylabel="top Hessian eigenvalue", title="GD leaves the flow where λ_max > 2 / lr"
-    )
-    ax_sharp.legend()
-    fig.suptitle("Co-occurrence transformer (Yang et al.'s scale): flow vs GD")
-    fig.tight_layout()
-    fig.savefig(out / "flow_vs_gradient_descent.png", dpi=110)
     (out / "flow_vs_gd_summary.json").write_text(json.dumps(summary, indent=2))
     print(f"wrote {out / 'flow_vs_gradient_descent.png'} and flow_vs_gd_summary.json")
     return summary

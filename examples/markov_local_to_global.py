@@ -45,7 +45,6 @@ import jax.numpy as jnp  # noqa: E402
 import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 import gflow  # noqa: E402
@@ -155,7 +154,7 @@ def init_ensembles(n_members, n_seqs, seq_len, t_max):
 
 
 def basins_figure(axis, maps, inits):
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
+    fig, axes = gflow.plot.figure(1, 3, size=(5.667, 5.2))
     for ax, ((p, q), (found, exact, _)) in zip(axes, maps.items(), strict=False):
         gflow.plot.basin_map(
             axis, axis, found.labels, names=found.names, exact=exact, ax=ax
@@ -181,7 +180,7 @@ def basins_figure(axis, maps, inits):
             held,
             "o",
             alpha=0.6,
-            label=f"{label}: {frac:.0%} nearer the bigram loss",
+            label=f"{label}: {frac:.0%} near bigram",
         )
     ax.axhline(unigram, color="0.3", ls=":", label=f"unigram {unigram:.4f}")
     ax.axhline(entropy_rate, color="0.3", ls="--", label=f"bigram {entropy_rate:.4f}")
@@ -192,8 +191,7 @@ def basins_figure(axis, maps, inits):
         ylabel="held-out loss at t_max",
         title=f"(c) full transformer: {len(held)} flows per init",
     )
-    ax.legend(fontsize=9, loc="center left")
-    fig.tight_layout()
+    ax.legend(fontsize="small", loc="center left")
     return fig
 
 
@@ -239,12 +237,12 @@ def draw_portrait(ax, model, flows):
         ylabel="weight w",
         title="(a) canonical (e, w) flow on energy level sets",
     )
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper right", fontsize="x-small")
 
 
 def figure(model, flows, runs):
     unigram, entropy_rate = markov_reference_losses(P, Q)
-    fig, (ax_portrait, ax_canon, ax_full) = plt.subplots(1, 3, figsize=(17, 5.2))
+    fig, (ax_portrait, ax_canon, ax_full) = gflow.plot.figure(1, 3, size=(5.667, 5.2))
     draw_portrait(ax_portrait, model, flows)
     for (e0, w0), traj in zip(WORKED_CASES, flows, strict=True):
         gflow.plot.loss(traj, f"from ({e0}, {w0})", ax=ax_canon, log_y=False, lw=2)
@@ -257,7 +255,7 @@ def figure(model, flows, runs):
             label=f"entropy rate = {entropy_rate:.5f}",
         )
     ax_canon.set(title="(b) canonical model: exact expected loss")
-    ax_canon.legend(fontsize=9)
+    ax_canon.legend(fontsize="small")
     for init, label in (
         ("gaussian", "standard Gaussian init"),
         ("makkuva", "their proposed init"),
@@ -271,9 +269,8 @@ def figure(model, flows, runs):
         "training loss; the legend gives the held-out loss",
         ylim=(entropy_rate - 0.02, 0.72),
     )
-    ax_full.legend(fontsize=9)
-    fig.suptitle(f"Local to global: Markov chain p = {P}, q = {Q}", fontsize=13)
-    fig.tight_layout()
+    ax_full.legend(fontsize="small")
+    fig.suptitle(f"Local to global: Markov chain p = {P}, q = {Q}", fontsize="large")
     return fig
 
 
@@ -284,6 +281,11 @@ def main(argv=None):
         "--quick", action="store_true", help="a few-second smoke run (not converged)"
     )
     parser.add_argument("--out", default="out/markov")
+    parser.add_argument(
+        "--paper",
+        choices=["column", "page"],
+        help="also write the figures as PDF, at a paper's column or page width",
+    )
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -347,8 +349,16 @@ def main(argv=None):
         },
     }
     print(json.dumps(result, indent=2))
-    figure(model, flows, runs).savefig(out / "markov_local_to_global.png", dpi=110)
-    basins_figure(axis, maps, inits).savefig(out / "markov_basins.png", dpi=110)
+    gflow.plot.save_versions(
+        lambda: figure(model, flows, runs),
+        out / "markov_local_to_global",
+        paper=args.paper,
+    )
+    gflow.plot.save_versions(
+        lambda: basins_figure(axis, maps, inits),
+        out / "markov_basins",
+        paper=args.paper,
+    )
     (out / "markov_summary.json").write_text(json.dumps(result, indent=2))
     print(
         f"wrote {out}/markov_local_to_global.png, markov_basins.png and "

@@ -5,9 +5,10 @@ A two-layer linear network W2 W1 learns a target matrix with singular values
 modes one at a time, the strongest first (Saxe, McClelland & Ganguli 2014): the mode
 with singular value s rises near t = log(s / u0) / (2 s), u0 being its small initial
 strength, so the loss falls in a staircase.
-gflow integrates the flow exactly (to the solver's tolerance) with a few hundred
-gradient evaluations; gradient descent with a large learning rate is shown beside it
-on the same time axis (step k at t = k * lr).
+gflow integrates the flow exactly (to the solver's tolerance) with about a
+thousand gradient evaluations (its summary prints the count); gradient descent
+with a large learning rate is shown beside it on the same time axis (step k at
+t = k * lr).
 
 Run:  python examples/quickstart.py [--out DIR]
 Writes DIR/quickstart.png (default DIR: out/quickstart) and prints a summary.
@@ -58,9 +59,46 @@ def product_singular_values(params):
     return jnp.linalg.svd(params["W2"] @ params["W1"], compute_uv=False)
 
 
+def figure(flow, gd, lr):
+    """The loss, and the singular values of W2 W1, of the flow and of GD."""
+    fig, (ax_loss, ax_sv) = gflow.plot.figure(1, 2, size=(5.5, 4.2))
+    ax_loss.semilogy(flow.ts, flow.loss, lw=2.5, label="gradient flow (gflow)")
+    ax_loss.semilogy(gd.ts, gd.loss, "--", lw=1.5, label=f"gradient descent, lr={lr}")
+    ax_loss.set(
+        xlabel="gradient-flow time t",
+        ylabel="loss",
+        title="(a) the loss falls one mode at a time",
+    )
+    ax_loss.legend()
+    colors = plt.cm.viridis(np.linspace(0, 0.85, len(TARGET_SINGULAR_VALUES)))
+    for i, (s, c) in enumerate(zip(TARGET_SINGULAR_VALUES, colors, strict=True)):
+        ax_sv.plot(
+            flow.ts,
+            flow.metrics["singular_values"][:, i],
+            color=c,
+            lw=2.5,
+            label=f"mode {i + 1} (target {s:g})",
+        )
+        ax_sv.plot(gd.ts, gd.metrics["singular_values"][:, i], "--", color=c, lw=1)
+        ax_sv.axhline(s, color=c, ls=":", lw=1)
+    ax_sv.set(
+        xlabel="gradient-flow time t",
+        ylabel="singular value of W2 W1",
+        title="(b) strongest mode first\n(dashed: GD; dotted: target)",
+    )
+    ax_sv.set_ylim(-0.1, 4.2)  # room for the legend above the targets
+    ax_sv.legend(loc="upper center", ncol=2, fontsize="x-small")
+    return fig
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out/quickstart", help="output folder")
+    parser.add_argument(
+        "--paper",
+        choices=["column", "page"],
+        help="also write the figures as PDF, at a paper's column or page width",
+    )
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -94,38 +132,10 @@ def main(argv=None):
         f"final loss {float(gd.loss[-1]):.3g}"
     )
 
-    fig, (ax_loss, ax_sv) = plt.subplots(1, 2, figsize=(11, 4.2))
-    ax_loss.semilogy(flow.ts, flow.loss, lw=2.5, label="gradient flow (gflow)")
-    ax_loss.semilogy(gd.ts, gd.loss, "--", lw=1.5, label=f"gradient descent, lr={lr}")
-    ax_loss.set(
-        xlabel="gradient-flow time t",
-        ylabel="loss",
-        title="Loss falls in steps, one per learned mode",
+    paths = gflow.plot.save_versions(
+        lambda: figure(flow, gd, lr), out / "quickstart", paper=args.paper
     )
-    ax_loss.legend()
-    colors = plt.cm.viridis(np.linspace(0, 0.85, len(TARGET_SINGULAR_VALUES)))
-    for i, (s, c) in enumerate(zip(TARGET_SINGULAR_VALUES, colors, strict=True)):
-        ax_sv.plot(
-            flow.ts,
-            flow.metrics["singular_values"][:, i],
-            color=c,
-            lw=2.5,
-            label=f"mode {i + 1} (target {s:g})",
-        )
-        ax_sv.plot(gd.ts, gd.metrics["singular_values"][:, i], "--", color=c, lw=1)
-        ax_sv.axhline(s, color=c, ls=":", lw=1)
-    ax_sv.set(
-        xlabel="gradient-flow time t",
-        ylabel="singular value of W2 W1",
-        title="Modes are learned strongest first\n"
-        "(solid: flow, dashed: GD, dotted: target)",
-    )
-    ax_sv.set_ylim(-0.1, 3.9)
-    ax_sv.legend(loc="upper center", ncol=2, fontsize=9)
-    fig.tight_layout()
-    path = out / "quickstart.png"
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    print("wrote " + " and ".join(map(str, paths)))
     return flow, gd
 
 

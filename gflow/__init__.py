@@ -17,6 +17,7 @@ from ._discrete import gradient_descent as gradient_descent
 from ._ensemble import simulate_ensemble as simulate_ensemble
 from ._errors import SimulationError as SimulationError
 from ._phases import Phases as Phases
+from ._phases import classifier_alignment as classifier_alignment
 from ._phases import detect_condensation_stages as detect_condensation_stages
 from ._phases import detect_phases as detect_phases
 from ._simulate import simulate as simulate

@@ -106,7 +106,8 @@ def _valid_rows(out: Outputs, param_rows: np.ndarray, n_times: int):
         finite = np.isfinite(leaf.reshape(leaf.shape[:2] + (-1,))).all(-1)
         bad = ~finite & (slot_row >= 0)
         ok[np.nonzero(bad)[0], slot_row[bad]] = False
-    first_bad = np.where(ok.all(1), n, ok.argmin(1))
+    # Row 0 is always kept: a trajectory shows where it started.
+    first_bad = np.where(ok.all(1), n, np.maximum(ok.argmin(1), 1))
     cut = first_bad < n
     # A member cut short ends at its last row before the cut that holds parameters.
     usable = np.where((slot_row >= 0) & (slot_row < first_bad[:, None]), slot_row, -1)
@@ -164,6 +165,48 @@ def timings(timer) -> dict[str, Any]:
     )
 
 
-def finish(traj: Trajectory, entry: str, throw: bool, kind: str = "flow"):
-    """`traj`, or the `SimulationError` of its failure when `throw`."""
+def finish(
+    traj: Trajectory,
+    entry: str,
+    throw: bool,
+    kind: str = "flow",
+    inputs: dict[str, Any] | None = None,
+):
+    """`traj`, or the `SimulationError` of its failure when `throw`. A loss that
+    is undefined at the initial parameters is bad input, a ValueError always,
+    naming the cause: an input of `inputs` (`{name: pytree}`, read on the host
+    only then) with inf/NaN values, or else the loss itself."""
+    first_loss = np.atleast_1d(np.asarray(traj.loss)[..., 0])
+    undefined = np.flatnonzero(
+        (np.atleast_1d(traj.result) == "nonfinite_start") | ~np.isfinite(first_loss)
+    )
+    if undefined.size:
+        for name, tree in (inputs or {}).items():
+            require_finite(name, tree)
+        members = ""
+        if traj.batch_size is not None:
+            more = " ..." if undefined.size > 10 else ""
+            members = f" (members {undefined[:10].tolist()}{more})"
+        raise ValueError(
+            f"gflow.{entry}: the loss or its gradient is inf/NaN at the initial "
+            f"parameters{members}, though they and the data are finite: the loss is "
+            "undefined there (a log or a division at 0, an overflow). Start from "
+            "other parameters, or make the loss finite there."
+        )
     return raise_if_failed(traj, entry, kind) if throw else traj
+
+
+def require_finite(name: str, tree: Any) -> None:
+    """A ValueError naming `name` and its first leaf with inf/NaN values."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        values = np.asarray(leaf) if eqx.is_array(leaf) else None
+        if values is None or not np.issubdtype(values.dtype, np.inexact):
+            continue
+        bad = ~np.isfinite(values)
+        if bad.any():
+            where = jax.tree_util.keystr(path) or "(the root)"
+            raise ValueError(
+                f"`{name}` holds inf/NaN values: leaf {where} has {int(bad.sum())} of "
+                f"{values.size}. The flow of a loss on them is undefined: remove or "
+                "replace them before calling gflow."
+            )

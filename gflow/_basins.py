@@ -24,7 +24,7 @@ def grid(axes: Mapping[str, Any]) -> dict[str, Any]:
         then `ravel()`): `values.reshape(len(es), len(ws))` gives the plane back.
         Pass it as `params0` to `gflow.simulate_ensemble`.
 
-    Example:
+    Examples:
         >>> params0 = gflow.grid({"e": jnp.linspace(-2, 2, 3), "w": jnp.zeros(2)})
         >>> params0["e"]
         Array([-2., -2.,  0.,  0.,  2.,  2.], dtype=float32)
@@ -106,7 +106,7 @@ def basins(
     Returns:
         A [`gflow.Basins`][]: `labels`, `counts`, `fractions`, `mask(name)`.
 
-    Example:
+    Examples:
         >>> local, bigram = gflow.models.markov_reference_losses(0.5, 0.8)
         >>> b = gflow.basins(ens, {"local": local, "global": bigram}, atol=1e-3)
         >>> b.fractions["global"], b.labels.reshape(200, 200)

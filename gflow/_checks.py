@@ -7,6 +7,7 @@ the flows and the models all reuse the same checks and say the same things.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import equinox as eqx
@@ -109,8 +110,9 @@ def check_t_max(t_max: Any) -> float:
     return value
 
 
-def check_ts(ts: Any, t_max: float) -> np.ndarray:
-    """User-given save times, checked against `t_max`; float64."""
+def check_ts(ts: Any, t_max: float, short: bool = False) -> np.ndarray:
+    """User-given save times, checked against `t_max`; float64. `short`: times
+    that end before `t_max` are allowed, and `t_max` is appended."""
     array = np.asarray(ts)
     require(
         array.ndim == 1, f"`ts` must be a 1-D array of times; got shape {array.shape}."
@@ -130,13 +132,15 @@ def check_ts(ts: Any, t_max: float) -> np.ndarray:
             "`ts` must be strictly increasing; "
             f"ts[{i}] = {array[i]} is followed by ts[{i + 1}] = {array[i + 1]}."
         )
+    if math.isclose(array[-1], t_max, rel_tol=1e-12):
+        array[-1] = t_max
+        return array
     require(
-        math.isclose(array[-1], t_max, rel_tol=1e-12),
+        short and array[-1] < t_max,
         f"`ts` must end at t_max = {t_max}; got ts[-1] = {array[-1]}. Pass "
         "t_max=ts[-1], or append t_max to ts.",
     )
-    array[-1] = t_max
-    return array
+    return np.append(array, t_max)
 
 
 def check_keys(name: str, keys: Any, members: int | None | bool) -> jax.Array:
@@ -186,6 +190,15 @@ def check_params(params: Any, name: str) -> Any:
     """`params` with Python floats as arrays, checked to have something to train:
     at least one floating-point array leaf. Every other leaf (functions, ints,
     strings, integer arrays, static fields of an equinox Module) is held fixed."""
+    if not jax.config.jax_enable_x64 and any(
+        isinstance(x, np.ndarray | np.floating) and x.dtype == np.float64
+        for x in jax.tree.leaves(params)
+    ):
+        _warn_once(
+            f"`{name}` holds float64 NumPy values, which JAX computes in float32: "
+            "its float64 mode is off. To run in float64, call "
+            "jax.config.update('jax_enable_x64', True) first.",
+        )
     params = jax.tree.map(
         lambda x: jnp.asarray(x) if isinstance(x, float | np.floating) else x, params
     )
@@ -203,3 +216,13 @@ def check_params(params: Any, name: str) -> Any:
             "floating-point parameters; convert them, e.g. with .astype(float)."
         )
     return params
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """A UserWarning, the first time in a process only."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=4)

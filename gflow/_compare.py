@@ -35,7 +35,37 @@ class Comparison(eqx.Module):
 
     @property
     def max_loss_gap(self) -> float:
+        """The largest |L_b − L_a| over the common save times."""
         return float(np.max(np.abs(self.loss_gap)))
+
+    @property
+    def max_param_distance_time(self) -> float:
+        """The common time of the largest parameter distance."""
+        return float(self.ts[int(np.argmax(self.param_distance))])
+
+    def summary(self) -> str:
+        """A few readable lines: the span compared, the distances, where the two
+        part."""
+        first = self.first_difference_time
+        parted = (
+            f"they differ by more than {self.tol:g} from t = {first:.5g} on"
+            if first is not None
+            else f"they never differ by more than {self.tol:g}"
+        )
+        return "\n".join(
+            [
+                f"Comparison at {len(self.ts)} common save times, t in "
+                f"[{self.ts[0]:.5g}, {self.ts[-1]:.5g}]:",
+                f"  largest relative parameter distance {self.max_param_distance:.3g}"
+                f" (at t = {self.max_param_distance_time:.5g}), final "
+                f"{self.param_distance[-1]:.3g};",
+                f"  largest |loss gap| {self.max_loss_gap:.3g}, final "
+                f"{self.loss_gap[-1]:.3g}; {parted}.",
+            ]
+        )
+
+    def __repr__(self) -> str:
+        return f"<{self.summary()}>"
 
 
 def compare(a: Trajectory, b: Trajectory, *, tol: float = 1e-2) -> Comparison:
@@ -57,7 +87,7 @@ def compare(a: Trajectory, b: Trajectory, *, tol: float = 1e-2) -> Comparison:
         ValueError: different parameter structures or shapes, or fewer than two
             common save times.
 
-    Example:
+    Examples:
         >>> gd = gflow.gradient_descent(model, data, 100.0, lr=0.1, key=0)
         >>> flow = gflow.simulate(model, data, 100.0, key=0, ts=gd.ts)
         >>> c = gflow.compare(flow, gd, tol=1e-3)

@@ -23,6 +23,7 @@ from ._run import Segments, run_in_segments
 from ._trajectory import Trajectory
 from ._tree import tree_set
 from .flows import GradientFlow
+from .flows._base import grad
 
 
 @takes_options(*COMMON_KEYWORDS, *CHECKPOINT_KEYWORDS)
@@ -59,7 +60,9 @@ def gradient_descent(
     Args:
         model: as in [`gflow.simulate`][].
         data: as in `gflow.simulate`.
-        t_max: the final time; the run takes `round(t_max / time_per_step)` steps.
+        t_max: the final time; the run takes the most whole steps that fit in it,
+            `floor(t_max / time_per_step)`: its last row is at that step's time,
+            at or before `t_max`.
         lr: the learning rate of plain gradient descent (and the default time per
             step). Ignored for the update when `optimizer` is given.
         params0: as in `gflow.simulate`.
@@ -89,7 +92,7 @@ def gradient_descent(
         inf/NaN (a learning rate above 2 / sharpness), `result` is `"diverged"`
         and the trajectory ends at the last finite save.
 
-    Example:
+    Examples:
         >>> gd = gflow.gradient_descent(model, data, 300.0, lr=0.01, key=0)
         >>> flow = gflow.simulate(model, data, 300.0, key=0, ts=gd.ts)
         >>> gflow.compare(flow, gd).max_param_distance
@@ -144,13 +147,17 @@ def gradient_descent(
     traj = assemble(
         out, opts, meta, timing, batched=False, fixed=prepared.fixed, stats=stats
     )
-    return finish(traj, "gradient_descent", opts.throw, "discrete")
+    inputs = {"params0": prepared.params0, "data": data}
+    return finish(traj, "gradient_descent", opts.throw, "discrete", inputs)
 
 
 def _on_whole_steps(opts: Options, tau: float) -> tuple[np.ndarray, Options]:
     """The step of each save time (rounded to the nearest whole step, duplicates
     dropped, the last save on the last step), and the options saving there."""
-    n_steps = round(opts.saves.t_max / tau)
+    # The whole steps that fit in t_max (with a margin for the rounding of
+    # t_max / tau): the last one lands at or before t_max, so that a flow can be
+    # saved at the same times (`ts=gd.ts`) whatever the learning rate.
+    n_steps = int(np.floor(opts.saves.t_max / tau * (1 + 1e-12)))
     if n_steps < 1:
         raise ValueError(
             f"t_max = {opts.saves.t_max} is less than one step of {tau}: raise t_max "
@@ -264,7 +271,7 @@ class Descent(eqx.Module):
         """Step `k` from `carry` = (params, optimiser state)."""
         params, opt_state = carry
         batch = data if self.batches is None else self.batches.draw(data, k)
-        grads = jax.grad(self.loss_fn)(params, batch)
+        grads = grad(self.loss_fn, params, batch)
         if self.optimizer is None:
             return jax.tree.map(lambda p, g: p - lr * g, params, grads), opt_state
         updates, opt_state = self.optimizer.update(grads, opt_state, params)

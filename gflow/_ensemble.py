@@ -108,7 +108,7 @@ def simulate_ensemble(
         ValueError, TypeError: bad arguments (the message names the argument).
         SimulationError: a member failed and `throw=True`.
 
-    Example:
+    Examples:
         >>> model = gflow.models.MarkovCanonical(0.5, 0.8)
         >>> params0 = gflow.grid({"e": jnp.linspace(-2, 2, 50),
         ...                       "w": jnp.linspace(-2, 2, 50)})
@@ -184,7 +184,8 @@ def simulate_ensemble(
     traj = assemble(
         out, opts, meta, timing, batched=True, stats=stats, fixed=prepared.fixed
     )
-    return finish(traj, "simulate_ensemble", opts.throw)
+    inputs = {"params0": prepared.params0, "data": data}
+    return finish(traj, "simulate_ensemble", opts.throw, inputs=inputs)
 
 
 def _solve_share(

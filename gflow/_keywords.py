@@ -35,7 +35,9 @@ KEYWORDS: dict[str, Keyword] = {
     "ts": Keyword(
         None,
         "ArrayLike | None",
-        "explicit save times: a strictly increasing 1-D array from 0 to `t_max`.",
+        "explicit save times: a strictly increasing 1-D array from 0 to `t_max` (a "
+        "flow's may end before `t_max`, which is then appended: `ts=gd.ts` works "
+        "whatever the learning rate).",
     ),
     "n_save": Keyword(101, "int", "the number of save times when `ts` is not given."),
     "spacing": Keyword(
@@ -153,6 +155,9 @@ KEYWORDS: dict[str, Keyword] = {
     ),
 }
 
+# Words of an optimiser a user may pass to a flow, which has none of them.
+_OPTIMISER_WORDS = {"lr", "learning_rate", "momentum", "batch_size", "optimizer"}
+
 #: The keywords of each kind of entry point.
 SAVE_KEYWORDS = ("ts", "n_save", "spacing", "params_at")
 COMMON_KEYWORDS = (*SAVE_KEYWORDS, "metrics", "throw", "matmul_precision")
@@ -169,13 +174,27 @@ def parse(entry: str, t_max: Any, allowed: tuple[str, ...], given: dict) -> Opti
         name = unknown[0]
         close = difflib.get_close_matches(name, allowed, n=1)
         hint = f" Did you mean `{close[0]}`?" if close else ""
+        if "solver" in allowed and name in _OPTIMISER_WORDS:
+            hint = (
+                " The gradient flow has no learning rate (it is gradient descent's "
+                "lr -> 0 limit): run gradient descent with gflow.gradient_descent("
+                "..., lr=...), or integrate a flow that models an optimiser at a "
+                "finite rate, flow=gflow.flows.ModifiedGD(lr) (or HeavyBall, SGD)."
+            )
         raise TypeError(
             f"gflow.{entry}() got an unexpected keyword argument `{name}`.{hint}"
         )
     kw = {name: given.get(name, KEYWORDS[name].default) for name in allowed}
     t_max = check_t_max(t_max)
+    # A flow may be saved at gradient descent's times, which end on its last
+    # step: at or before t_max.
     saves = SaveTimes.build(
-        t_max, kw["ts"], kw["n_save"], kw["spacing"], kw["params_at"]
+        t_max,
+        kw["ts"],
+        kw["n_save"],
+        kw["spacing"],
+        kw["params_at"],
+        short_ts="solver" in allowed,
     )
     solver = stopping = None
     if "solver" in allowed:

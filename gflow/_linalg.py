@@ -32,7 +32,7 @@ def power_iteration(
     once v lies mostly in the span of the top eigenvectors. Warm-start it with the
     previous vector (`v`) when the map changes slowly, as it does along a flow.
 
-    Example:
+    Examples:
         >>> a = jnp.diag(jnp.array([3.0, 1.0]))
         >>> q, v, count, residual = gflow.metrics.power_iteration(
         ...     lambda x: a @ x, jnp.ones(2), 100, rtol=1e-6)

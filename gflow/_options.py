@@ -53,12 +53,16 @@ class SaveTimes(eqx.Module):
             raise ValueError("params must be kept at the first and last save times.")
 
     @classmethod
-    def build(cls, t_max, ts, n_save, spacing, params_at) -> SaveTimes:
-        """From the user's keywords (see `KEYWORDS`)."""
+    def build(
+        cls, t_max, ts, n_save, spacing, params_at, short_ts: bool = False
+    ) -> SaveTimes:
+        """From the user's keywords (see `KEYWORDS`). `short_ts`: `ts` may end
+        before `t_max`, which is then appended (a flow saved at a gradient
+        descent's times, `ts=gd.ts`, whose last step falls short of `t_max`)."""
         if ts is None:
             times = save_times(t_max, n_save, spacing)
         else:
-            times = check_ts(ts, t_max)
+            times = check_ts(ts, t_max, short=short_ts)
         return cls(times, _params_rows(params_at, times))
 
     @property

@@ -17,6 +17,7 @@ so rather than inventing a boundary.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._declarations import PhaseSpec
+from ._declarations import PhaseSpec, Selector, describe, matrix, select
 from ._trajectory import Trajectory
 from .metrics import effective_rank, row_condensation
 
@@ -64,9 +65,47 @@ class Phases(eqx.Module):
         return "\n".join(lines)
 
 
-def _relative_drift(values: np.ndarray) -> np.ndarray:
-    flat = values.reshape(len(values), -1)
+def _relative_drift(values: list[np.ndarray]) -> np.ndarray:
+    """‖x(t) − x(0)‖ / ‖x(0)‖ of arrays with a leading time axis, taken together."""
+    flat = np.concatenate([np.reshape(v, (len(v), -1)) for v in values], axis=1)
     return np.linalg.norm(flat - flat[0], axis=1) / np.linalg.norm(flat[0])
+
+
+def _over_rows(fn, params, *args):
+    """`fn(params_t, *args)` at every row of parameters with a leading time axis
+    (any pytree: the trained leaves have the time axis, the leaves held fixed are
+    shared)."""
+    rows = jax.tree.map(lambda x: 0 if eqx.is_inexact_array(x) else None, params)
+    in_axes = (rows,) + (None,) * len(args)
+    return eqx.filter_vmap(fn, in_axes=in_axes)(params, *args)
+
+
+def first_row(params: Any) -> Any:
+    """The parameters at the first row (the leaves held fixed as they are)."""
+    return jax.tree.map(lambda x: x[0] if eqx.is_inexact_array(x) else x, params)
+
+
+def attention_drift(spec: PhaseSpec, params: Any) -> np.ndarray:
+    """The largest relative drift since t = 0, at every row of `params` (leading
+    time axis), of the attention parameters and the products a spec declares (0
+    when it declares none)."""
+    drifts = [
+        _relative_drift(_over_rows(lambda p, s=sel: select(p, s), params))
+        for sel in spec.attention
+    ]
+    for a, b in spec.products:
+
+        def product(p, a=a, b=b):
+            return matrix(p, a, "PhaseSpec.products").T @ matrix(
+                p, b, "PhaseSpec.products"
+            )
+
+        drifts.append(_relative_drift([np.asarray(_over_rows(product, params))]))
+    if not drifts:
+        return np.zeros(
+            len(jax.tree.leaves(eqx.filter(params, eqx.is_inexact_array))[0])
+        )
+    return np.max(np.stack(drifts), axis=0)
 
 
 def _require_saves(traj: Trajectory, minimum: int = 3) -> None:
@@ -117,19 +156,16 @@ def detect_phases(
         )
     if not drift_threshold > 0:
         raise ValueError(f"`drift_threshold` must be positive; got {drift_threshold}.")
-    spec.check(jax.tree.map(lambda x: x[0], traj.params))
-
-    aligned = np.asarray(jax.vmap(spec.alignment, in_axes=(0, None))(traj.params, data))
+    spec.check(first_row(traj.params))
+    aligned = np.asarray(_over_rows(spec.alignment, traj.params, data))
+    if aligned.ndim == 0:  # the same at every row (a test that ignores params)
+        aligned = np.broadcast_to(aligned, (len(traj),))
     if aligned.shape != (len(traj),) or aligned.dtype != bool:
         raise ValueError(
             "PhaseSpec.alignment must return one boolean per state; it returned "
             f"{aligned.dtype} values of shape {aligned.shape[1:]}."
         )
-    drifts = [_relative_drift(np.asarray(traj.params[name])) for name in spec.attention]
-    for a, b in spec.products:
-        product = jnp.einsum("tij,tik->tjk", traj.params[a], traj.params[b])
-        drifts.append(_relative_drift(np.asarray(product)))
-    drift = np.max(np.stack(drifts), axis=0)
+    drift = attention_drift(spec, traj.params)
     ts = np.asarray(traj.ts)
     signals = {"alignment": aligned, "attention_drift": drift}
 
@@ -167,11 +203,60 @@ def detect_phases(
     )
 
 
+def classifier_alignment(output: Callable, labels: str | Callable = "y") -> Callable:
+    """An alignment test for a classifier: every training example is classified
+    correctly (every margin positive), for `PhaseSpec(alignment=...)` or
+    `stop_when=`.
+
+    Args:
+        output: `output(params, data)`: the model's outputs on the training
+            examples: `(n,)` real scores for labels ±1 (margin `y·output`), or
+            `(n, C)` logits for integer class labels (margin: the true class's
+            logit minus the largest other).
+        labels: where the labels are: a key of `data` (default `"y"`), or a
+            function `labels(data)`.
+
+    Returns:
+        `fn(params, data) -> bool`.
+
+    Examples:
+        >>> spec = gflow.PhaseSpec(
+        ...     attention="attn", mlp="mlp",
+        ...     alignment=gflow.classifier_alignment(model_output))
+    """
+    if not callable(output):
+        raise TypeError("`output` must be a function output(params, data).")
+    if not (isinstance(labels, str) or callable(labels)):
+        raise TypeError("`labels` must be a key of the data or a function of it.")
+
+    def aligned(params, data):
+        scores = jnp.asarray(output(params, data))
+        y = data[labels] if isinstance(labels, str) else labels(data)
+        y = jnp.asarray(y)
+        if scores.ndim == 1:
+            margins = y * scores
+        elif scores.ndim == 2:
+            y = y.astype(jnp.int32)
+            true = jnp.take_along_axis(scores, y[:, None], axis=1)[:, 0]
+            others = jnp.where(
+                jax.nn.one_hot(y, scores.shape[1], dtype=bool), -jnp.inf, scores
+            )
+            margins = true - jnp.max(others, axis=1)
+        else:
+            raise ValueError(
+                "classifier_alignment: `output` must return (n,) scores or (n, C) "
+                f"logits; it returned shape {scores.shape}."
+            )
+        return jnp.all(margins > 0)
+
+    return aligned
+
+
 def detect_condensation_stages(
     traj: Trajectory,
     *,
-    outer: tuple[str, ...] = ("W_V", "W1"),
-    key_query: str = "W_Q",
+    outer: tuple[Selector, ...] = ("W_V", "W1"),
+    key_query: Selector = "W_Q",
     condensation_threshold: float = 0.9,
 ) -> Phases:
     """Chen & Luo's stages from the condensation and effective-rank signals.
@@ -179,25 +264,31 @@ def detect_condensation_stages(
     Stage 1 (condensation) ends at the first save where every matrix in `outer` has
     mean |row cosine similarity| above `condensation_threshold`; stage 2 (key–query
     rank collapse) ends where the effective rank of `key_query` is smallest after
-    that; the rest is "further training".
+    that; the rest is "further training". The matrices are named by selectors, as
+    in `gflow.PhaseSpec` (names, paths, or functions of the parameters).
 
     Returns:
         A `Phases` with `t1` (condensed), `t2` (rank collapse), labels
         "condensation", "rank collapse", "further training" and the signals.
     """
     _require_saves(traj)
-    names = (*outer, key_query)
-    missing = [n for n in names if n not in traj.params]
-    if missing:
-        raise ValueError(f"the trajectory's parameters have no {missing}.")
+    for selector in (*outer, key_query):
+        matrix(first_row(traj.params), selector, "detect_condensation_stages")
+
+    def over_rows(fn, selector):
+        def one(params):
+            return fn(matrix(params, selector, "detect_condensation_stages"))
+
+        return np.asarray(_over_rows(one, traj.params))
+
     condensation = {
-        name: np.asarray(jax.vmap(row_condensation)(traj.params[name]))
-        for name in outer
+        describe(name).strip("'"): over_rows(row_condensation, name) for name in outer
     }
-    rank = np.asarray(jax.vmap(effective_rank)(traj.params[key_query]))
+    rank = over_rows(effective_rank, key_query)
     ts = np.asarray(traj.ts)
     signals = {f"condensation_{n}": c for n, c in condensation.items()}
-    signals[f"effective_rank_{key_query}"] = rank
+    key_query_name = describe(key_query).strip("'")
+    signals[f"effective_rank_{key_query_name}"] = rank
     condensed = np.all([c > condensation_threshold for c in condensation.values()], 0)
     if not condensed.any():
         return Phases(
@@ -229,7 +320,7 @@ def detect_condensation_stages(
         found=True,
         reason=(
             f"Condensed at t1 = {ts[i1]:.4g} (row condensation above "
-            f"{condensation_threshold}); {key_query}'s effective rank falls from "
+            f"{condensation_threshold}); {key_query_name}'s effective rank falls from "
             f"{rank[0]:.3g} to {rank[i2]:.3g} at t2 = {ts[i2]:.4g} (rank collapse), "
             f"then ends at {rank[-1]:.3g}."
         ),

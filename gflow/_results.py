@@ -26,15 +26,20 @@ RESULTS: dict[str, str] = {
         "time."
     ),
     "diverged": (
-        "the run diverged: the loss or the parameters became inf/NaN after the last "
-        "finite save {where}. {advice}"
+        "the run diverged {where}: the loss or the parameters ran away (to inf/NaN "
+        "after the last finite save, or too fast for the step size to follow at "
+        "the resolution of t: a flow that blows up in finite time). {advice}"
     ),
     "dt_min_reached": (
-        "the step size collapsed to the resolution of t {where}: the solver cannot "
-        "advance. The flow may blow up in finite time there; otherwise use float64 "
-        "or a stiff solver (solver='auto')."
+        "the step size fell below the controller's minimum {where}: the solver "
+        "cannot advance. Use float64 or a stiff solver (solver='auto')."
     ),
     "solver_failed": "the solver failed {where}.",
+    "nonfinite_start": (
+        "the loss or its gradient is inf/NaN at the initial parameters (t = 0), "
+        "though the parameters and the data are finite: the loss is undefined "
+        "there (a log or division at 0, an overflow)."
+    ),
 }
 
 #: Names of the results, in the order of their codes.

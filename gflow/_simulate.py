@@ -72,7 +72,7 @@ def simulate(
         ValueError, TypeError: bad arguments (the message names the argument).
         SimulationError: the solve failed and `throw=True`.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp, gflow
         >>> def loss(params, data):
         ...     return 0.5 * jnp.sum((params["w"] - data) ** 2)
@@ -131,4 +131,5 @@ def simulate(
     traj = assemble(
         state.out, opts, meta, timing, batched=False, fixed=prepared.fixed, stats=stats
     )
-    return finish(traj, "simulate", opts.throw)
+    inputs = {"params0": prepared.params0, "data": data}
+    return finish(traj, "simulate", opts.throw, inputs=inputs)

@@ -31,7 +31,7 @@ def save_times(
     Returns:
         A float64 NumPy array of shape `(n,)`, with `ts[0] == 0` and `ts[-1] == t_max`.
 
-    Example:
+    Examples:
         >>> gflow.save_times(100.0, 4)
         array([0.e+00, 1.e-02, 1.e+00, 1.e+02])
     """

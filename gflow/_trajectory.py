@@ -54,7 +54,7 @@ class Trajectory(eqx.Module):
         meta: how it was made (gflow version, solver, tolerances, seed, dtype, ...).
         param_rows: the rows (indices into `ts`) whose parameters are kept.
 
-    Example:
+    Examples:
         >>> traj = gflow.simulate(loss, None, 10.0, params0={"w": jnp.ones(3)})
         >>> traj.final["w"], traj.loss[-1]
         >>> traj.at(2.5)          # parameters at t = 2.5
@@ -332,7 +332,7 @@ class Trajectory(eqx.Module):
             ValueError: the file is not a complete gflow trajectory file (another
                 kind of file, or one cut short), or its parameters need `like`.
 
-        Example:
+        Examples:
             >>> traj.save("run.npz")
             >>> gflow.Trajectory.load("run.npz", like=mlp)  # an equinox MLP
         """

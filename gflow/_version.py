@@ -14,5 +14,6 @@ def gflow_version() -> str:
         return "0+unknown"
 
 
-#: The distribution name on the package index (the import name is `gflow`).
-DISTRIBUTION = "gflow"
+#: The distribution name on the package index (the import name is `gflow`;
+#: `gflow` on the index is an unrelated tool).
+DISTRIBUTION = "gflow-jax"

@@ -26,7 +26,7 @@ def effective_rank(matrix: jax.Array) -> jax.Array:
     continuous in between. Scale-invariant, so it measures the rank of
     `W / ‖W‖_F`.
 
-    Example:
+    Examples:
         >>> gflow.metrics.effective_rank(jnp.eye(4))
         Array(4., dtype=float32)
     """
@@ -52,7 +52,7 @@ def row_condensation(matrix: jax.Array) -> jax.Array:
     """Mean |cosine similarity| between distinct rows: near 1 when the rows have
     condensed onto ± one direction (Chen & Luo), near 0 for orthogonal rows.
 
-    Example:
+    Examples:
         >>> gflow.metrics.row_condensation(jnp.array([[1.0, 0.0], [-2.0, 0.0]]))
         Array(1., dtype=float32)
     """
@@ -76,7 +76,7 @@ def cosine(u, v) -> jax.Array:
 def norms_by_key(tree: dict) -> dict[str, jax.Array]:
     """The Euclidean norm of each top-level entry of a parameter dict.
 
-    Example:
+    Examples:
         >>> gflow.metrics.norms_by_key({"W": jnp.ones((2, 2)), "b": jnp.zeros(3)})
         {'W': Array(2., dtype=float32), 'b': Array(0., dtype=float32)}
     """

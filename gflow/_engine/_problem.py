@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from .._tree import tree_norm
 from ..flows import AbstractFlow
+from ..flows._base import value_and_grad
 
 #: The modes a program steps a solver with two methods (gflow's "auto") in: the
 #: common method only (the program stops when a lane wants the other), the rare
@@ -57,11 +58,19 @@ class Metrics(eqx.Module):
         values = {}
         for name, fn in self.fns:
             try:
-                values[name] = fn(params, data)
+                value = fn(params, data)
             except Exception as e:  # noqa: BLE001 - re-raised naming the metric
                 raise ValueError(
                     f"metric {name!r} failed on the parameters: {type(e).__name__}: {e}"
                 ) from e
+            for leaf in jax.tree.leaves(value):
+                if not (eqx.is_array(leaf) or isinstance(leaf, int | float | bool)):
+                    raise TypeError(
+                        f"metric {name!r} must return numbers or arrays (or a "
+                        f"dict, list or tuple of them); it returned a "
+                        f"{type(leaf).__name__}."
+                    )
+            values[name] = value
         return values
 
 
@@ -197,7 +206,7 @@ class Row(eqx.Module):
 def row_values(loss_fn, flow: AbstractFlow, metrics: Metrics, y, data) -> Row:
     """What a saved row holds for state `y`: one gradient evaluation."""
     params = flow.params(y)
-    loss, grad = jax.value_and_grad(loss_fn)(params, data)
+    loss, grad = value_and_grad(loss_fn, params, data)
     return Row(
         loss=loss,
         grad_norm=tree_norm(grad),

@@ -22,6 +22,7 @@ from .._solvers import (
     step_cost,
 )
 from .._tree import tree_norm
+from ..flows._base import value_and_grad
 from ._batch import where
 from ._problem import Controls, Lane, Problem, Row, row_values
 
@@ -32,6 +33,10 @@ STOP_CODES = {
 }
 _SUCCESSFUL = result_code("successful")
 _MAX_STEPS_REACHED = result_code("max_steps_reached")
+_SOLVER_FAILED = result_code("solver_failed")
+_DT_MIN_REACHED = result_code("dt_min_reached")
+_DIVERGED = result_code("diverged")
+_NONFINITE_START = result_code("nonfinite_start")
 # Bisection alone would narrow a step to 2**-60 of its length.
 _CROSSING_ITERATIONS = 60
 
@@ -167,7 +172,8 @@ def load(problem: Problem, controls: Controls, entry, data):
 
 def stopped_at_start(problem, controls, values: Row, y0, data):
     """The result code if a boolean stop already holds at t = 0 (the loss stop needs
-    a crossing, as diffrax's events do), and loss - stop_at_loss there."""
+    a crossing, as diffrax's events do) or the loss is undefined there, and
+    loss - stop_at_loss there."""
     code = jnp.asarray(RUNNING, jnp.int32)
     gap = jnp.zeros((), values.loss.dtype)
     if controls.stop_at_loss is not None:
@@ -178,7 +184,8 @@ def stopped_at_start(problem, controls, values: Row, y0, data):
     if controls.stop_at_grad_norm is not None:
         held = values.grad_norm <= controls.stop_at_grad_norm
         code = jnp.where(held, STOP_CODES["grad_norm"], code)
-    return code, gap
+    undefined = ~jnp.isfinite(values.loss) | ~jnp.isfinite(values.grad_norm)
+    return jnp.where(undefined, _NONFINITE_START, code), gap
 
 
 def condition(problem, y, data):
@@ -212,7 +219,9 @@ def attempt(problem: Problem, controls: Controls, lane: Lane, data):
     tprev = jnp.minimum(tprev, t_max)
     tnext = _next_end(solver, controls, keep, tprev, tnext, solver_state, lane)
     grads, hvps = problem.cost(*step_cost(solver, solver_state))
-    code = _attempt_code(solver_result, controller_result, keep, tprev, tnext)
+    code = _attempt_code(
+        solver_result, controller_result, keep, tprev, tnext, lane, t_max
+    )
     new = eqx.tree_at(
         lambda s: (
             s.t,
@@ -264,19 +273,20 @@ def _next_end(solver, controls: Controls, keep, tprev, tnext, solver_state, lane
     return clip_to_end(tprev, tnext, controls.ts[-1], keep)
 
 
-def _attempt_code(solver_result, controller_result, keep, tprev, tnext):
-    """The code "running", or why the lane cannot go on: the solver failed on a step it
-    would keep, or the step size collapsed below the resolution of t."""
+def _attempt_code(solver_result, controller_result, keep, tprev, tnext, lane, t_max):
+    """The code "running", or why the lane cannot go on: the solver failed on a
+    step it would keep; the controller failed; or the step size has collapsed to
+    the resolution of t (the next step has no length, or, after a rejected step,
+    is no shorter: a shorter one rounds back to the same times). That last is how
+    a flow that blows up in finite time ends, at the time it blows up:
+    "diverged"."""
     failed = (solver_result != diffrax.RESULTS.successful) & keep
-    collapsed = tnext <= tprev
-    return jnp.where(
-        failed,
-        result_code("solver_failed"),
-        jnp.where(
-            (controller_result != diffrax.RESULTS.successful) | (collapsed & ~keep),
-            result_code("dt_min_reached"),
-            RUNNING,
-        ),
+    no_shorter = ~keep & (tnext - tprev >= lane.tnext - lane.t)
+    stuck = (no_shorter | (tnext <= tprev)) & (tprev < t_max)
+    return jnp.select(
+        [failed, controller_result != diffrax.RESULTS.successful, stuck],
+        [_SOLVER_FAILED, _DT_MIN_REACHED, _DIVERGED],
+        RUNNING,
     )
 
 
@@ -382,7 +392,7 @@ def events(problem: Problem, controls: Controls, lane: Lane, data):
     gap = lane.loss_gap
     extra = 0
     if controls.stop_at_grad_norm is not None:
-        loss, grad = jax.value_and_grad(problem.loss_fn)(params, data)
+        loss, grad = value_and_grad(problem.loss_fn, params, data)
         extra = 1
         held = tree_norm(grad) <= controls.stop_at_grad_norm
         code = jnp.where(held, STOP_CODES["grad_norm"], code)

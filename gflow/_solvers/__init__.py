@@ -20,18 +20,33 @@ from ._rkc2 import RKC2 as RKC2
 from ._rock4 import ROCK4 as ROCK4
 from ._stabilized import AbstractStabilized as AbstractStabilized
 
-SOLVERS: dict[str, type[diffrax.AbstractSolver]] = {
-    "auto": AutoTsit5,
-    "tsit5": diffrax.Tsit5,
-    "rkc2": RKC2,
-    "rock4": ROCK4,
-    "dopri5": diffrax.Dopri5,
-    "dopri8": diffrax.Dopri8,
-    "bosh3": diffrax.Bosh3,
-    "heun": diffrax.Heun,
-    "kvaerno5": diffrax.Kvaerno5,
-    "euler": diffrax.Euler,
-}
+
+class _Names(dict):
+    """A dict whose repr names its classes as users import them."""
+
+    def __repr__(self) -> str:
+        def name(cls):
+            module = "gflow" if cls.__module__.startswith("gflow") else "diffrax"
+            return f"{module}.{cls.__qualname__}"
+
+        return "{" + ", ".join(f"{k!r}: {name(v)}" for k, v in self.items()) + "}"
+
+
+#: The solvers a name in `solver=` stands for.
+SOLVERS: dict[str, type[diffrax.AbstractSolver]] = _Names(
+    {
+        "auto": AutoTsit5,
+        "tsit5": diffrax.Tsit5,
+        "rkc2": RKC2,
+        "rock4": ROCK4,
+        "dopri5": diffrax.Dopri5,
+        "dopri8": diffrax.Dopri8,
+        "bosh3": diffrax.Bosh3,
+        "heun": diffrax.Heun,
+        "kvaerno5": diffrax.Kvaerno5,
+        "euler": diffrax.Euler,
+    }
+)
 
 
 def resolve_solver(solver: str | diffrax.AbstractSolver) -> diffrax.AbstractSolver:

@@ -148,7 +148,7 @@ class AutoTsit5(AbstractGflowSolver):
             Tsit5 steps at their present size; a shorter one finishes with Tsit5,
             which is sooner than compiling (a second or more).
 
-    Example:
+    Examples:
         >>> traj = gflow.simulate(model, data, 1000.0)  # solver="auto", the default
         >>> # Another stabilized method, or a later switch:
         >>> traj = gflow.simulate(model, data, 1000.0,

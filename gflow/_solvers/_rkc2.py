@@ -38,7 +38,7 @@ class RKC2(AbstractStabilized):
     Attributes:
         damping: the damping ε of the Chebyshev polynomial (2/13, as in RKC).
 
-    Example:
+    Examples:
         >>> traj = gflow.simulate(model, data, 1000.0, solver="rkc2")
         >>> traj.stats["num_hvp_evals"]  # the power iterations' cost
         >>> # The raw local-error control, and at most 200 stages a step:

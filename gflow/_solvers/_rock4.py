@@ -45,7 +45,7 @@ class ROCK4(AbstractStabilized):
     keeps the step far below RKC2's (see "Choosing a solver" in the docs), which is
     why `"auto"` uses RKC2.
 
-    Example:
+    Examples:
         >>> traj = gflow.simulate(loss, data, 1.0, params0=theta0, solver="rock4",
         ...                       rtol=1e-8, atol=1e-10)
     """

@@ -111,6 +111,19 @@ class AbstractSDEFlow(AbstractFlow):
         )
 
 
+@eqx.filter_jit
+def value_and_grad(loss_fn: Callable, params: Any, data: Any):
+    """The loss and its gradient at `params`. Jitted, so that a program which
+    evaluates the gradient at several places (the solver's stages, the saved rows,
+    a member's start) traces it once: its trace is cached and shared."""
+    return jax.value_and_grad(loss_fn)(params, data)
+
+
+def grad(loss_fn: Callable, params: Any, data: Any):
+    """The gradient of the loss at `params` (see `value_and_grad`)."""
+    return value_and_grad(loss_fn, params, data)[1]
+
+
 def describe_flow(flow: AbstractFlow) -> str:
     """The flow and its settings, e.g. "HeavyBall(lr=0.01, momentum=0.9)": for
     `Trajectory.meta` and checkpoint fingerprints (stable across processes)."""

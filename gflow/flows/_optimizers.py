@@ -12,22 +12,20 @@ import lineax as lx
 import numpy as np
 
 from .._checks import check_batch_size
-from ._base import AbstractFlow, AbstractSDEFlow, _like, _rate
+from ._base import AbstractFlow, AbstractSDEFlow, _like, _rate, grad
 
 
 class GradientFlow(AbstractFlow):
     """The gradient flow dθ/dt = −∇L(θ): the η → 0 limit of gradient descent.
 
-    Example:
+    Examples:
         >>> traj = gflow.simulate(loss, data, 10.0, params0=p0,
         ...                       flow=gflow.flows.GradientFlow())  # the default
     """
 
     def vector_field(self, loss_fn: Callable) -> Callable:
-        grad = jax.grad(loss_fn)
-
         def field(t, params, data):
-            return jax.tree.map(jnp.negative, grad(params, data))
+            return jax.tree.map(jnp.negative, grad(loss_fn, params, data))
 
         return field
 
@@ -49,7 +47,7 @@ class ModifiedGD(AbstractFlow):
         lr: the learning rate of the gradient descent it models (> 0). A new
             value reuses the compiled program.
 
-    Example:
+    Examples:
         >>> gd = gflow.gradient_descent(model, data, 50.0, lr=0.01, key=0)
         >>> mod = gflow.simulate(model, data, 50.0, key=0, ts=gd.ts,
         ...                      flow=gflow.flows.ModifiedGD(0.01))
@@ -70,19 +68,19 @@ class ModifiedGD(AbstractFlow):
         return _modified_velocity(loss_fn, self.lr, state, data, grad)
 
 
-def _modified_velocity(loss_fn, lr, params, data, grad):
+def _modified_velocity(loss_fn, lr, params, data, gradient):
     """−(g + (lr/2) H g), with H g the forward derivative of the gradient along g
     (one Hessian-vector product)."""
-    hg = jax.jvp(lambda p: jax.grad(loss_fn)(p, data), (params,), (grad,))[1]
-    half_lr = _like(lr / 2, grad)
-    return jax.tree.map(lambda g, h: -(g + half_lr * h), grad, hg)
+    hg = jax.jvp(lambda p: grad(loss_fn, p, data), (params,), (gradient,))[1]
+    half_lr = _like(lr / 2, gradient)
+    return jax.tree.map(lambda g, h: -(g + half_lr * h), gradient, hg)
 
 
 def _modified_field(loss_fn, lr):
-    grad = jax.grad(loss_fn)
-
     def field(t, params, data):
-        return _modified_velocity(loss_fn, lr, params, data, grad(params, data))
+        return _modified_velocity(
+            loss_fn, lr, params, data, grad(loss_fn, params, data)
+        )
 
     return field
 
@@ -131,7 +129,7 @@ class HeavyBall(AbstractFlow):
         momentum: β in [0, 1).
         start: `"matched"` (default) or `"rest"`: the initial velocity, as above.
 
-    Example:
+    Examples:
         >>> hb = gflow.simulate(model, data, 50.0, key=0,
         ...                     flow=gflow.flows.HeavyBall(0.01, momentum=0.9))
         >>> sgd = gflow.gradient_descent(model, data, 50.0, lr=0.01, key=0,
@@ -171,19 +169,19 @@ class HeavyBall(AbstractFlow):
         if self.start == "rest":
             return params, jax.tree.map(jnp.zeros_like, params)
         beta = _like(self.momentum, params)
-        g = jax.grad(loss_fn)(params, data)
+        g = grad(loss_fn, params, data)
         return params, jax.tree.map(lambda x: -(1 - beta) / (1 + beta) * x, g)
 
     def params(self, state):
         return state[0]
 
     def vector_field(self, loss_fn: Callable) -> Callable:
-        grad = jax.grad(loss_fn)
-
         def field(t, state, data):
             params, u = state
             rate = -1 / _like(self.mass, params)
-            return u, jax.tree.map(lambda g, v: rate * (g + v), grad(params, data), u)
+            return u, jax.tree.map(
+                lambda g, v: rate * (g + v), grad(loss_fn, params, data), u
+            )
 
         return field
 
@@ -220,7 +218,7 @@ class SGD(AbstractSDEFlow):
         batch_size: B, at least 1 and at most the number of examples.
         per_example_loss: `fn(params, data) -> (n,)`; default `model.per_example_loss`.
 
-    Example:
+    Examples:
         >>> model = gflow.models.LinearRegression(...)
         >>> sde = gflow.simulate_ensemble(model, data, 5.0, params0=p0s,
         ...     flow=gflow.flows.SGD(0.05, batch_size=16),

@@ -86,7 +86,7 @@ class CondensationTransformer(AbstractExampleModel):
     Data: `anchor_data(...)` or any `{"X": (n, s, d_m), "y": (n,)}`.
     Parameters: `{"W_Q", "W_K", "W_V", "W1", "W2"}`.
 
-    Example:
+    Examples:
         >>> model = gflow.models.CondensationTransformer(d_m=16, s=10, eps=1e-3)
         >>> data = gflow.models.anchor_data(jax.random.key(0), n=128, d_m=16)
         >>> traj = gflow.simulate(model, data, 1e5, key=1)

@@ -137,7 +137,7 @@ class CooccurrenceTransformer(AbstractExampleModel):
 
     Data: `cooccurrence_data(...)`. Parameters: `{"W_Q", "W_K", "W_V", "W"}`.
 
-    Example:
+    Examples:
         >>> model = gflow.models.CooccurrenceTransformer(d=64, L=5, m=128, m1=256)
         >>> data = gflow.models.cooccurrence_data(jax.random.key(0), n=60, L=5, d=64)
         >>> traj = gflow.simulate(model, data, 300.0, key=1)

@@ -23,7 +23,7 @@ class LinearRegression(AbstractExampleModel):
     Data: `{"x": (n, n_features), "y": (n,)}`. Parameters: `{"w": (n_features,),
     "b": ()}`, initialised to zero.
 
-    Example:
+    Examples:
         >>> model = gflow.models.LinearRegression(n_features=3)
         >>> traj = gflow.simulate(model, {"x": x, "y": y}, 10.0, key=0)
     """
@@ -58,7 +58,7 @@ class DeepLinearNetwork(AbstractExampleModel):
     Data: `{"x": (n, d_in), "y": (n, d_out)}`. Parameters: `{"W": [W_1, ..., W_L]}`
     with `W_l` of shape `(dims[l], dims[l-1])`.
 
-    Example:
+    Examples:
         >>> model = gflow.models.DeepLinearNetwork((4, 16, 4), init_scale=1e-3)
         >>> traj = gflow.simulate(model, data, 30.0, key=0)
     """

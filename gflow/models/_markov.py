@@ -33,7 +33,7 @@ def markov_reference_losses(p: float, q: float) -> tuple[float, float]:
     In nats. π = (q, p) / (p + q) is the stationary law; the entropy rate is
     π0 h(p) + π1 h(q) with h the binary entropy.
 
-    Example:
+    Examples:
         >>> gflow.models.markov_reference_losses(0.5, 0.8)
         (0.6662784..., 0.6190145...)
     """
@@ -107,7 +107,7 @@ class MarkovCanonical(AbstractModel):
         train_bias: train `b` instead of using `b*(e, w)` (keyword only).
         init_scale: standard deviation of the Gaussian `init` (near the origin).
 
-    Example:
+    Examples:
         >>> model = gflow.models.MarkovCanonical(0.5, 0.8)
         >>> traj = gflow.simulate(model, None, 2000.0,
         ...                       params0={"e": jnp.array(0.1), "w": jnp.array(-1.0)})
@@ -221,7 +221,7 @@ class MarkovTransformer(AbstractExampleModel):
     Data: an int array `(n_seqs, seq_len)` of 0/1 (see `markov_data`).
     Parameters: `{"e", "pos", "W_Q", "W_K", "W_V", "W_fc", "W_proj", "b"}`.
 
-    Example:
+    Examples:
         >>> model = gflow.models.MarkovTransformer(d=8, seq_len=32, init="makkuva")
         >>> data = gflow.models.markov_data(jax.random.key(0), 0.5, 0.8, n_seqs=256,
         ...                                   seq_len=32)

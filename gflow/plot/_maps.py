@@ -64,7 +64,7 @@ def row_similarity(
     ax.set_xticks([])
     ax.set_yticks([])
     if title:
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title, fontsize="medium")
     return ax, image
 
 
@@ -103,7 +103,7 @@ def phase_portrait(
     Returns:
         The Axes.
 
-    Example:
+    Examples:
         >>> model = gflow.models.MarkovCanonical(0.5, 0.8)
         >>> gflow.plot.phase_portrait(model, ("e", "w"), (0, 2), (-2, 1.5),
         ...                           invariant=gflow.models.markov_energy)
@@ -167,7 +167,7 @@ def basin_map(
     Returns:
         The Axes.
 
-    Example:
+    Examples:
         >>> b = gflow.basins(ens, {"local": 0.666, "global": 0.619})
         >>> gflow.plot.basin_map(es, ws, b.labels, names=b.names)
     """
@@ -205,7 +205,7 @@ def basin_map(
             handles.append(
                 plt.Line2D([], [], color="C3", marker="x", ls="", label="disagree")
             )
-    ax.legend(handles=handles, loc="upper right", fontsize=8, framealpha=0.9)
+    ax.legend(handles=handles, loc="upper right", fontsize="x-small", framealpha=0.9)
     return ax
 
 
@@ -232,7 +232,7 @@ def work_precision(
     Returns:
         The Axes.
 
-    Example:
+    Examples:
         >>> results = json.load(open("benchmarks/results/flow_vs_gd_cpu.json"))
         >>> for name, problem in results["problems"].items():
         ...     gflow.plot.work_precision(problem["rows"], title=name)
@@ -257,7 +257,7 @@ def work_precision(
                     (r[work], r["error"]),
                     xytext=(5, 4),
                     textcoords="offset points",
-                    fontsize=7,
+                    fontsize="xx-small",
                     color=line.get_color(),
                 )
     xlabel = {"grad_evals": "gradient evaluations", "run_time_s": "run time (s)"}
@@ -267,5 +267,5 @@ def work_precision(
         title=title,
     )
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize="x-small")
     return ax

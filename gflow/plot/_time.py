@@ -8,18 +8,20 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
 from numpy.typing import ArrayLike
 
 from .._phases import Phases
 from .._trajectory import Trajectory
+from ._style import figure
 
 
 def _axes(ax: Axes | None) -> Axes:
+    """`ax`, or the Axes of a new figure (`gflow.plot.figure`: its layout keeps the
+    labels inside it; sized for a paper inside `gflow.plot.paper()`)."""
     if ax is None:
-        _, ax = plt.subplots(figsize=(6, 4))
+        _, ax = figure(size=(6, 4))
     return ax
 
 
@@ -53,7 +55,7 @@ def series(
     Returns:
         The Axes.
 
-    Example:
+    Examples:
         >>> gflow.plot.series(traj.ts, traj.metrics["norm"], label="|θ|")
     """
     ax = _axes(ax)
@@ -96,7 +98,7 @@ def loss(
     Returns:
         The Axes.
 
-    Example:
+    Examples:
         >>> ax = gflow.plot.loss([flow, gd], ["gradient flow", "GD, lr=0.1"])
         >>> gflow.plot.loss(flow, phases=gflow.detect_phases(flow, model, data))
     """
@@ -157,7 +159,7 @@ def mark_time(
             xycoords=("data", "axes fraction"),
             xytext=(3, -12),
             textcoords="offset points",
-            fontsize=9,
+            fontsize="small",
         )
     return ax
 
@@ -179,7 +181,7 @@ def phases(ax: Axes, phases: Phases, *, colors: Sequence[str] = _PHASE_COLORS) -
     Returns:
         The Axes.
 
-    Example:
+    Examples:
         >>> ax = gflow.plot.loss(traj)
         >>> gflow.plot.phases(ax, gflow.detect_phases(traj, model, data))
     """
@@ -235,7 +237,7 @@ def attention_scores(
     Returns:
         The Axes.
 
-    Example:
+    Examples:
         >>> gflow.plot.attention_scores(traj, model)
     """
     pairs = _declared(model, "attention_pairs") if pairs is None else pairs
@@ -257,7 +259,7 @@ def attention_scores(
     )
     ax.axhline(0, color="0.5", lw=0.8)
     ax.set_ylabel("change since t = 0" if relative else "attention score")
-    ax.legend(fontsize=9)
+    ax.legend(fontsize="small")
     return ax
 
 
@@ -302,7 +304,7 @@ def group_losses(
     Returns:
         The Axes.
 
-    Example:
+    Examples:
         >>> gflow.plot.group_losses(traj, model, data)
     """
     values = _over_saves(lambda p: model.group_losses(p, data), traj)
@@ -332,7 +334,7 @@ def group_losses(
         **style,
     )
     ax.set_ylabel("loss")
-    ax.legend(fontsize=9)
+    ax.legend(fontsize="small")
     return ax
 
 
@@ -357,7 +359,7 @@ def effective_rank(
     Returns:
         The Axes.
 
-    Example:
+    Examples:
         >>> gflow.plot.effective_rank(traj, ["W_Q", "W_K", "W_V"])
     """
     from ..metrics import effective_rank as rank
@@ -372,5 +374,5 @@ def effective_rank(
         **style,
     )
     ax.set_ylabel("effective rank")
-    ax.legend(fontsize=9)
+    ax.legend(fontsize="small")
     return ax
