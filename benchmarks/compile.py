@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import statistics
 import subprocess
 import sys
@@ -197,33 +198,41 @@ def gflow_calls(loss, data, params0, t_max, progress=False):
 
 
 def hand_calls(loss, data, params0, t_max):
+    """The flow of the arrays of `params0` (an Equinox model's functions held
+    apart), as one would write it with diffrax."""
     import diffrax
+    import equinox as eqx
     import jax
     import jax.numpy as jnp
 
-    grad = jax.grad(loss)
+    arrays0, static = eqx.partition(params0, eqx.is_inexact_array)
+
+    def loss_of(arrays, data):
+        return loss(eqx.combine(arrays, static), data)
+
+    grad = jax.grad(loss_of)
 
     @jax.jit
-    def solve(params0, data, ts):
+    def solve(arrays0, data, ts):
         sol = diffrax.diffeqsolve(
             diffrax.ODETerm(lambda t, y, d: jax.tree.map(jnp.negative, grad(y, d))),
             diffrax.Tsit5(),
             0.0,
             ts[-1],
             None,
-            params0,
+            arrays0,
             args=data,
             saveat=diffrax.SaveAt(ts=ts),
             stepsize_controller=diffrax.PIDController(rtol=RTOL, atol=ATOL),
             max_steps=100_000,
         )
-        losses = jax.vmap(loss, (0, None))(sol.ys, data)
+        losses = jax.vmap(loss_of, (0, None))(sol.ys, data)
         return losses, sol.stats["num_steps"]
 
     ts = jnp.asarray(save_ts(t_max), jnp.float32)
 
     def call():
-        losses, steps = solve(params0, data, ts)
+        losses, steps = solve(arrays0, data, ts)
         return dict(steps=int(steps), final_loss=float(losses[-1]))
 
     return call
@@ -362,6 +371,21 @@ def measure(model, repeats) -> dict:
     return {way: median_run(runs) for way, runs in ways.items()}
 
 
+def measure_ensemble(repeats) -> dict:
+    """The ensemble and the straightforward vmap, `repeats` fresh processes each."""
+    with tempfile.TemporaryDirectory() as cache:
+        vmap = [in_fresh_process("ensemble", "vmap", cache) for _ in range(repeats)]
+    with tempfile.TemporaryDirectory() as cache:
+        ens = [in_fresh_process("ensemble", "ensemble", cache) for _ in range(repeats)]
+    return {"vmap": median_run(vmap), "gflow": median_run(ens)}
+
+
+def jax_backend() -> str:
+    import jax
+
+    return jax.default_backend()
+
+
 def median_run(runs):
     """The run of median first call, with every run's first call."""
     ordered = sorted(runs, key=lambda r: r["first_s"])
@@ -377,6 +401,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None)
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "WAY"))
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=(*MODELS, "ensemble"),
+        help="measure only these; their rows replace those of the results file",
+    )
     args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(measure_one(*args.one)))
@@ -385,20 +415,20 @@ def main(argv=None) -> dict:
     from _common import RESULTS, write_results
 
     repeats = 1 if args.quick else args.repeats
-    models = ("markov", "digits") if args.quick else MODELS
+    models = ("markov", "digits", "ensemble") if args.quick else (*MODELS, "ensemble")
     rows = {}
-    for model in models:
-        rows[model] = row = measure(model, repeats)
-        print(describe(model, row), flush=True)
-    with tempfile.TemporaryDirectory() as cache:
-        vmap = [in_fresh_process("ensemble", "vmap", cache) for _ in range(repeats)]
-    with tempfile.TemporaryDirectory() as cache:
-        ens = [in_fresh_process("ensemble", "ensemble", cache) for _ in range(repeats)]
-    rows["ensemble"] = {"vmap": median_run(vmap), "gflow": median_run(ens)}
-    print(describe_ensemble(rows["ensemble"]), flush=True)
-    path = write_results(
-        "compile", {"repeats": repeats, "models": rows}, folder=args.out or RESULTS
-    )
+    for model in args.models or models:
+        if model == "ensemble":
+            rows[model] = row = measure_ensemble(repeats)
+            print(describe_ensemble(row), flush=True)
+        else:
+            rows[model] = row = measure(model, repeats)
+            print(describe(model, row), flush=True)
+    folder = pathlib.Path(args.out or RESULTS)
+    earlier = folder / f"compile_{jax_backend()}.json"
+    if args.models and earlier.exists():
+        rows = {**json.loads(earlier.read_text())["models"], **rows}
+    path = write_results("compile", {"repeats": repeats, "models": rows}, folder=folder)
     print(f"wrote {path}")
     return rows
 

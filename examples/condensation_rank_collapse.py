@@ -126,7 +126,7 @@ def heatmap_figure(traj, end1, collapse):
     moments = {
         "t = 0": 0,
         f"condensed\nt = {float(traj.ts[end1]):.0f}": end1,
-        f"rank collapse\nt = {float(traj.ts[collapse]):.0f}": collapse,
+        f"collapsed\nt = {float(traj.ts[collapse]):.0f}": collapse,
         f"end\nt = {float(traj.ts[-1]):.0f}": len(traj) - 1,
     }
     names = ("W_V", "W1", "W_Q")
