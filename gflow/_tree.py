@@ -3,6 +3,7 @@ leading axes, and a portable JSON description of plain pytrees. A leaf module.""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import equinox as eqx
@@ -23,9 +24,15 @@ def tree_dot(a: Any, b: Any) -> jax.Array:
 
 
 def tree_unit(tree: Any) -> Any:
-    """`tree / ‖tree‖`."""
-    norm = tree_norm(tree)
-    return jax.tree.map(lambda x: x / norm, tree)
+    """`tree / ‖tree‖`; zero stays zero. Scaled by its largest entry first, so that
+    a tree of tiny (or huge) entries, whose norm would underflow (or overflow) in
+    float32, still gives a unit vector and not inf/NaN."""
+    largest = functools.reduce(
+        jnp.maximum, [jnp.max(jnp.abs(x)) for x in jax.tree.leaves(tree)]
+    )
+    scaled = jax.tree.map(lambda x: x / jnp.where(largest > 0, largest, 1), tree)
+    norm = tree_norm(scaled)
+    return jax.tree.map(lambda x: x / jnp.where(norm > 0, norm, 1), scaled)
 
 
 def tree_combination(*terms: tuple[Any, Any]) -> Any:

@@ -107,6 +107,40 @@ def test_members_in_both_modes_of_auto_match_simulate():
         assert tree_max_abs_diff(member.params, single.params) < 1e-12
 
 
+def test_float32_members_near_the_saddle_switch_to_the_stiff_method_and_finish():
+    # These float32 members of the canonical Markov flow creep along e ≈ 1e-25,
+    # where Tsit5's stages are tiny: the stiff direction they hand to the
+    # stabilized method (k7 - k6) has a norm that underflows. It once became an
+    # inf/NaN start vector, a NaN step and a NaN next step size, and the member
+    # stalled until max_steps; simulate alone never switches there.
+    points = np.random.default_rng(0).uniform(-2.0, 2.0, (1000, 2))[40:60]
+    points = jnp.asarray(points, jnp.float32)
+    ens = gflow.simulate_ensemble(
+        MarkovCanonical(0.5, 0.8),
+        None,
+        2000.0,
+        params0={"e": points[:, 0], "w": points[:, 1]},
+        save="final",
+    )
+    assert (np.asarray(ens.result) == "successful").all()
+    assert np.asarray(ens.stats["num_steps"]).max() < 5000
+
+
+def test_unit_vectors_of_tiny_and_huge_float32_trees_are_finite():
+    from gflow._tree import tree_norm, tree_unit
+
+    for scale in (1e-30, 1e30):
+        tree = {
+            "a": jnp.array([3.0, 0.0], jnp.float32) * scale,
+            "b": jnp.array(4.0 * scale, jnp.float32),
+        }
+        unit = tree_unit(tree)
+        np.testing.assert_allclose(float(tree_norm(unit)), 1.0, rtol=1e-6)
+        np.testing.assert_allclose(unit["a"], [0.6, 0.0], rtol=1e-6)
+    zero = tree_unit({"a": jnp.zeros(3, jnp.float32)})
+    assert (np.asarray(zero["a"]) == 0).all()
+
+
 def test_stopped_member_rows_repeat_its_end():
     model = MarkovCanonical(0.5, 0.8)
     params0 = {"e": jnp.array([0.1, 1.5]), "w": jnp.array([-1.0, -0.3])}

@@ -202,14 +202,24 @@ def attempt(problem: Problem, controls: Controls, lane: Lane, data):
     y1, y_error, dense, solver_state, solver_result = solver.step(
         terms, lane.t, lane.tnext, lane.y, data, lane.solver_state, False
     )
+    y_scale = y1
     if y_error is not None:
-        y_error = jax.tree.map(lambda e: jnp.where(jnp.isnan(e), jnp.inf, e), y_error)
+        # A step that produced inf/NaN is rejected and the next one shrunk by the
+        # controller's least factor: its error counts as infinite, and the error
+        # is scaled by the start alone (a NaN scale would make the next step NaN).
+        finite = jnp.all(
+            jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(y1)])
+        )
+        y_error = jax.tree.map(
+            lambda e: jnp.where(jnp.isnan(e) | ~finite, jnp.inf, e), y_error
+        )
+        y_scale = where(finite, y1, lane.y)
     keep, tprev, tnext, _, controller_state, controller_result = (
         controller.adapt_step_size(
             lane.t,
             lane.tnext,
             lane.y,
-            y1,
+            y_scale,
             data,
             y_error,
             error_order(solver, terms, solver_state),
