@@ -21,7 +21,7 @@ from ._prepare import padded_saves, prepare
 from ._results import result_code
 from ._run import Segments, run_in_segments
 from ._trajectory import Trajectory
-from ._tree import tree_set
+from ._tree import tree_set, tree_zeros
 from .flows import GradientFlow
 from .flows._base import grad
 
@@ -310,24 +310,20 @@ def _blank(problem: Descent, controls: DescentControls, params0, data, n_slots: 
     optimizer = problem.optimizer
     opt_state = None
     if optimizer is not None:
-        opt_state = _zeros(eqx.filter_eval_shape(optimizer.init, params0), ())
+        opt_state = tree_zeros(eqx.filter_eval_shape(optimizer.init, params0), xp=np)
     n_saves = controls.save_steps.shape[0]
     zero = np.zeros((), np.int32)
     return _State(
         params=params0,
         opt_state=opt_state,
-        saved=_zeros(row.params, (n_slots,)),
-        velocity=_zeros(row.velocity, (n_slots,)),
-        loss=_zeros(row.loss, (n_saves,)),
-        grad_norm=_zeros(row.grad_norm, (n_saves,)),
-        metrics=_zeros(row.metrics, (n_saves,)),
+        saved=tree_zeros(row.params, (n_slots,), xp=np),
+        velocity=tree_zeros(row.velocity, (n_slots,), xp=np),
+        loss=tree_zeros(row.loss, (n_saves,), xp=np),
+        grad_norm=tree_zeros(row.grad_norm, (n_saves,), xp=np),
+        metrics=tree_zeros(row.metrics, (n_saves,), xp=np),
         next_save=zero,
         steps=zero.copy(),
     )
-
-
-def _zeros(struct, lead):
-    return jax.tree.map(lambda s: np.zeros(lead + s.shape, s.dtype), struct)
 
 
 @eqx.filter_jit

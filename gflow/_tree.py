@@ -129,3 +129,17 @@ def structure_from_json(description: Any, leaves: list) -> Any:
         items = [structure_from_json(v, leaves) for v in value]
         return items if kind == "list" else tuple(items)
     raise ValueError(f"unknown pytree node kind {kind!r} in a saved trajectory.")
+
+
+def tree_zeros(struct, lead=(), xp=jnp):
+    """Zeros shaped like `struct` (ShapeDtypeStructs) with leading axes `lead`;
+    Python scalars (fixed flags in a solver's state) become arrays of them, so that
+    every leaf of the loop's carry is an array with the leading axes. `xp=np`
+    makes them on the host (nothing compiles)."""
+
+    def leaf(s):
+        if isinstance(s, jax.ShapeDtypeStruct):
+            return xp.zeros(lead + s.shape, s.dtype)
+        return xp.full(lead, s)
+
+    return jax.tree.map(leaf, struct)

@@ -9,6 +9,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from .._tree import tree_zeros
+
 
 def where(pred, a, b):
     """Per lane: `a` where `pred`, else `b`. (A Python scalar in a lane's state,
@@ -48,7 +50,7 @@ def if_any(mask, fn, *args):
     lanes is skipped when none of them needs it."""
 
     def skip(*args):
-        return zeros(eqx.filter_eval_shape(fn, *args))
+        return tree_zeros(eqx.filter_eval_shape(fn, *args))
 
     return jax.lax.cond(jnp.any(mask), lambda *a: fn(*a), skip, *args)
 
@@ -66,16 +68,3 @@ def for_some(pending: Callable, work: Callable, carry, width: int):
         return work(carry, select(pending(carry), width))
 
     return jax.lax.while_loop(lambda c: jnp.any(pending(c)), body, carry)
-
-
-def zeros(struct, lead=()):
-    """Zeros shaped like `struct` (ShapeDtypeStructs) with leading axes `lead`;
-    Python scalars (fixed flags in a solver's state) become arrays of them, so that
-    every leaf of the loop's carry is an array with the leading axes."""
-
-    def leaf(s):
-        if isinstance(s, jax.ShapeDtypeStruct):
-            return jnp.zeros(lead + s.shape, s.dtype)
-        return jnp.full(lead, s)
-
-    return jax.tree.map(leaf, struct)

@@ -8,7 +8,7 @@ import equinox as eqx
 import jax
 import numpy as np
 
-from .._tree import tree_take
+from .._tree import tree_take, tree_zeros
 from . import _many, _one, _step
 from ._problem import Controls, Outputs, Problem, State
 
@@ -32,7 +32,7 @@ def blank_state(
     n_members = 1 if single else jax.tree.leaves(queue)[0].shape[0]
     n_times = controls.ts.shape[0]
     n_lanes = problem.lanes * (n_devices or 1)
-    lanes = _zeros(lane, (n_lanes,))
+    lanes = tree_zeros(lane, (n_lanes,), xp=np)
     none = np.full(n_lanes, n_members // (n_devices or 1), np.int32)
     idle = np.ones(n_lanes, bool)
     lanes = eqx.tree_at(
@@ -41,11 +41,11 @@ def blank_state(
     count = np.zeros(n_members, np.int32)
     out = Outputs(
         ts=np.zeros((n_members, n_times), controls.ts.dtype),
-        loss=_zeros(row.loss, (n_members, n_times)),
-        grad_norm=_zeros(row.grad_norm, (n_members, n_times)),
-        metrics=_zeros(row.metrics, (n_members, n_times)),
-        params=_zeros(row.params, (n_members, n_slots)),
-        velocity=_zeros(row.velocity, (n_members, n_slots)),
+        loss=tree_zeros(row.loss, (n_members, n_times), xp=np),
+        grad_norm=tree_zeros(row.grad_norm, (n_members, n_times), xp=np),
+        metrics=tree_zeros(row.metrics, (n_members, n_times), xp=np),
+        params=tree_zeros(row.params, (n_members, n_slots), xp=np),
+        velocity=tree_zeros(row.velocity, (n_members, n_slots), xp=np),
         n_rows=count,
         code=count.copy(),
         steps=count.copy(),
@@ -94,19 +94,6 @@ def _shapes_of_load(problem: Problem, controls: Controls, entry, data):
 
 
 _LOADED: dict = {}
-
-
-def _zeros(struct, lead=()):
-    """Zeros shaped like `struct` (ShapeDtypeStructs) with leading axes `lead`;
-    Python scalars (fixed flags in a solver's state) become arrays of them, so that
-    every leaf of the loop's carry is an array with the leading axes."""
-
-    def leaf(s):
-        if isinstance(s, jax.ShapeDtypeStruct):
-            return np.zeros(lead + s.shape, s.dtype)
-        return np.full(lead, s)
-
-    return jax.tree.map(leaf, struct)
 
 
 def advance(

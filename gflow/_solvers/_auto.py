@@ -298,34 +298,19 @@ class AutoTsit5(AbstractGflowSolver):
                 jnp.zeros((), jnp.int32),
             ),
         )
-        new = eqx.tree_at(
-            lambda s: (
-                s.stiff,
-                s.last_stiff,
-                s.streak,
-                s.tsit5,
-                s.stabilized,
-                s.grads,
-                s.hvps,
-                s.explicit,
-                s.stabilized_rate,
-                s.stiff_steps,
-                s.switched_at,
-            ),
+        new = dataclasses.replace(
             state,
-            (
-                switch,
-                jnp.zeros((), bool),
-                jnp.where(switch, 0, streak),
-                tsit5,
-                stabilized,
-                jnp.asarray(6, jnp.int32),
-                jnp.zeros((), jnp.int32),
-                state.explicit.accepted(6, t1 - t0),
-                Rate.zero(state.explicit.cost.dtype),
-                jnp.zeros((), jnp.int32),
-                jnp.where(switch, t1, state.switched_at),
-            ),
+            stiff=switch,
+            last_stiff=jnp.zeros((), bool),
+            streak=jnp.where(switch, 0, streak),
+            tsit5=tsit5,
+            stabilized=stabilized,
+            grads=jnp.asarray(6, jnp.int32),
+            hvps=jnp.zeros((), jnp.int32),
+            explicit=state.explicit.accepted(6, t1 - t0),
+            stabilized_rate=Rate.zero(state.explicit.cost.dtype),
+            stiff_steps=jnp.zeros((), jnp.int32),
+            switched_at=jnp.where(switch, t1, state.switched_at),
         )
         return y1, error, dense["k"], new, result
 
@@ -362,34 +347,19 @@ class AutoTsit5(AbstractGflowSolver):
             dense["k0"],
             dense["k1"],
         )
-        new = eqx.tree_at(
-            lambda s: (
-                s.stiff,
-                s.last_stiff,
-                s.streak,
-                s.tsit5,
-                s.stabilized,
-                s.grads,
-                s.hvps,
-                s.stabilized_rate,
-                s.stiff_steps,
-                s.not_before,
-                s.failures,
-            ),
+        new = dataclasses.replace(
             state,
-            (
-                ~switch,
-                jnp.ones((), bool),
-                jnp.where(switch, 0, streak),
-                fsal_state(stabilized.f0),
-                stabilized,
-                stabilized.grads,
-                stabilized.hvps,
-                rate,
-                state.stiff_steps + 1,
-                not_before,
-                failures,
-            ),
+            stiff=~switch,
+            last_stiff=jnp.ones((), bool),
+            streak=jnp.where(switch, 0, streak),
+            tsit5=fsal_state(stabilized.f0),
+            stabilized=stabilized,
+            grads=stabilized.grads,
+            hvps=stabilized.hvps,
+            stabilized_rate=rate,
+            stiff_steps=state.stiff_steps + 1,
+            not_before=not_before,
+            failures=failures,
         )
         return y1, error, k, new, result
 
