@@ -337,8 +337,11 @@ class AutoTsit5(AbstractGflowSolver):
         switch = (streak >= self.patience) | costly
         failures = state.failures + costly
         trial = t1 - state.switched_at
-        not_before = jnp.where(
-            costly, t1 + 8.0 * trial * 2.0 ** (failures - 1), state.not_before
+        # (failures is an int: 2.0 ** failures would be float64 under x64, whatever
+        # the dtype of the times.)
+        wait = 8.0 * trial * jnp.exp2(failures - 1).astype(trial.dtype)
+        not_before = jnp.where(costly, t1 + wait, state.not_before).astype(
+            state.not_before.dtype
         )
         k = jax.tree.map(
             lambda k0, k1: (
