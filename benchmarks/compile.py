@@ -17,7 +17,7 @@ Every measurement is its own fresh process with an empty compilation cache:
 Where the compile time goes is read from JAX's monitoring events: tracing (jaxpr),
 lowering (to StableHLO) and the backend's compilation (XLA passes and code).
 
-    python benchmarks/compile.py              # about 25 minutes on the 2-core CPU
+    python benchmarks/compile.py              # about 16 minutes on the 2-core CPU
     python benchmarks/compile.py --quick      # two models, one repeat (test suite)
 
 Writes benchmarks/results/compile_<backend>.json.
