@@ -10,6 +10,7 @@ import equinox as eqx
 import jax
 import numpy as np
 
+from ._checks import require_finite
 from ._engine import Outputs
 from ._errors import raise_if_failed
 from ._options import Options
@@ -194,19 +195,3 @@ def finish(
             "other parameters, or make the loss finite there."
         )
     return raise_if_failed(traj, entry, kind) if throw else traj
-
-
-def require_finite(name: str, tree: Any) -> None:
-    """A ValueError naming `name` and its first leaf with inf/NaN values."""
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        values = np.asarray(leaf) if eqx.is_array(leaf) else None
-        if values is None or not np.issubdtype(values.dtype, np.inexact):
-            continue
-        bad = ~np.isfinite(values)
-        if bad.any():
-            where = jax.tree_util.keystr(path) or "(the root)"
-            raise ValueError(
-                f"`{name}` holds inf/NaN values: leaf {where} has {int(bad.sum())} of "
-                f"{values.size}. The flow of a loss on them is undefined: remove or "
-                "replace them before calling gflow."
-            )

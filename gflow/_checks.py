@@ -32,6 +32,22 @@ def require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def require_finite(name: str, tree: Any) -> None:
+    """A ValueError naming `name` and its first leaf with inf/NaN values."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        values = np.asarray(leaf) if eqx.is_array(leaf) else None
+        if values is None or not np.issubdtype(values.dtype, np.inexact):
+            continue
+        bad = ~np.isfinite(values)
+        if bad.any():
+            where = jax.tree_util.keystr(path) or "(the root)"
+            raise ValueError(
+                f"`{name}` holds inf/NaN values: leaf {where} has {int(bad.sum())} of "
+                f"{values.size}. The flow of a loss on them is undefined: remove or "
+                "replace them before calling gflow."
+            )
+
+
 def require_positive(name: str, value: Any) -> None:
     """A ValueError naming `name` unless `value` is a positive finite number."""
     require(

@@ -83,32 +83,29 @@ def wait_for_checkpoint(worker, folder, timeout=300):
         time.sleep(0.05)
 
 
-def test_segments_give_the_uncut_run_bit_for_bit(tmp_path):
-    loss, data, params0 = problem()
-    whole = gflow.simulate(loss, data, T_MAX, params0=params0, **KWARGS)
-    cut = gflow.simulate(
+def checkpointed(loss, data, params0, folder, steps):
+    """The test flow, checkpointed to `folder` every `steps` loop iterations."""
+    return gflow.simulate(
         loss,
         data,
         T_MAX,
         params0=params0,
-        checkpoint=tmp_path,
-        checkpoint_steps=100,
+        checkpoint=folder,
+        checkpoint_steps=steps,
         **KWARGS,
     )
+
+
+def test_segments_give_the_uncut_run_bit_for_bit(tmp_path):
+    loss, data, params0 = problem()
+    whole = gflow.simulate(loss, data, T_MAX, params0=params0, **KWARGS)
+    cut = checkpointed(loss, data, params0, tmp_path, 100)
     assert_identical(whole, cut)
     # A checkpoint after every 100 loop iterations (a step each).
     assert cut.stats["checkpoint_writes"] == -(-whole.stats["num_steps"] // 100)
     assert not cut.stats["resumed"] and "resumed" not in whole.stats
     # Finished: a second call returns the result from the checkpoint at once.
-    again = gflow.simulate(
-        loss,
-        data,
-        T_MAX,
-        params0=params0,
-        checkpoint=tmp_path,
-        checkpoint_steps=100,
-        **KWARGS,
-    )
+    again = checkpointed(loss, data, params0, tmp_path, 100)
     assert again.stats["resumed"] and again.stats["checkpoint_writes"] == 0
     assert not again.stats["compiled"]
     assert_identical(whole, again)
@@ -140,15 +137,7 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path):
     worker.send_signal(signal.SIGKILL)
     worker.communicate()
     assert worker.returncode == -signal.SIGKILL
-    resumed = gflow.simulate(
-        loss,
-        data,
-        T_MAX,
-        params0=params0,
-        checkpoint=tmp_path,
-        checkpoint_steps=25,
-        **KWARGS,
-    )
+    resumed = checkpointed(loss, data, params0, tmp_path, 25)
     # It was killed mid-run: the resumed call had segments left to run.
     assert resumed.stats["resumed"] and resumed.stats["checkpoint_writes"] > 0
     whole = gflow.simulate(loss, data, T_MAX, params0=params0, **KWARGS)
@@ -162,15 +151,7 @@ def test_ctrl_c_leaves_the_last_checkpoint(tmp_path):
     _, err = worker.communicate(timeout=120)
     assert worker.returncode != 0 and "KeyboardInterrupt" in err
     loss, data, params0 = problem()
-    resumed = gflow.simulate(
-        loss,
-        data,
-        T_MAX,
-        params0=params0,
-        checkpoint=tmp_path,
-        checkpoint_steps=25,
-        **KWARGS,
-    )
+    resumed = checkpointed(loss, data, params0, tmp_path, 25)
     assert resumed.stats["resumed"] and resumed.succeeded
 
 
