@@ -42,7 +42,9 @@ def assemble(
     members = np.arange(n.size)[:, None]
     t_end = np.asarray(out.ts)[members[:, 0], np.maximum(n, 1) - 1]
     all_stats = dict(
-        work_stats(out.steps, out.accepted, out.grads, out.row_grads, out.hvps),
+        work_stats(
+            out.steps, out.accepted, out.grads, out.row_grads, out.hvps, out.thirds
+        ),
         num_saved=n,
         t_end=t_end,
         **(stats or {}),
@@ -136,10 +138,10 @@ def _single(batch: Trajectory, all_stats: dict, meta: dict) -> Trajectory:
     )
 
 
-def work_stats(steps, accepted, grads, row_grads, hvps) -> dict[str, Any]:
-    """The counters of runs (arrays: one entry per member): steps, gradients and
-    Hessian-vector products. Solvers whose cost is not counted (implicit methods)
-    report None gradients."""
+def work_stats(steps, accepted, grads, row_grads, hvps, thirds) -> dict[str, Any]:
+    """The counters of runs (arrays: one entry per member): steps, gradients,
+    Hessian-vector products and third-order products (∇(uᵀHv), a central flow's).
+    Solvers whose cost is not counted (implicit methods) report None gradients."""
     steps, accepted = np.asarray(steps), np.asarray(accepted)
     grads, row_grads = np.asarray(grads), np.asarray(row_grads)
     counted = np.all(grads >= 0)
@@ -151,6 +153,7 @@ def work_stats(steps, accepted, grads, row_grads, hvps) -> dict[str, Any]:
         "num_save_grad_evals": row_grads,
         "num_grad_evals": grads + row_grads if counted else None,
         "num_hvp_evals": np.asarray(hvps),
+        "num_third_order_evals": np.asarray(thirds),
     }
 
 
@@ -172,11 +175,13 @@ def finish(
     throw: bool,
     kind: str = "flow",
     inputs: dict[str, Any] | None = None,
+    flow: Any = None,
 ):
     """`traj`, or the `SimulationError` of its failure when `throw`. A loss that
     is undefined at the initial parameters is bad input, a ValueError always,
     naming the cause: an input of `inputs` (`{name: pytree}`, read on the host
-    only then) with inf/NaN values, or else the loss itself."""
+    only then) with inf/NaN values, or else the loss itself. Then `flow` checks
+    its own assumptions on the run (`AbstractFlow.check`)."""
     first_loss = np.atleast_1d(np.asarray(traj.loss)[..., 0])
     undefined = np.flatnonzero(
         (np.atleast_1d(traj.result) == "nonfinite_start") | ~np.isfinite(first_loss)
@@ -194,4 +199,6 @@ def finish(
             "undefined there (a log or a division at 0, an overflow). Start from "
             "other parameters, or make the loss finite there."
         )
+    if flow is not None:
+        flow.check(traj)
     return raise_if_failed(traj, entry, kind) if throw else traj

@@ -392,4 +392,5 @@ def _outputs(state: _State, ts, n_saves: int) -> Outputs:
         grads=one * int(state.steps),
         row_grads=one * n_saves,
         hvps=0 * one,
+        thirds=0 * one,
     )

@@ -185,7 +185,7 @@ def simulate_ensemble(
         out, opts, meta, timing, batched=True, stats=stats, fixed=prepared.fixed
     )
     inputs = {"params0": prepared.params0, "data": data}
-    return finish(traj, "simulate_ensemble", opts.throw, inputs=inputs)
+    return finish(traj, "simulate_ensemble", opts.throw, "flow", inputs, prepared.flow)
 
 
 def _solve_share(

@@ -174,6 +174,8 @@ def checked_solver(
     solver = opts.solver.solver
     if flow.is_sde:
         return _sde_solver(opts, flow)
+    if flow.cost[2]:
+        _check_third_order(flow, loss_fn, params, data)
     if not needs_hvps(solver):
         return opts
     if not flow.gradient_field:
@@ -192,6 +194,27 @@ def checked_solver(
     if failure is not None:
         raise _no_hvp(solver, failure) from failure
     return opts
+
+
+def _check_third_order(flow: AbstractFlow, loss_fn, params: Any, data: Any) -> None:
+    """Refuse, naming the cause, a loss whose third derivatives (which `flow`
+    evaluates) fail: traced on shapes only, nothing runs."""
+    field = flow.vector_field(loss_fn)
+
+    def evaluate(params):
+        return field(0.0, flow.initial_state(loss_fn, params, data), data)
+
+    try:
+        jax.eval_shape(evaluate, params)
+    except Exception as e:  # noqa: BLE001 - re-raised naming the cause
+        raise ValueError(
+            f"flow {type(flow).__name__} differentiates the loss three times "
+            "(Hessian-vector products and their gradients), which fails for this "
+            f"loss: {type(e).__name__}: {e}. A custom derivative (jax.custom_vjp) "
+            "or a host callback (jax.pure_callback) in the loss may have a first "
+            "derivative and no higher ones: write that part in JAX, or give it "
+            "differentiable rules."
+        ) from e
 
 
 def hvp_failure(flow: AbstractFlow, loss_fn, state: Any, data: Any):

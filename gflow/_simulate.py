@@ -132,4 +132,4 @@ def simulate(
         state.out, opts, meta, timing, batched=False, fixed=prepared.fixed, stats=stats
     )
     inputs = {"params0": prepared.params0, "data": data}
-    return finish(traj, "simulate", opts.throw, inputs=inputs)
+    return finish(traj, "simulate", opts.throw, inputs=inputs, flow=prepared.flow)

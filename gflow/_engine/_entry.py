@@ -53,6 +53,7 @@ def blank_state(
         grads=count.copy(),
         row_grads=count.copy(),
         hvps=count.copy(),
+        thirds=count.copy(),
     )
     zero = np.zeros(() if n_devices is None else (n_devices,), np.int32)
     return State(

@@ -170,8 +170,9 @@ def _write_rows(problem, controls, state, accepted, t0, limit, dense, data):
         member = jnp.where(index < problem.lanes, picked.member, out.n_rows.size)
         out = _write(out, member, row, t, values, slot)
         wrote = per_lane(
-            lambda p, r, t, g: _step.wrote_row(problem, p, r, t, g), problem.width
-        )(picked, row, t, regular)
+            lambda p, r, t, g, w: _step.wrote_row(problem, p, r, t, g, w),
+            problem.width,
+        )(picked, row, t, regular, values.work)
         lanes = tree_set(lanes, index, wrote)
         return eqx.tree_at(lambda s: (s.lanes, s.out), state, (lanes, out))
 
@@ -195,7 +196,7 @@ def _write(out: Outputs, member, row, t, values: Row, slot) -> Outputs:
     )
 
 
-_COUNTERS = ("code", "steps", "accepted", "grads", "row_grads", "hvps")
+_COUNTERS = ("code", "steps", "accepted", "grads", "row_grads", "hvps", "thirds")
 
 
 def _finish_and_refill(problem, controls, queue, state, data):

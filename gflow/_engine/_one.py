@@ -126,7 +126,7 @@ def _write_rows(problem, controls, lane: Lane, out, t0, dense, limit, accepted, 
             problem, controls, lane, t0, dense, limit, regular, data
         )
         out = _write(out, row, t, values, slot)
-        return _step.wrote_row(problem, lane, row, t, regular), out
+        return _step.wrote_row(problem, lane, row, t, regular, values.work), out
 
     return jax.lax.while_loop(pending, body, (lane, out))
 
@@ -150,7 +150,16 @@ def _write(out: Outputs, row, t, values: Row, slot) -> Outputs:
 def _record(lane: Lane, out: Outputs) -> Outputs:
     """The member's counters and result, once its last row is written."""
     return eqx.tree_at(
-        lambda o: (o.n_rows, o.code, o.steps, o.accepted, o.grads, o.row_grads, o.hvps),
+        lambda o: (
+            o.n_rows,
+            o.code,
+            o.steps,
+            o.accepted,
+            o.grads,
+            o.row_grads,
+            o.hvps,
+            o.thirds,
+        ),
         out,
         (
             lane.row,
@@ -160,5 +169,6 @@ def _record(lane: Lane, out: Outputs) -> Outputs:
             lane.grads,
             lane.row_grads,
             lane.hvps,
+            lane.thirds,
         ),
     )

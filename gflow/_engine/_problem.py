@@ -103,14 +103,16 @@ class Problem(eqx.Module):
         )
         return self.flow.terms(self.loss_fn, path)
 
-    def cost(self, evaluations, solver_hvps):
-        """(gradients, Hessian-vector products) of `evaluations` of the terms,
-        with the solver's own Hessian-vector products."""
-        grads, hvps = self.flow.cost
+    def cost(self, evaluations, solver_hvps, y):
+        """(gradients, Hessian-vector products, third-order products) of
+        `evaluations` of the terms in a step from state `y`, with the solver's own
+        Hessian-vector products."""
+        grads, hvps, thirds = self.flow.cost_at(y)
         counted = jnp.asarray(evaluations) >= 0  # implicit solvers: -1, not counted
         return (
             jnp.where(counted, evaluations * grads, evaluations),
             jnp.where(counted, evaluations * hvps + solver_hvps, solver_hvps),
+            jnp.where(counted, evaluations * thirds, 0),
         )
 
 
@@ -151,6 +153,7 @@ class Lane(eqx.Module):
     grads: jax.Array  # gradients spent stepping (initial step included)
     row_grads: jax.Array  # gradients spent on saved rows and stopping checks
     hvps: jax.Array
+    thirds: jax.Array  # third-order products ∇(uᵀ H v)
     row: jax.Array  # the next row to write
     last_t: jax.Array  # the time of the last row written
     loss_gap: jax.Array  # loss - stop_at_loss at t
@@ -176,6 +179,7 @@ class Outputs(eqx.Module):
     grads: jax.Array
     row_grads: jax.Array
     hvps: jax.Array
+    thirds: jax.Array
 
 
 class State(eqx.Module):
@@ -201,18 +205,22 @@ class Row(eqx.Module):
     metrics: Any
     params: Any
     velocity: Any
+    work: tuple  # (Hessian-vector products, third-order products) it spent
 
 
 def row_values(loss_fn, flow: AbstractFlow, metrics: Metrics, y, data) -> Row:
-    """What a saved row holds for state `y`: one gradient evaluation."""
+    """What a saved row holds for state `y`: one gradient evaluation, and what
+    the flow adds (`AbstractFlow.row_values`: its velocity and own metrics)."""
     params = flow.params(y)
     loss, grad = value_and_grad(loss_fn, params, data)
+    velocity, own, work = flow.row_values(loss_fn, y, data, grad)
     return Row(
         loss=loss,
         grad_norm=tree_norm(grad),
-        metrics=metrics(params, data),
+        metrics={**metrics(params, data), **own},
         params=params,
-        velocity=flow.velocity(loss_fn, y, data, grad),
+        velocity=velocity,
+        work=tuple(jnp.asarray(w, jnp.int32) for w in work),
     )
 
 

@@ -9,6 +9,7 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import optimistix as optx
 
 from .._compat import clip_to_end, with_controller_tolerances
 from .._results import RUNNING, result_code
@@ -75,7 +76,13 @@ def steps_left(controls: Controls, lanes: Lane, wanting):
 
 def step_controller(problem: Problem, controls: Controls):
     if problem.adaptive:
-        return diffrax.PIDController(rtol=controls.rtol, atol=controls.atol)
+        # The error is measured on the part of the state the flow integrates
+        # (`AbstractFlow.controlled`), by diffrax's default norm (optimistix's RMS).
+        return diffrax.PIDController(
+            rtol=controls.rtol,
+            atol=controls.atol,
+            norm=lambda y: optx.rms_norm(problem.flow.controlled(y)),
+        )
     return diffrax.ConstantStepSize()
 
 
@@ -143,8 +150,9 @@ def load(problem: Problem, controls: Controls, entry, data):
     )
     code, loss_gap = stopped_at_start(problem, controls, values, y0, data)
     zero = jnp.zeros((), jnp.int32)
-    grads, hvps = problem.cost(grads, 0)
-    grads += problem.flow.start_grads
+    grads, hvps, thirds = problem.cost(grads, 0, y0)
+    start_grads, start_hvps, start_thirds = problem.flow.start_cost
+    row_hvps, row_thirds = values.work
     lane = Lane(
         member=zero,
         noise=noise,
@@ -155,9 +163,10 @@ def load(problem: Problem, controls: Controls, entry, data):
         controller_state=controller_state,
         steps=zero,
         accepted=zero,
-        grads=zero + grads,
+        grads=zero + grads + start_grads,
         row_grads=zero + 1,
-        hvps=zero + hvps + problem.flow.row_hvps,  # the first row's velocity
+        hvps=zero + hvps + start_hvps + row_hvps,
+        thirds=zero + thirds + start_thirds + row_thirds,
         row=zero + 1,
         last_t=t0,
         loss_gap=loss_gap,
@@ -202,18 +211,7 @@ def attempt(problem: Problem, controls: Controls, lane: Lane, data):
     y1, y_error, dense, solver_state, solver_result = solver.step(
         terms, lane.t, lane.tnext, lane.y, data, lane.solver_state, False
     )
-    y_scale = y1
-    if y_error is not None:
-        # A step that produced inf/NaN is rejected and the next one shrunk by the
-        # controller's least factor: its error counts as infinite, and the error
-        # is scaled by the start alone (a NaN scale would make the next step NaN).
-        finite = jnp.all(
-            jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(y1)])
-        )
-        y_error = jax.tree.map(
-            lambda e: jnp.where(jnp.isnan(e) | ~finite, jnp.inf, e), y_error
-        )
-        y_scale = where(finite, y1, lane.y)
+    y_error, y_scale = _nonfinite_rejected(y1, y_error, lane.y)
     keep, tprev, tnext, _, controller_state, controller_result = (
         controller.adapt_step_size(
             lane.t,
@@ -228,7 +226,9 @@ def attempt(problem: Problem, controls: Controls, lane: Lane, data):
     )
     tprev = jnp.minimum(tprev, t_max)
     tnext = _next_end(solver, controls, keep, tprev, tnext, solver_state, lane)
-    grads, hvps = problem.cost(*step_cost(solver, solver_state))
+    y1, (grads, hvps, thirds) = _refreshed(
+        problem, solver, solver_state, lane, y1, data
+    )
     code = _attempt_code(
         solver_result, controller_result, keep, tprev, tnext, lane, t_max
     )
@@ -243,6 +243,7 @@ def attempt(problem: Problem, controls: Controls, lane: Lane, data):
             s.accepted,
             s.grads,
             s.hvps,
+            s.thirds,
             s.code,
         ),
         lane,
@@ -260,11 +261,36 @@ def attempt(problem: Problem, controls: Controls, lane: Lane, data):
             lane.accepted + keep,
             lane.grads + grads,
             lane.hvps + hvps,
+            lane.thirds + thirds,
             code,
         ),
         is_leaf=lambda x: x is None,  # a solver or controller without state
     )
     return new, dense, keep
+
+
+def _nonfinite_rejected(y1, y_error, y0):
+    """The error and the state the error is scaled by. A step that produced
+    inf/NaN is rejected and the next one shrunk by the controller's least factor:
+    its error counts as infinite, and the error is scaled by the start alone (a
+    NaN scale would make the next step NaN)."""
+    if y_error is None:
+        return y_error, y1
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(y1)]))
+    y_error = jax.tree.map(
+        lambda e: jnp.where(jnp.isnan(e) | ~finite, jnp.inf, e), y_error
+    )
+    return y_error, where(finite, y1, y0)
+
+
+def _refreshed(problem: Problem, solver, solver_state, lane: Lane, y1, data):
+    """The attempt's end state with what the flow carries besides the integrated
+    state (a central flow's eigenvectors) brought up to date there, and the work
+    of the attempt: (gradients, Hessian-vector products, third-order products)."""
+    spent = problem.cost(*step_cost(solver, solver_state), lane.y)
+    y1 = problem.flow.refreshed(problem.loss_fn, y1, data)
+    extra = problem.flow.refresh_cost
+    return y1, tuple(a + b for a, b in zip(spent, extra, strict=True))
 
 
 def _next_end(solver, controls: Controls, keep, tprev, tnext, solver_state, lane):
@@ -380,16 +406,17 @@ def next_row(
     return row, t, slot, row_at(problem, interpolation.evaluate(t), data)
 
 
-def wrote_row(problem: Problem, lane: Lane, row, t, regular) -> Lane:
+def wrote_row(problem: Problem, lane: Lane, row, t, regular, work) -> Lane:
     """The lane after writing `row` at time `t` (its last row unless `regular`)."""
     return eqx.tree_at(
-        lambda s: (s.row, s.last_t, s.row_grads, s.hvps, s.closed),
+        lambda s: (s.row, s.last_t, s.row_grads, s.hvps, s.thirds, s.closed),
         lane,
         (
             row + 1,
             t,
             lane.row_grads + 1,
-            lane.hvps + problem.flow.row_hvps,
+            lane.hvps + work[0],
+            lane.thirds + work[1],
             lane.closed | ~regular,
         ),
     )

@@ -18,12 +18,19 @@ from .._checks import require_positive
 class AbstractFlow(eqx.Module):
     """The vector field (and noise) of a solve, built from a loss.
 
-    A flow declares what it costs, so that `stats` counts every gradient and
-    Hessian-vector product exactly, and what kind of equation it is:
+    A flow declares what it costs, so that `stats` counts every gradient,
+    Hessian-vector product and third-order product exactly, and what kind of
+    equation it is:
 
     Attributes:
-        cost: (gradients, Hessian-vector products) of one evaluation of the terms.
-        row_hvps: Hessian-vector products `velocity` spends on a saved row.
+        cost: (gradients, Hessian-vector products, third-order products) of one
+            evaluation of the terms.
+        row_cost: (Hessian-vector products, third-order products) `row_values`
+            spends on a saved row, besides its gradient.
+        start_cost: (gradients, Hessian-vector products, third-order products)
+            `initial_state` spends.
+        refresh_cost: the same for one call of `refreshed` (after every step
+            attempt).
         gradient_field: whether the vector field is −∇ of some function (its
             Jacobian symmetric, its eigenvalues real), as the stabilized solvers
             (`"rkc2"`, `"rock4"`, and `"auto"`'s switch to them) require.
@@ -35,19 +42,19 @@ class AbstractFlow(eqx.Module):
             field again.
 
     Subclasses implement `vector_field`, and override `initial_state`, `params`
-    and `velocity` when their state is more than the parameters.
+    and `velocity` when their state is more than the parameters. A flow whose
+    state also carries what is not integrated (a central flow's tracked
+    eigenvectors: a warm start) overrides `refreshed` and `controlled`; one with
+    metrics of its own overrides `row_values`.
     """
 
-    cost: ClassVar[tuple[int, int]] = (1, 0)
-    row_hvps: ClassVar[int] = 0
+    cost: ClassVar[tuple[int, int, int]] = (1, 0, 0)
+    row_cost: ClassVar[tuple[int, int]] = (0, 0)
+    start_cost: ClassVar[tuple[int, int, int]] = (0, 0, 0)
+    refresh_cost: ClassVar[tuple[int, int, int]] = (0, 0, 0)
     gradient_field: ClassVar[bool] = True
     is_sde: ClassVar[bool] = False
     velocity_is_field: ClassVar[bool] = True
-
-    @property
-    def start_grads(self) -> int:
-        """Gradients `initial_state` spends."""
-        return 0
 
     def initial_state(self, loss_fn: Callable, params: Any, data: Any) -> Any:
         """The solver's state at t = 0 for initial parameters `params`."""
@@ -69,6 +76,31 @@ class AbstractFlow(eqx.Module):
     def velocity(self, loss_fn: Callable, state: Any, data: Any, grad: Any) -> Any:
         """dθ/dt at `state`, given the loss gradient `grad` there."""
         return self.params(self.vector_field(loss_fn)(0.0, state, data))
+
+    def cost_at(self, state: Any) -> tuple[Any, Any, Any]:
+        """`cost` for evaluations in a step from `state` (a flow whose work
+        depends on where it is overrides this; integers, maybe traced)."""
+        return self.cost
+
+    def row_values(
+        self, loss_fn: Callable, state: Any, data: Any, grad: Any
+    ) -> tuple[Any, dict[str, Any], tuple[Any, Any]]:
+        """What a saved row holds besides the loss and gradient norm: dθ/dt, the
+        flow's own metrics (none by default), and the work spent on them
+        (Hessian-vector products, third-order products: `row_cost`)."""
+        return self.velocity(loss_fn, state, data, grad), {}, self.row_cost
+
+    def refreshed(self, loss_fn: Callable, state: Any, data: Any) -> Any:
+        """The state after a step attempt, with what the flow carries besides the
+        integrated variables brought up to date (nothing by default)."""
+        return state
+
+    def controlled(self, state: Any) -> Any:
+        """The part of the state whose error the step-size control measures."""
+        return state
+
+    def check(self, trajectory: Any) -> None:
+        """Raise if a finished run shows the flow's own assumptions failing."""
 
     def prepared(self, model: Any, bind: Callable, params: Any, data: Any):
         """The flow ready to run on `model`'s data: what it takes from the model

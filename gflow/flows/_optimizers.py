@@ -55,8 +55,8 @@ class ModifiedGD(AbstractFlow):
     """
 
     lr: np.ndarray
-    cost: ClassVar[tuple[int, int]] = (1, 1)
-    row_hvps: ClassVar[int] = 1
+    cost: ClassVar[tuple[int, int, int]] = (1, 1, 0)
+    row_cost: ClassVar[tuple[int, int]] = (1, 0)
 
     def __init__(self, lr: float):
         self.lr = _rate("lr", lr)
@@ -156,8 +156,8 @@ class HeavyBall(AbstractFlow):
         self.start = start
 
     @property
-    def start_grads(self) -> int:
-        return int(self.start == "matched")
+    def start_cost(self) -> tuple[int, int, int]:
+        return int(self.start == "matched"), 0, 0
 
     @property
     def mass(self) -> np.ndarray:
@@ -229,8 +229,8 @@ class SGD(AbstractSDEFlow):
     lr: np.ndarray
     batch_size: int = eqx.field(static=True)
     per_example_loss: Callable | None = None
-    cost: ClassVar[tuple[int, int]] = (2, 1)
-    row_hvps: ClassVar[int] = 1
+    cost: ClassVar[tuple[int, int, int]] = (2, 1, 0)
+    row_cost: ClassVar[tuple[int, int]] = (1, 0)
 
     def __init__(
         self, lr: float, batch_size: int, per_example_loss: Callable | None = None
