@@ -237,6 +237,49 @@ class Trajectory(eqx.Module):
 
         return jax.tree.map(hermite, self.params, self.velocity)
 
+    def midpoints(self) -> Trajectory:
+        """Gradient descent's midpoint iterates (θ_{k−1} + 2θ_k + θ_{k+1}) / 4 at
+        the interior rows, which average out an oscillation of period two (GD at
+        the edge of stability flips sign along the top eigenvectors at every
+        step): what a central flow (`gflow.flows.CentralFlow`) predicts.
+
+        Needs a run saved at every step with its parameters (e.g.
+        `gflow.gradient_descent(..., n_save=steps + 1)`). The loss, gradient norm,
+        metrics and velocities are averaged with the same weights.
+
+        Examples:
+            >>> gd = gflow.gradient_descent(model, data, 100.0, lr=0.1, key=0,
+            ...                             n_save=1001)
+            >>> gflow.compare(central, gd.midpoints())
+        """
+        if self.batch_size is not None:
+            raise TypeError("`midpoints` is for single runs; take a member first.")
+        ts = np.asarray(self.ts, np.float64)
+        steps = np.diff(ts)
+        if (
+            len(ts) < 3
+            or len(self.param_rows) != len(ts)
+            or not np.allclose(steps, steps[0], rtol=1e-3)
+        ):
+            raise ValueError(
+                "midpoints need the parameters at every step, equally spaced: run "
+                "gradient descent with n_save = steps + 1 (and params_at='all')."
+            )
+
+        def averaged(x):
+            x = np.asarray(x)
+            return jnp.asarray((x[:-2] + 2 * x[1:-1] + x[2:]) / 4)
+
+        fields = take_fields(self, averaged, averaged)
+        fields["ts"] = self.ts[1:-1]
+        return Trajectory(
+            **fields,
+            result=self.result,
+            stats=self.stats,
+            meta=dict(self.meta, midpoints=True),
+            param_rows=np.arange(len(ts) - 2),
+        )
+
     def summary(self) -> str:
         """A few human-readable lines: time span, loss, solver work, outcome."""
         s = self.stats

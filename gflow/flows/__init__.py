@@ -12,10 +12,13 @@ says which part they are, and `velocity(...)` gives dθ/dt at a saved state, whi
   m θ'' + θ' = −∇L.
 - `SGD(lr, batch_size)`: the stochastic modified equation of minibatch SGD, an
   Itô SDE with the drift of `ModifiedGD` and the minibatch noise.
+- `CentralFlow(lr)`: the central flow, the time average of gradient descent at
+  the edge of stability (lr·λ_max ≈ 2), where it leaves the gradient flow.
 """
 
 from ._base import AbstractFlow as AbstractFlow
 from ._base import AbstractSDEFlow as AbstractSDEFlow
+from ._central import CentralFlow as CentralFlow
 from ._optimizers import SGD as SGD
 from ._optimizers import GradientFlow as GradientFlow
 from ._optimizers import HeavyBall as HeavyBall

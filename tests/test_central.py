@@ -1,0 +1,289 @@
+"""The central flow (gflow.flows.CentralFlow) and its linear algebra: closed forms,
+the complementarity problem against CVXPY, ensembles, checkpoints, counts, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gflow
+from gflow._linalg import psd_qp, smat, svec, top_eigenpairs, upper_pairs
+
+LR = 0.1
+C = -0.5  # the loss's slope along y: the flow sharpens at rate −C
+
+
+def sharpening(params, data):
+    """L(x, y) = ½ y x² + C y. At x = 0 the Hessian is diag(y, 0), its top
+    eigenvector e_x whatever y, and −∇L = (0, −C): y (the sharpness) grows at
+    rate −C until lr·y reaches 2, where gradient descent's x starts to oscillate
+    and its ½ y x² pushes y back. The central flow holds y at the edge with
+    σ² = ⟨x²⟩ = −2C (its constraint relaxed at rate 1/lr: see `closed_form`)."""
+    return 0.5 * params["y"] * params["x"] ** 2 + C * params["y"]
+
+
+def closed_form(t, y0):
+    """The central flow of `sharpening` from (0, y0), y0 < 2/lr, with the edge
+    kept by the relaxation dS/dt ≤ (2/lr − S)/lr: y rises as the gradient flow
+    until the constraint binds, at y_on = 2/lr + C·lr, then approaches 2/lr as
+    2/lr + C·lr·exp(−(t − t_on)/lr). Returns (y, σ², predicted loss)."""
+    edge = 2 / LR
+    y_on = edge + C * LR
+    t_on = (y_on - y0) / -C
+    y = np.where(t < t_on, y0 - C * t, edge + C * LR * np.exp(-(t - t_on) / LR))
+    sigma2 = 2 * np.maximum(0.0, -C - (edge - y) / LR)
+    return y, sigma2, C * y + 0.5 * sigma2 * y
+
+
+def run(y0, t_max=20.0, dtype=jnp.float64, lr=LR, **keywords):
+    p0 = {"x": jnp.zeros((), dtype), "y": jnp.asarray(y0, dtype)}
+    options = dict(rtol=1e-10, atol=1e-12) if dtype == jnp.float64 else {}
+    return gflow.simulate(
+        sharpening,
+        None,
+        t_max,
+        params0=p0,
+        ts=np.linspace(0, t_max, 81),
+        flow=gflow.flows.CentralFlow(lr, track=2),
+        **{**options, **keywords},
+    )
+
+
+def test_closed_form_before_and_at_the_edge():
+    traj = run(15.0)
+    t = np.asarray(traj.ts)
+    y, sigma2, predicted = closed_form(t, 15.0)
+    np.testing.assert_allclose(traj.params["y"], y, rtol=1e-8)
+    np.testing.assert_allclose(traj.params["x"], 0.0, atol=1e-9)
+    np.testing.assert_allclose(traj.metrics["oscillation"], sigma2, atol=1e-6)
+    np.testing.assert_allclose(traj.metrics["predicted_loss"], predicted, atol=1e-5)
+    np.testing.assert_allclose(traj.metrics["sharpness"], y, rtol=1e-8)
+    np.testing.assert_allclose(traj.metrics["effective_eigenvalues"][:, 0], LR * y)
+    at_edge = sigma2 > 0
+    np.testing.assert_array_equal(traj.metrics["edge_count"], at_edge.astype(int))
+    # Settled: GD's oscillation has σ² = −2C and its predicted loss is 0 there.
+    assert abs(traj.metrics["oscillation"][-1] - (-2 * C)) < 1e-9
+    assert np.all(LR * np.asarray(traj.metrics["sharpness"]) <= 2 * (1 + 1e-9))
+
+
+def test_before_the_edge_it_is_the_gradient_flow():
+    traj = run(15.0, t_max=8.0)
+    flow = gflow.simulate(
+        sharpening, None, 8.0, params0={"x": 0.0, "y": 15.0}, ts=traj.ts,
+        rtol=1e-10, atol=1e-12,
+    )  # fmt: skip
+    assert np.all(np.asarray(traj.metrics["oscillation"]) == 0)
+    assert np.all(np.asarray(traj.metrics["edge_count"]) == 0)
+    np.testing.assert_allclose(traj.params["y"], flow.params["y"], rtol=1e-12)
+    np.testing.assert_allclose(traj.loss, traj.metrics["predicted_loss"], rtol=0)
+    # No eigenvalue near the edge: no third-order product was computed.
+    assert traj.stats["num_third_order_evals"] == 0
+
+
+def test_work_counts_are_exact_before_the_edge():
+    traj = run(15.0, t_max=8.0)
+    s, track, iters = traj.stats, 2, 3
+    # Start: LOBPCG of 30 iterations; each evaluation: a Rayleigh-Ritz (track
+    # products); each attempt: a refresh (LOBPCG of `iters`); each row: a
+    # Rayleigh-Ritz.
+    expected = (
+        track * 31
+        + track * s["num_solver_grad_evals"]
+        + track * (iters + 1) * s["num_steps"]
+        + track * s["num_save_grad_evals"]
+    )
+    assert s["num_hvp_evals"] == expected
+
+
+def test_float32():
+    traj = run(19.0, t_max=10.0, dtype=jnp.float32)
+    assert traj.params["y"].dtype == jnp.float32
+    assert traj.succeeded
+    assert np.all(LR * np.asarray(traj.metrics["sharpness"]) <= 2 * (1 + 1e-2))
+    assert abs(float(traj.metrics["oscillation"][-1]) - (-2 * C)) < 1e-3
+
+
+def test_observables_predict_time_averages():
+    def second_moment(params, data):
+        return params["x"] ** 2  # GD's ⟨x²⟩ = σ² at the edge
+
+    flow = gflow.flows.CentralFlow(LR, track=2, observables={"x2": second_moment})
+    traj = gflow.simulate(
+        sharpening, None, 20.0, params0={"x": 0.0, "y": 19.0}, flow=flow,
+        rtol=1e-10, atol=1e-12,
+    )  # fmt: skip
+    np.testing.assert_allclose(traj.metrics["x2"], traj.metrics["oscillation"])
+
+
+def test_ensemble_members_equal_simulate():
+    y0 = jnp.array([15.0, 18.0, 19.99])
+    p0 = {"x": jnp.zeros(3), "y": y0}
+    kwargs = dict(
+        ts=np.linspace(0, 20, 41), flow=gflow.flows.CentralFlow(LR, track=2),
+        rtol=1e-10, atol=1e-12,
+    )  # fmt: skip
+    ensemble = gflow.simulate_ensemble(sharpening, None, 20.0, params0=p0, **kwargs)
+    for i in range(3):
+        one = gflow.simulate(
+            sharpening, None, 20.0, params0={"x": 0.0, "y": y0[i]}, **kwargs
+        )
+        member = ensemble.member(i)
+        np.testing.assert_allclose(member.params["y"], one.params["y"], rtol=1e-12)
+        np.testing.assert_allclose(
+            member.metrics["oscillation"], one.metrics["oscillation"], atol=1e-10
+        )
+        for key in ("num_steps", "num_hvp_evals", "num_third_order_evals"):
+            assert member.stats[key] == one.stats[key], key
+
+
+def test_checkpoint_resume_is_bit_for_bit(tmp_path):
+    whole = run(15.0)
+    cut = run(15.0, checkpoint=tmp_path, checkpoint_steps=7)
+    assert cut.stats["checkpoint_writes"] > 1
+    for name in ("x", "y"):
+        np.testing.assert_array_equal(whole.params[name], cut.params[name])
+    np.testing.assert_array_equal(
+        whole.metrics["oscillation"], cut.metrics["oscillation"]
+    )
+    for key in ("num_steps", "num_hvp_evals", "num_third_order_evals"):
+        assert whole.stats[key] == cut.stats[key], key
+
+
+def test_a_new_learning_rate_does_not_recompile():
+    run(15.0, t_max=2.0)
+    assert not run(15.0, t_max=2.0, lr=0.11).stats["compiled"]
+
+
+def test_bad_input_is_refused():
+    for lr in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="lr"):
+            gflow.flows.CentralFlow(lr)
+    with pytest.raises(ValueError, match="track"):
+        gflow.flows.CentralFlow(0.1, track=0)
+    with pytest.raises(TypeError, match="observables"):
+        gflow.flows.CentralFlow(0.1, observables={"f": 1.0})
+
+    # A custom gradient computed on the host: one derivative, not three.
+    @jax.custom_vjp
+    def square(x):
+        return x**2
+
+    def host_gradient(x, g):
+        twice = jax.pure_callback(lambda x: 2 * np.asarray(x), x, x)
+        return (twice * g,)
+
+    square.defvjp(lambda x: (x**2, x), host_gradient)
+
+    def loss(params, data):
+        return jnp.sum(square(params))
+
+    gflow.simulate(loss, None, 1.0, params0=jnp.ones(3))  # the gradient flow runs
+    with pytest.raises(ValueError, match="three times.*pure_callback"):
+        gflow.simulate(
+            loss, None, 1.0, params0=jnp.ones(3), flow=gflow.flows.CentralFlow(0.1)
+        )
+
+
+def test_too_few_tracked_eigenvalues_are_refused():
+    # Three equal curvatures at the edge, one tracked.
+    def loss(params, data):
+        return 0.5 * (2 / LR) * jnp.sum(params**2)
+
+    with pytest.raises(ValueError, match="track=3"):
+        gflow.simulate(
+            loss, None, 0.5, params0=jnp.ones(3),
+            flow=gflow.flows.CentralFlow(LR, track=1),
+        )  # fmt: skip
+
+
+def test_midpoints_average_out_a_period_two_oscillation():
+    ts = np.arange(6) * 0.5
+    sign = (-1.0) ** np.arange(6)
+    traj = gflow.Trajectory(
+        ts=jnp.asarray(ts),
+        params={"w": jnp.asarray(ts + 0.3 * sign)},
+        velocity={"w": jnp.zeros(6)},
+        loss=jnp.asarray(1 + 0.1 * sign),
+        grad_norm=jnp.ones(6),
+        metrics={},
+        result="successful",
+        stats={},
+        meta={},
+        param_rows=np.arange(6),
+    )
+    mid = traj.midpoints()
+    np.testing.assert_allclose(mid.ts, ts[1:-1])
+    np.testing.assert_allclose(mid.params["w"], ts[1:-1], atol=1e-15)
+    np.testing.assert_allclose(mid.loss, 1.0)
+    with pytest.raises(ValueError, match="every step"):
+        traj[np.array([0, 1, 3, 4])].midpoints()
+
+
+# The linear algebra.
+
+
+def test_top_eigenpairs_match_numpy():
+    rng = np.random.default_rng(0)
+    q = np.linalg.qr(rng.normal(size=(40, 40)))[0]
+    values = np.concatenate([[10.0, 9.5, 7.0], rng.uniform(-1, 5, 37)])
+    a = jnp.asarray(q @ np.diag(values) @ q.T)
+    start = jnp.asarray(rng.normal(size=(3, 40)))
+    found, vectors = top_eigenpairs(lambda x: x @ a, start, 25)
+    np.testing.assert_allclose(found, values[:3], rtol=1e-10)
+    np.testing.assert_allclose(vectors @ vectors.T, np.eye(3), atol=1e-12)
+    np.testing.assert_allclose(vectors @ a, found[:, None] * vectors, atol=1e-8)
+    # A start that is already converged (zero residuals) stays put, exactly.
+    exact, _ = top_eigenpairs(
+        lambda x: x @ jnp.diag(jnp.arange(6.0)), jnp.eye(6)[4:], 5
+    )
+    np.testing.assert_array_equal(exact, [5.0, 4.0])
+
+
+def test_svec_is_an_isometry():
+    rng = np.random.default_rng(1)
+    x, y = (jnp.asarray((m + m.T) / 2) for m in rng.normal(size=(2, 4, 4)))
+    assert np.isclose(svec(x) @ svec(y), jnp.sum(x * y))
+    np.testing.assert_allclose(smat(svec(x)), x)
+    i, j = upper_pairs(3)  # column by column: the 2 × 2 block first
+    pairs = [(0, 0), (0, 1), (1, 1), (0, 2), (1, 2), (2, 2)]
+    assert list(zip(i, j, strict=True)) == pairs
+
+
+def test_psd_qp_one_variable_closed_form():
+    for q, a in ((2.0, -1.0), (0.5, 3.0), (4.0, -8.0)):
+        x = psd_qp(jnp.array([[q]]), jnp.array([a]))
+        assert float(x[0]) == pytest.approx(max(0.0, -a / q), rel=1e-12)
+
+
+def test_psd_qp_is_exactly_zero_when_a_is_psd():
+    q = jnp.eye(3) + 0.1
+    a = svec(jnp.array([[2.0, 0.5], [0.5, 1.0]]))
+    assert np.all(np.asarray(psd_qp(q, a)) == 0)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_psd_qp_matches_cvxpy(k):
+    cp = pytest.importorskip("cvxpy")
+    rng = np.random.default_rng(k)
+    n = k * (k + 1) // 2
+    i, j = upper_pairs(k)
+    for _ in range(10):
+        scale = rng.uniform(0.5, 2.0, size=k)  # per eigenvector, as in a flow
+        g = rng.normal(size=(n, 30)) * (scale[i] * scale[j])[:, None]
+        q, a = g @ g.T / 2, rng.normal(size=n)
+        x = cp.Variable((k, k), PSD=True)
+        weight = np.where(i == j, 1.0, np.sqrt(2.0))
+        vec = cp.hstack([x[p, r] * w for p, r, w in zip(i, j, weight, strict=True)])
+        objective = a @ vec + 0.5 * cp.sum_squares(g.T @ vec) / 2
+        best = cp.Problem(cp.Minimize(objective))
+        best.solve(solver="CLARABEL", tol_gap_abs=1e-12, tol_gap_rel=1e-12)
+        ours = np.asarray(psd_qp(jnp.asarray(q), jnp.asarray(a)))
+        value = a @ ours + ours @ q @ ours / 2
+        assert value <= best.value + 1e-7 * abs(best.value)
+        assert np.linalg.eigvalsh(np.asarray(smat(jnp.asarray(ours))))[0] >= -1e-12
+        # The flow's term Gᵀx: an objective within 1e-7 of the optimum fixes it
+        # to about sqrt(1e-7) of its size (the objective is ¼‖Gᵀx‖² + a·x).
+        term, reference = g.T @ ours, g.T @ np.asarray(svec(jnp.asarray(x.value)))
+        assert (
+            np.linalg.norm(term - reference) <= 1e-3 * np.linalg.norm(reference) + 1e-9
+        )
