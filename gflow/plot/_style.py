@@ -73,7 +73,7 @@ def figure(
     *,
     size: tuple[float, float] = (5.5, 4.0),
     min_width: float = 2.2,
-):
+) -> tuple[Any, Any]:
     """A new figure of `nrows` × `ncols` panels, with a layout that keeps every
     label inside it: `size` (inches) per panel on a screen.
 
