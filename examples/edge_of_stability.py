@@ -15,7 +15,7 @@ flows, and the central flow's prediction; (middle) the effective eigenvalues
 lr·λ_i the central flow tracks, GD's own lr·λ_max (every 10 steps), the edge at
 2; (right) the distance of GD's midpoints to each flow.
 
-Run:  python examples/edge_of_stability.py [--out DIR]
+Run:  python examples/edge_of_stability.py [--steps 1000] [--out DIR]
 Writes DIR/edge_of_stability.png and DIR/edge_of_stability_summary.json.
 """
 
@@ -34,7 +34,7 @@ matplotlib.use("Agg")
 
 import gflow  # noqa: E402
 
-LR, STEPS, SMOOTHING = 0.1, 1000, 50
+LR, SMOOTHING = 0.1, 50
 
 
 def problem():
@@ -101,15 +101,16 @@ def figure(gd, flow, central, gd_sharpness, far_flow, far_central):
     return fig
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=1000, help="GD steps")
     parser.add_argument("--out", default="figures", help="folder for the outputs")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     loss, params0, data = problem()
-    t_max, ts = STEPS * LR, np.arange(STEPS + 1) * LR
+    t_max, ts = args.steps * LR, np.arange(args.steps + 1) * LR
     gd = gflow.gradient_descent(loss, data, t_max, lr=LR, params0=params0, ts=ts)
     flow = gflow.simulate(loss, data, t_max, params0=params0, ts=gd.ts)
     central = gflow.simulate(loss, data, t_max, params0=params0, ts=gd.ts,
@@ -129,7 +130,7 @@ def main() -> None:
     predicted = np.asarray(central.metrics["predicted_loss"])[edge + 2 * SMOOTHING :]
     summary = {
         "lr": LR,
-        "steps": STEPS,
+        "steps": args.steps,
         "edge_step": edge,
         "max_effective_sharpness_central": float(
             LR * np.max(central.metrics["sharpness"])
@@ -147,6 +148,7 @@ def main() -> None:
     (out / "edge_of_stability_summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     print(f"wrote {path}")
+    return summary
 
 
 if __name__ == "__main__":

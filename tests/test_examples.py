@@ -56,3 +56,13 @@ def test_flow_vs_gradient_descent(tmp_path):
     gd = summary["gradient_descent"]
     # The smaller the learning rate, the closer GD stays to the flow.
     assert gd["0.03"]["max_param_distance"] < gd["0.1"]["max_param_distance"]
+
+
+def test_edge_of_stability(tmp_path):
+    summary = load("edge_of_stability").main(["--steps", "600", "--out", str(tmp_path)])
+    assert (tmp_path / "edge_of_stability.png").stat().st_size > 10_000
+    assert 300 < summary["edge_step"] < 500  # GD reaches the edge near step 400
+    assert summary["max_effective_sharpness_central"] <= 2 * (1 + 1e-2)
+    # GD's midpoints stay closer to the central flow than to the gradient flow.
+    central = summary["final_distance_to_central_flow"]
+    assert central < 0.5 * summary["final_distance_to_gradient_flow"]
