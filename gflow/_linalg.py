@@ -187,8 +187,8 @@ def psd_qp(q: jax.Array, a: jax.Array, iters: int = 100, polish: int = 4) -> jax
     Newton steps on the matrices of that rank (the entries of X's eigenbasis that
     touch its range free, the rest held at zero, the result projected on the cone)
     make it exact to rounding once the rank is right (a step is kept only where it
-    lowers the objective). A fixed number of steps
-    (no test, no host round trip) keeps it inside one compiled program.
+    lowers the objective). A fixed number of steps (no convergence test, no host
+    round trip) keeps it inside one compiled program and its cost known.
 
     Examples:
         >>> psd_qp(jnp.array([[2.0]]), jnp.array([-1.0]))   # x = 1/2
