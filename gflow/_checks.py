@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import equinox as eqx
@@ -93,6 +94,21 @@ def check_int(name: str, value: Any, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"`{name}` must be at least {minimum}; got {value}.")
     return int(value)
+
+
+def check_functions(name: str, value: Any) -> tuple[tuple[str, Any], ...]:
+    """A dict `{name: fn(params, data)}` (None: empty) as a tuple of pairs, which
+    is hashable (part of a compiled program's identity); a TypeError unless its
+    names are strings and its values callable."""
+    value = {} if value is None else value
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and callable(f) for k, f in value.items()
+    ):
+        raise TypeError(
+            f"`{name}` must be a dict {{name: fn(params, data)}} with string names "
+            "and callable values."
+        )
+    return tuple(value.items())
 
 
 def check_batch_size(batch_size: Any, examples: int | None = None) -> int:

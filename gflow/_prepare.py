@@ -24,7 +24,7 @@ from ._checks import check_keys
 from ._compile import use_persistent_cache
 from ._engine import Controls, Problem, size_class
 from ._keywords import parse
-from ._linalg import power_iteration
+from ._linalg import hvp, power_iteration
 from ._model import bind, initial_batch, initial_params, resolve_loss, split
 from ._options import Options
 from ._solvers import AutoTsit5, modes, needs_hvps, solver_name
@@ -203,8 +203,7 @@ def _check_third_order(flow: AbstractFlow, loss_fn, params: Any, data: Any) -> N
 
     def third(params):
         def curvature(p):
-            gradient = lambda q: jax.grad(loss_fn)(q, data)  # noqa: E731
-            return tree_dot(params, jax.jvp(gradient, (p,), (params,))[1])
+            return tree_dot(params, hvp(loss_fn, p, data, params))
 
         return jax.grad(curvature)(params)
 

@@ -244,12 +244,12 @@ class Trajectory(eqx.Module):
         step): what a central flow (`gflow.flows.CentralFlow`) predicts.
 
         Needs a run saved at every step with its parameters (e.g.
-        `gflow.gradient_descent(..., n_save=steps + 1)`). The loss, gradient norm,
-        metrics and velocities are averaged with the same weights.
+        `gflow.gradient_descent(..., ts=np.arange(steps + 1) * lr)`). The loss,
+        gradient norm, metrics and velocities are averaged with the same weights.
 
         Examples:
             >>> gd = gflow.gradient_descent(model, data, 100.0, lr=0.1, key=0,
-            ...                             n_save=1001)
+            ...                             ts=np.arange(1001) * 0.1)
             >>> gflow.compare(central, gd.midpoints())
         """
         if self.batch_size is not None:
@@ -263,7 +263,8 @@ class Trajectory(eqx.Module):
         ):
             raise ValueError(
                 "midpoints need the parameters at every step, equally spaced: run "
-                "gradient descent with n_save = steps + 1 (and params_at='all')."
+                "gradient descent with ts=np.arange(steps + 1) * lr (and "
+                "params_at='all')."
             )
 
         def averaged(x):

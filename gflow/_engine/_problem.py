@@ -22,6 +22,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from .._checks import check_functions
 from .._tree import tree_norm
 from ..flows import AbstractFlow
 from ..flows._base import value_and_grad
@@ -44,15 +45,7 @@ class Metrics(eqx.Module):
 
     @classmethod
     def build(cls, metrics: Mapping[str, Callable] | None) -> Metrics:
-        metrics = {} if metrics is None else metrics
-        if not isinstance(metrics, Mapping) or not all(
-            isinstance(k, str) and callable(f) for k, f in metrics.items()
-        ):
-            raise TypeError(
-                "`metrics` must be a dict {name: fn(params, data)} with string names "
-                "and callable values."
-            )
-        return cls(tuple(metrics.items()))
+        return cls(check_functions("metrics", metrics))
 
     def __call__(self, params: Any, data: Any) -> dict[str, Any]:
         values = {}
@@ -213,7 +206,7 @@ def row_values(loss_fn, flow: AbstractFlow, metrics: Metrics, y, data) -> Row:
     the flow adds (`AbstractFlow.row_values`: its velocity and own metrics)."""
     params = flow.params(y)
     loss, grad = value_and_grad(loss_fn, params, data)
-    velocity, own, work = flow.row_values(loss_fn, y, data, grad)
+    velocity, own, work = flow.row_values(loss_fn, y, data, loss, grad)
     return Row(
         loss=loss,
         grad_norm=tree_norm(grad),

@@ -83,11 +83,12 @@ class AbstractFlow(eqx.Module):
         return self.cost
 
     def row_values(
-        self, loss_fn: Callable, state: Any, data: Any, grad: Any
+        self, loss_fn: Callable, state: Any, data: Any, loss: Any, grad: Any
     ) -> tuple[Any, dict[str, Any], tuple[Any, Any]]:
-        """What a saved row holds besides the loss and gradient norm: dθ/dt, the
-        flow's own metrics (none by default), and the work spent on them
-        (Hessian-vector products, third-order products: `row_cost`)."""
+        """What a saved row holds besides the loss and gradient norm (`loss` and
+        `grad` there, already computed): dθ/dt, the flow's own metrics (none by
+        default), and the work spent on them (Hessian-vector products,
+        third-order products: `row_cost`)."""
         return self.velocity(loss_fn, state, data, grad), {}, self.row_cost
 
     def refreshed(self, loss_fn: Callable, state: Any, data: Any) -> Any:

@@ -12,7 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from .._linalg import psd_qp, smat, svec, top_eigenpairs, upper_pairs
+from .._checks import check_functions, check_int
+from .._linalg import hvp, psd_qp, smat, svec, top_eigenpairs, upper_pairs
+from .._tree import tree_scrambled
 from ._base import AbstractFlow, _like, _rate, grad
 
 #: LOBPCG iterations of the first eigen-solve, from vectors that look random.
@@ -110,24 +112,11 @@ class CentralFlow(AbstractFlow):
         observables: Mapping[str, Callable] | None = None,
     ):
         self.lr = _rate("lr", lr)
-        for name, value, low, high in (
-            ("track", track, 1, 8),
-            ("eig_iters", eig_iters, 1, 100),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int | np.integer):
-                raise TypeError(f"`{name}` must be an integer; got {value!r}.")
-            if not low <= value <= high:
-                raise ValueError(f"`{name}` must be in [{low}, {high}]; got {value}.")
+        for name, value, most in (("track", track, 8), ("eig_iters", eig_iters, 100)):
+            if check_int(name, value, 1) > most:
+                raise ValueError(f"`{name}` must be at most {most}; got {value}.")
         self.track, self.eig_iters = int(track), int(eig_iters)
-        observables = {} if observables is None else observables
-        if not isinstance(observables, Mapping) or not all(
-            isinstance(k, str) and callable(f) for k, f in observables.items()
-        ):
-            raise TypeError(
-                "`observables` must be a dict {name: f(params, data)} of scalar "
-                "functions."
-            )
-        self.observables = tuple(observables.items())
+        self.observables = check_functions("observables", observables)
 
     @property
     def _pairs(self) -> int:
@@ -164,9 +153,7 @@ class CentralFlow(AbstractFlow):
         a (track, n) array, n the number of trained parameters) with their
         eigenvalues: what a step starts its eigen-solves from."""
         flat = ravel_pytree(params)[0]
-        index = jnp.arange(self.track * flat.size, dtype=flat.dtype) + 1
-        hashed = jnp.sin(index * 12.9898) * 43758.5453  # looks random, no key
-        start = jnp.reshape(hashed - jnp.floor(hashed) - 0.5, (self.track, -1))
+        start = tree_scrambled(jnp.zeros((self.track, flat.size), flat.dtype))
         values, vectors = _eigen(loss_fn, params, data, start, _START_ITERS)
         return params, vectors, values
 
@@ -184,7 +171,7 @@ class CentralFlow(AbstractFlow):
     def vector_field(self, loss_fn: Callable) -> Callable:
         def field(t, state, data):
             gradient = grad(loss_fn, state[0], data)
-            velocity, values = self._solve(loss_fn, state, data, gradient)[:2]
+            velocity, values = _solve(self, loss_fn, state, data, gradient)[:2]
             # An eigenvalue that reaches the edge within a step begun with it
             # below `_NEAR_EDGE` (no third-order products for it): the step is
             # too long. inf/NaN makes the engine reject it and shrink it, until
@@ -198,10 +185,10 @@ class CentralFlow(AbstractFlow):
         return field
 
     def velocity(self, loss_fn, state, data, grad):
-        return self._solve(loss_fn, state, data, grad)[0]
+        return _solve(self, loss_fn, state, data, grad)[0]
 
-    def row_values(self, loss_fn, state, data, grad):
-        velocity, values, vectors, x = self._solve(loss_fn, state, data, grad)
+    def row_values(self, loss_fn, state, data, loss, grad):
+        velocity, values, vectors, x = _solve(self, loss_fn, state, data, grad)
         params = state[0]
         sigma = smat(x)  # Σ in the basis of the tracked eigenvectors
         spread = jnp.linalg.eigvalsh(sigma)
@@ -209,8 +196,7 @@ class CentralFlow(AbstractFlow):
         metrics = {
             "sharpness": values[0],
             "effective_eigenvalues": _like(self.lr, values) * values,
-            "predicted_loss": loss_fn(params, data)
-            + jnp.sum(jnp.diag(sigma) * values) / 2,
+            "predicted_loss": loss + jnp.sum(jnp.diag(sigma) * values) / 2,
             "oscillation": jnp.trace(sigma),
             "edge_count": jnp.sum(support & (spread[-1] > 0)).astype(jnp.int32),
         }
@@ -218,26 +204,6 @@ class CentralFlow(AbstractFlow):
             metrics[name] = _predicted(fn, params, data, vectors, sigma)
         work = self.row_cost[0], _pairs_at_edge(self._at_edge(state[2]))
         return velocity, metrics, work
-
-    def _solve(self, loss_fn, state, data, gradient):
-        """dθ/dt at `state`, the tracked eigenpairs there (Rayleigh-Ritz in the
-        span of the step's vectors) and svec(X)."""
-        return _solved(self, loss_fn, state, data, gradient)
-
-    def _work(self, loss_fn, state, data, gradient):
-        params, vectors, start_values = state
-        flat, unravel = ravel_pytree(params)
-        values, u = _eigen(loss_fn, params, data, vectors, 0)
-        m = self._at_edge(start_values)  # fixed over a step: its cost is known
-        products = _edge_products(loss_fn, unravel, flat, data, u, m)
-        g = ravel_pytree(gradient)[0]
-        lr = _like(self.lr, flat)
-        # d/dt of svec(UᵀHU) is −(products @ g) − ½ (products productsᵀ) x; the
-        # edge 2/lr is kept by −d/dt ⪰ −(1/lr)(2/lr − UᵀHU) on the support of X.
-        a = products @ g + svec(jnp.diag(2 / lr - values)) / lr
-        x = _complementarity(products @ products.T / 2, a, m)
-        velocity = unravel(-g - products.T @ x / 2)
-        return velocity, values, u, x
 
     def check(self, trajectory) -> None:
         """Refuse a run in which every tracked eigenvalue neared the edge (unless
@@ -264,8 +230,22 @@ def _flat_gradient(loss_fn, unravel, data):
 
 # Jitted, so that the solver's stages and the saved rows share one trace of it.
 @eqx.filter_jit
-def _solved(flow: CentralFlow, loss_fn, state, data, gradient):
-    return flow._work(loss_fn, state, data, gradient)
+def _solve(flow: CentralFlow, loss_fn, state, data, gradient):
+    """dθ/dt at `state`, the tracked eigenpairs there (Rayleigh-Ritz in the span
+    of the step's vectors) and svec(X)."""
+    params, vectors, start_values = state
+    flat, unravel = ravel_pytree(params)
+    values, u = _eigen(loss_fn, params, data, vectors, 0)
+    m = flow._at_edge(start_values)  # fixed over a step: its cost is known
+    products = _edge_products(loss_fn, unravel, flat, data, u, m)
+    g = ravel_pytree(gradient)[0]
+    lr = _like(flow.lr, flat)
+    # d/dt of svec(UᵀHU) is −(products @ g) − ½ (products productsᵀ) x; the
+    # edge 2/lr is kept by −d/dt ⪰ −(1/lr)(2/lr − UᵀHU) on the support of X.
+    a = products @ g + svec(jnp.diag(2 / lr - values)) / lr
+    x = _complementarity(products @ products.T / 2, a, m)
+    velocity = unravel(-g - products.T @ x / 2)
+    return velocity, values, u, x
 
 
 def _pairs_at_edge(m):
@@ -326,9 +306,8 @@ def _predicted(fn, params, data, vectors, sigma):
     """f(θ) + ½⟨Σ, ∇²f⟩, Σ = Uᵀ sigma U: f's average over the oscillation."""
     flat, unravel = ravel_pytree(params)
 
-    def flat_fn(z):
+    def flat_fn(z, data):
         return fn(unravel(z), data)
 
-    gradient = jax.grad(flat_fn)
-    curvature = jax.vmap(lambda v: jax.jvp(gradient, (flat,), (v,))[1])(vectors)
-    return flat_fn(flat) + jnp.sum(sigma * (vectors @ curvature.T)) / 2
+    curvature = jax.vmap(lambda v: hvp(flat_fn, flat, data, v))(vectors)
+    return flat_fn(flat, data) + jnp.sum(sigma * (vectors @ curvature.T)) / 2
