@@ -14,7 +14,7 @@ import optax
 from . import _checkpoint
 from ._assemble import assemble, finish
 from ._checks import check_batch_size, check_keys, require_positive
-from ._engine import Metrics, Outputs, Row, row_values
+from ._engine import Metrics, Outputs, Row, row_from, row_values
 from ._keywords import CHECKPOINT_KEYWORDS, COMMON_KEYWORDS, takes_options
 from ._options import Options, matmul_precision_context
 from ._prepare import padded_saves, prepare
@@ -23,7 +23,7 @@ from ._run import Segments, run_in_segments
 from ._trajectory import Trajectory
 from ._tree import tree_set, tree_zeros
 from .flows import GradientFlow
-from .flows._base import grad
+from .flows._base import grad, value_and_grad
 
 
 @takes_options(*COMMON_KEYWORDS, *CHECKPOINT_KEYWORDS)
@@ -45,9 +45,10 @@ def gradient_descent(
 
     Step k sits at flow time `t = k * time_per_step`, by default `k * lr`: plain
     gradient descent with learning rate `lr` is the Euler discretisation of the flow
-    with step `lr`. All steps run in one compiled program (`lax.scan` over the save
-    intervals); `data` and `lr` are arguments of it, so new data, initial parameters
-    or learning rates of the same shapes do not recompile.
+    with step `lr`. All steps run in one compiled program (a loop over the steps
+    that writes the saved rows on its way); `data` and `lr` are arguments of it,
+    so new data, initial parameters or learning rates of the same shapes do not
+    recompile.
 
     Time conventions for other optimisers (pass them as `time_per_step`):
     heavy-ball momentum μ with learning rate α moves about α / (1 − μ) of flow time
@@ -88,7 +89,9 @@ def gradient_descent(
 
     Returns:
         A [`gflow.Trajectory`][] with `stats["num_steps"]` steps and
-        `stats["num_grad_evals"]` = steps + saved states. If the iterates become
+        `stats["num_grad_evals"]` = steps + 1 (a saved row reuses the gradient
+        of the step it starts; with `batch_size`, steps + saved rows, since a row
+        is on all the data). If the iterates become
         inf/NaN (a learning rate above 2 / sharpness), `result` is `"diverged"`
         and the trajectory ends at the last finite save.
 
@@ -143,7 +146,16 @@ def gradient_descent(
     state, timing, stats = _run(
         problem, controls, prepared, data, opts, meta, model, n_slots
     )
-    out = _outputs(state, (save_steps * tau).astype(prepared.dtype), steps.size)
+    # In full batch a saved row reuses its step's gradient; only the last row,
+    # after the last step, evaluates one of its own.
+    row_grads = 1 if batches is None else steps.size
+    out = _outputs(
+        state,
+        prepared.params0,
+        (save_steps * tau).astype(prepared.dtype),
+        steps.size,
+        row_grads,
+    )
     traj = assemble(
         out, opts, meta, timing, batched=False, fixed=prepared.fixed, stats=stats
     )
@@ -179,7 +191,7 @@ def _on_whole_steps(opts: Options, tau: float) -> tuple[np.ndarray, Options]:
 def _run(problem, controls, prepared, data, opts: Options, meta, model, n_slots):
     """Descend to the last save, in one call or in checkpointed segments; the final
     state, the timing and the checkpoint's counters."""
-    n_steps = int(controls.save_steps[-1])
+    n_saves = int(controls.n_saves)
 
     def fresh():
         return _blank(problem, controls, prepared.params0, data, n_slots)
@@ -207,7 +219,7 @@ def _run(problem, controls, prepared, data, opts: Options, meta, model, n_slots)
         return run_in_segments(
             fresh,
             advance,
-            lambda s: int(s.steps) >= n_steps and int(s.next_save) > 0,
+            lambda s: int(s.next_save) >= n_saves,
             lambda s: int(s.steps),
             segments,
         )
@@ -263,15 +275,33 @@ class Descent(eqx.Module):
     metrics: Metrics
     batches: _Batches | None
 
-    def row(self, params, data) -> Row:
-        """The values of a saved row: one gradient on all the data."""
-        return row_values(self.loss_fn, GradientFlow(), self.metrics, params, data)
+    def gradient(self, k, params, data):
+        """The gradient that step `k` takes from `params`, with the loss when it
+        is on all the data (None for a minibatch)."""
+        if self.batches is not None:
+            return grad(self.loss_fn, params, self.batches.draw(data, k)), None
+        loss, grads = value_and_grad(self.loss_fn, params, data)
+        return grads, loss
 
-    def step(self, k, carry, data, lr):
-        """Step `k` from `carry` = (params, optimiser state)."""
-        params, opt_state = carry
-        batch = data if self.batches is None else self.batches.draw(data, k)
-        grads = grad(self.loss_fn, params, batch)
+    def row(self, params, data, grads, loss, at_save) -> Row:
+        """The saved row at `params` (meaningful where `at_save`). In full batch
+        it reuses the step's gradient, so that the program holds one gradient
+        and a row costs no evaluation; it is then computed at every step, being
+        cheap, unless metrics (or a minibatch step) make it worth a branch."""
+        flow = GradientFlow()
+
+        def full():
+            if loss is None:
+                return row_values(self.loss_fn, flow, self.metrics, params, data)
+            return row_from(self.loss_fn, flow, self.metrics, params, data, loss, grads)
+
+        if loss is not None and not self.metrics.fns:
+            return full()
+        shapes = jax.eval_shape(full)
+        return jax.lax.cond(at_save, full, lambda: tree_zeros(shapes))
+
+    def update(self, params, opt_state, grads, lr):
+        """One step along `grads`: (params, optimiser state)."""
         if self.optimizer is None:
             return jax.tree.map(lambda p, g: p - lr * g, params, grads), opt_state
         updates, opt_state = self.optimizer.update(grads, opt_state, params)
@@ -290,12 +320,15 @@ class DescentControls(eqx.Module):
 
 
 class _State(eqx.Module):
-    """Gradient descent part-way: the loop's carry, everything needed to go on."""
+    """Gradient descent part-way: the loop's carry, everything needed to go on.
+    The kept parameters and velocities are flat vectors, one row per slot and a
+    last one that takes the rows not kept: one write each per step instead of
+    one per leaf, which is most of what XLA would otherwise compile."""
 
     params: Any
     opt_state: Any
-    saved: Any  # (n_slots, ...): the parameters kept at the save rows
-    velocity: Any
+    saved: jax.Array  # (n_slots + 1, n): the parameters of the kept rows
+    velocity: jax.Array  # (n_slots + 1, n)
     loss: jax.Array  # (n_saves,): every save row
     grad_norm: jax.Array
     metrics: Any
@@ -303,24 +336,50 @@ class _State(eqx.Module):
     steps: jax.Array  # steps taken
 
 
+def _flat(tree, dtype) -> jax.Array:
+    """The leaves of `tree` in one vector."""
+    return jnp.concatenate([jnp.ravel(x).astype(dtype) for x in jax.tree.leaves(tree)])
+
+
+def _unflat(rows: np.ndarray, like) -> Any:
+    """`rows` (m, n) of flat vectors (`_flat`) back to trees like `like`, with a
+    leading axis of m; on the host."""
+    leaves, layout = jax.tree.flatten(like)
+    ends = np.cumsum([np.size(x) for x in leaves])
+    parts = np.split(np.asarray(rows), ends[:-1], axis=1)
+    return jax.tree.unflatten(
+        layout,
+        [
+            p.reshape(rows.shape[:1] + np.shape(x)).astype(np.asarray(x).dtype)
+            for p, x in zip(parts, leaves, strict=True)
+        ],
+    )
+
+
 def _blank(problem: Descent, controls: DescentControls, params0, data, n_slots: int):
     """The state before anything ran, on the host (nothing compiles): at the
     initial parameters, with no row written yet."""
-    row = eqx.filter_eval_shape(problem.row, params0, data)
     optimizer = problem.optimizer
     opt_state = None
     if optimizer is not None:
         opt_state = tree_zeros(eqx.filter_eval_shape(optimizer.init, params0), xp=np)
+    leaves = jax.tree.leaves(params0)
+    dtype = np.result_type(*(x.dtype for x in leaves))
+    n = sum(np.size(x) for x in leaves)
+    loss = jax.eval_shape(problem.loss_fn, params0, data)
+    metrics = {}
+    if problem.metrics.fns:
+        metrics = eqx.filter_eval_shape(problem.metrics, params0, data)
     n_saves = controls.save_steps.shape[0]
     zero = np.zeros((), np.int32)
     return _State(
         params=params0,
         opt_state=opt_state,
-        saved=tree_zeros(row.params, (n_slots,), xp=np),
-        velocity=tree_zeros(row.velocity, (n_slots,), xp=np),
-        loss=tree_zeros(row.loss, (n_saves,), xp=np),
-        grad_norm=tree_zeros(row.grad_norm, (n_saves,), xp=np),
-        metrics=tree_zeros(row.metrics, (n_saves,), xp=np),
+        saved=np.zeros((n_slots + 1, n), dtype),
+        velocity=np.zeros((n_slots + 1, n), dtype),
+        loss=np.zeros(n_saves, loss.dtype),
+        grad_norm=np.zeros(n_saves, dtype),
+        metrics=tree_zeros(metrics, (n_saves,), xp=np),
         next_save=zero,
         steps=zero.copy(),
     )
@@ -328,12 +387,13 @@ def _blank(problem: Descent, controls: DescentControls, params0, data, n_slots: 
 
 @eqx.filter_jit
 def _descend(problem: Descent, controls: DescentControls, state: _State, data, budget):
-    """Step from save row to save row until the last, or until `budget` steps have
-    been taken (whole save intervals: at least one). A fresh state starts with the
-    optimiser's state and the row at step 0."""
+    """Take up to `budget` steps (at least one), writing the save rows on the
+    way, until the last save row is written. A fresh state starts with the
+    optimiser's state."""
     save_steps, slot = controls.save_steps, controls.slot
+    n_slots, n_saves = state.saved.shape[0] - 1, save_steps.shape[0]
     last = save_steps[controls.n_saves - 1]
-    stop_at = state.steps + jnp.minimum(budget, last - state.steps)
+    stop_at = state.steps + jnp.maximum(budget, 1)
     if problem.optimizer is not None:
         opt_state = jax.lax.cond(
             state.next_save == 0,
@@ -342,55 +402,57 @@ def _descend(problem: Descent, controls: DescentControls, state: _State, data, b
         )
         state = eqx.tree_at(lambda s: s.opt_state, state, opt_state)
 
-    def step(k, carry):
-        return problem.step(k, carry, data, controls.lr)
-
     def going(state):
-        return (state.next_save < controls.n_saves) & (
-            (state.steps < stop_at) | (state.next_save == 0)
-        )
+        return (state.next_save < controls.n_saves) & (state.steps < stop_at)
 
-    def interval(state):
-        i = state.next_save
-        params, opt_state = jax.lax.fori_loop(
-            state.steps, save_steps[i], step, (state.params, state.opt_state)
-        )
-        values = problem.row(params, data)
+    def step(state):
+        k, i, params = state.steps, state.next_save, state.params
+        grads, loss = problem.gradient(k, params, data)
+        at_save = k == save_steps[i]
+        row = problem.row(params, data, grads, loss, at_save)
+        # Written at every step, off the end (rows: dropped; slots: the spare
+        # last one) when not at a save: no branch around the writes.
+        kept = jnp.where(at_save, slot[i], n_slots)
+        index = jnp.where(at_save, i, n_saves)
+        dtype = state.saved.dtype
+        # The update after the last row is taken too, and never saved: no branch.
+        params, opt_state = problem.update(params, state.opt_state, grads, controls.lr)
         return _State(
             params=params,
             opt_state=opt_state,
-            saved=tree_set(state.saved, slot[i], params),
-            velocity=tree_set(state.velocity, slot[i], values.velocity),
-            loss=state.loss.at[i].set(values.loss),
-            grad_norm=state.grad_norm.at[i].set(values.grad_norm),
-            metrics=tree_set(state.metrics, i, values.metrics),
-            next_save=i + 1,
-            steps=save_steps[i],
+            saved=state.saved.at[kept].set(_flat(row.params, dtype)),
+            velocity=state.velocity.at[kept].set(_flat(row.velocity, dtype)),
+            loss=state.loss.at[index].set(row.loss, mode="drop"),
+            grad_norm=state.grad_norm.at[index].set(row.grad_norm, mode="drop"),
+            metrics=tree_set(state.metrics, index, row.metrics),
+            next_save=i + at_save,
+            steps=jnp.minimum(k + 1, last),
         )
 
-    return jax.lax.while_loop(going, interval, state)
+    return jax.lax.while_loop(going, step, state)
 
 
-def _outputs(state: _State, ts, n_saves: int) -> Outputs:
+def _outputs(state: _State, params0, ts, n_saves: int, row_grads: int) -> Outputs:
     """The finished descent as the engine's outputs (one member)."""
     one = np.ones(1, np.int32)
+    state = jax.device_get(state)
 
     def member(tree):
-        return jax.tree.map(lambda x: x[None], jax.device_get(tree))
+        return jax.tree.map(lambda x: x[None], tree)
 
     return Outputs(
         ts=np.asarray(ts)[None],
         loss=member(state.loss),
         grad_norm=member(state.grad_norm),
         metrics=member(state.metrics),
-        params=member(state.saved),
-        velocity=member(state.velocity),
+        params=member(_unflat(state.saved[:-1], params0)),
+        velocity=member(_unflat(state.velocity[:-1], params0)),
         n_rows=one * n_saves,
         code=one * result_code("successful"),
         steps=one * int(state.steps),
         accepted=one * int(state.steps),
         grads=one * int(state.steps),
-        row_grads=one * n_saves,
+        row_grads=one * row_grads,
         hvps=0 * one,
         thirds=0 * one,
     )

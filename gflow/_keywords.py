@@ -149,9 +149,7 @@ KEYWORDS: dict[str, Keyword] = {
     "checkpoint_steps": Keyword(
         None,
         "int | None",
-        "instead of `checkpoint_every`: a checkpoint every this many steps "
-        "(gradient descent checkpoints at save times, after whole intervals between "
-        "them).",
+        "instead of `checkpoint_every`: a checkpoint every this many steps.",
     ),
 }
 

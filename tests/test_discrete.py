@@ -38,8 +38,33 @@ def test_equals_hand_written_sgd_and_euler_flow():
     )
     assert tree_max_abs_diff(euler.params, gd.params) < 1e-13
     assert gd.stats["num_steps"] == steps
-    assert gd.stats["num_grad_evals"] == steps + len(gd)
+    # Each saved row reuses its step's gradient; the last row is one more.
+    assert gd.stats["num_grad_evals"] == steps + 1
     assert gd.meta["kind"] == "discrete"
+
+
+def test_saved_rows_are_the_iterates_values():
+    """Each row's loss, gradient, metrics and velocity are those of its saved
+    parameters, including the rows whose parameters are not kept."""
+    loss, data, params0, _ = quadratic_problem()
+    metrics = {"first": lambda p, d: jax.tree.leaves(p)[0].sum()}
+    kwargs = dict(params0=params0, n_save=7)
+    gd = gflow.gradient_descent(
+        loss, data, 3.0, 0.05, metrics=metrics, params_at="final", **kwargs
+    )
+    kept = gflow.gradient_descent(loss, data, 3.0, 0.05, **kwargs)
+    for i in range(len(kept)):
+        at_i = jax.tree.map(lambda x, i=i: x[i], kept.params)
+        value, grads = jax.value_and_grad(loss)(at_i, data)
+        np.testing.assert_allclose(gd.loss[i], value, rtol=1e-13)
+        norm = np.sqrt(sum(np.sum(g**2) for g in jax.tree.leaves(grads)))
+        np.testing.assert_allclose(gd.grad_norm[i], norm, rtol=1e-13)
+        np.testing.assert_allclose(
+            gd.metrics["first"][i], metrics["first"](at_i, data), rtol=1e-13
+        )
+        velocity = jax.tree.map(lambda x, i=i: x[i], kept.velocity)
+        assert tree_max_abs_diff(velocity, jax.tree.map(jnp.negative, grads)) < 1e-13
+    assert tree_max_abs_diff(gd.final, kept.final) == 0
 
 
 def test_any_optax_optimizer_and_time_per_step():

@@ -352,6 +352,14 @@ def test_full_batch_minibatches_are_gradient_descent():
     )
     np.testing.assert_allclose(batched.final["w"], full.final["w"], rtol=1e-12)
     assert batched.meta["batch_size"] == 16
+    # The rows agree, whether they reuse the step's gradient (full batch) or
+    # evaluate their own on all the data (minibatches).
+    for name in ("loss", "grad_norm"):
+        np.testing.assert_allclose(getattr(batched, name), getattr(full, name))
+    np.testing.assert_allclose(batched.velocity["w"], full.velocity["w"], rtol=1e-12)
+    steps = full.stats["num_steps"]
+    assert full.stats["num_grad_evals"] == steps + 1
+    assert batched.stats["num_grad_evals"] == steps + len(batched)
 
 
 # --- Bad input ----------------------------------------------------------------------

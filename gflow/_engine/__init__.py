@@ -25,5 +25,6 @@ from ._problem import Outputs as Outputs
 from ._problem import Problem as Problem
 from ._problem import Row as Row
 from ._problem import State as State
+from ._problem import row_from as row_from
 from ._problem import row_values as row_values
 from ._problem import size_class as size_class

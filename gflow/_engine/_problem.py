@@ -204,8 +204,13 @@ class Row(eqx.Module):
 def row_values(loss_fn, flow: AbstractFlow, metrics: Metrics, y, data) -> Row:
     """What a saved row holds for state `y`: one gradient evaluation, and what
     the flow adds (`AbstractFlow.row_values`: its velocity and own metrics)."""
+    loss, grad = value_and_grad(loss_fn, flow.params(y), data)
+    return row_from(loss_fn, flow, metrics, y, data, loss, grad)
+
+
+def row_from(loss_fn, flow: AbstractFlow, metrics: Metrics, y, data, loss, grad):
+    """`row_values` with the loss and gradient at `y` already computed."""
     params = flow.params(y)
-    loss, grad = value_and_grad(loss_fn, params, data)
     velocity, own, work = flow.row_values(loss_fn, y, data, loss, grad)
     return Row(
         loss=loss,
