@@ -366,7 +366,9 @@ def _blank(problem: Descent, controls: DescentControls, params0, data, n_slots: 
     leaves = jax.tree.leaves(params0)
     dtype = np.result_type(*(x.dtype for x in leaves))
     n = sum(np.size(x) for x in leaves)
-    loss = jax.eval_shape(problem.loss_fn, params0, data)
+    # The loss's dtype, from the shapes of the jitted gradient: its trace is then
+    # the one the loop uses, not a second one.
+    loss, _ = eqx.filter_eval_shape(value_and_grad, problem.loss_fn, params0, data)
     metrics = {}
     if problem.metrics.fns:
         metrics = eqx.filter_eval_shape(problem.metrics, params0, data)
@@ -377,8 +379,8 @@ def _blank(problem: Descent, controls: DescentControls, params0, data, n_slots: 
         opt_state=opt_state,
         saved=np.zeros((n_slots + 1, n), dtype),
         velocity=np.zeros((n_slots + 1, n), dtype),
-        loss=np.zeros(n_saves, loss.dtype),
-        grad_norm=np.zeros(n_saves, dtype),
+        loss=np.zeros(n_saves + 1, loss.dtype),
+        grad_norm=np.zeros(n_saves + 1, dtype),
         metrics=tree_zeros(metrics, (n_saves,), xp=np),
         next_save=zero,
         steps=zero.copy(),
@@ -405,25 +407,32 @@ def _descend(problem: Descent, controls: DescentControls, state: _State, data, b
     def going(state):
         return (state.next_save < controls.n_saves) & (state.steps < stop_at)
 
+    def write(buffer, index, value):
+        # In bounds by construction: a plain dynamic_update_slice (a scatter
+        # would check the bounds, with a select over the whole buffer).
+        return jax.lax.dynamic_update_index_in_dim(buffer, value, index, 0)
+
     def step(state):
         k, i, params = state.steps, state.next_save, state.params
         grads, loss = problem.gradient(k, params, data)
         at_save = k == save_steps[i]
         row = problem.row(params, data, grads, loss, at_save)
-        # Written at every step, off the end (rows: dropped; slots: the spare
-        # last one) when not at a save: no branch around the writes.
+        # Written at every step, into a spare last element when not at a save:
+        # no branch around the writes.
         kept = jnp.where(at_save, slot[i], n_slots)
         index = jnp.where(at_save, i, n_saves)
         dtype = state.saved.dtype
+        velocity = _flat(row.velocity, dtype)
         # The update after the last row is taken too, and never saved: no branch.
         params, opt_state = problem.update(params, state.opt_state, grads, controls.lr)
         return _State(
             params=params,
             opt_state=opt_state,
-            saved=state.saved.at[kept].set(_flat(row.params, dtype)),
-            velocity=state.velocity.at[kept].set(_flat(row.velocity, dtype)),
-            loss=state.loss.at[index].set(row.loss, mode="drop"),
-            grad_norm=state.grad_norm.at[index].set(row.grad_norm, mode="drop"),
+            saved=write(state.saved, kept, _flat(row.params, dtype)),
+            velocity=write(state.velocity, kept, velocity),
+            loss=write(state.loss, index, row.loss),
+            # The flat vector's norm: one reduction, not one per leaf.
+            grad_norm=write(state.grad_norm, index, jnp.sqrt(jnp.sum(velocity**2))),
             metrics=tree_set(state.metrics, index, row.metrics),
             next_save=i + at_save,
             steps=jnp.minimum(k + 1, last),
@@ -442,8 +451,8 @@ def _outputs(state: _State, params0, ts, n_saves: int, row_grads: int) -> Output
 
     return Outputs(
         ts=np.asarray(ts)[None],
-        loss=member(state.loss),
-        grad_norm=member(state.grad_norm),
+        loss=member(state.loss[:-1]),
+        grad_norm=member(state.grad_norm[:-1]),
         metrics=member(state.metrics),
         params=member(_unflat(state.saved[:-1], params0)),
         velocity=member(_unflat(state.velocity[:-1], params0)),

@@ -26,11 +26,11 @@ from ._engine import Controls, Problem, size_class
 from ._keywords import parse
 from ._linalg import hvp, power_iteration
 from ._model import bind, initial_batch, initial_params, resolve_loss, split
-from ._options import Options
+from ._options import Options, matmul_precision_context
 from ._solvers import AutoTsit5, modes, needs_hvps, solver_name
 from ._tree import tree_dot
 from .flows import AbstractFlow, GradientFlow
-from .flows._base import describe_flow
+from .flows._base import describe_flow, value_and_grad
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +108,9 @@ def prepare(
     if flows:
         flow, noise = prepared_flow(flow, model, fixed, one, data, noise_key, members)
     dtype = jnp.result_type(*jax.tree.leaves(params))
-    checked_loss(loss_fn, one, data)
+    # Under the run's precision, which is part of the key of JAX's trace cache.
+    with matmul_precision_context(opts.matmul_precision):
+        checked_loss(loss_fn, one, data)
     jax.eval_shape(opts.metrics, one, data)  # a metric that fails is named
     if opts.solver is not None:
         opts.solver.warn_precision(dtype)
@@ -139,7 +141,14 @@ def trained_part(loss_fn, opts: Options, params: Any):
 
 
 def checked_loss(loss_fn, params: Any, data: Any) -> jax.ShapeDtypeStruct:
-    """Trace the loss once abstractly, turning shape errors into clear ones."""
+    """Trace the loss and its gradient once abstractly, turning shape errors into
+    clear ones. The trace is that of the jitted `value_and_grad`, which the run's
+    program then reuses instead of tracing the loss again."""
+    try:
+        value, _ = eqx.filter_eval_shape(value_and_grad, loss_fn, params, data)
+        return value
+    except Exception as e:  # noqa: BLE001 - diagnosed on the loss alone below
+        failed = e
     try:
         value = jax.eval_shape(loss_fn, params, data)
     except Exception as e:  # noqa: BLE001 - re-raised with context below
@@ -158,7 +167,10 @@ def checked_loss(loss_fn, params: Any, data: Any) -> jax.ShapeDtypeStruct:
         raise TypeError(
             f"loss(params, data) must be floating-point; got {value.dtype}."
         )
-    return value
+    raise ValueError(
+        "loss(params, data) runs, but its gradient with respect to the parameters "
+        f"failed: {type(failed).__name__}: {failed}"
+    ) from failed
 
 
 def checked_solver(

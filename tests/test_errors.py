@@ -48,6 +48,11 @@ SHARED = [
         ValueError,
         r"must return a scalar; it returned \(2, 3\)",
     ),
+    (
+        dict(model=lambda p, d: loss(jax.pure_callback(np.tanh, p, p), d)),
+        ValueError,
+        r"loss\(params, data\) runs, but its gradient .* failed",
+    ),
     (dict(model=42), TypeError, "`model` must be an object with a `loss"),
     (dict(metrics={"m": 3}), TypeError, "`metrics` must be a dict"),
     (dict(metrics=[loss]), TypeError, "`metrics` must be a dict"),
