@@ -329,9 +329,9 @@ class _State(eqx.Module):
     opt_state: Any
     saved: jax.Array  # (n_slots + 1, n): the parameters of the kept rows
     velocity: jax.Array  # (n_slots + 1, n)
-    loss: jax.Array  # (n_saves,): every save row
-    grad_norm: jax.Array
-    metrics: Any
+    loss: jax.Array  # (n_saves + 1,): every save row, and a spare last one
+    grad_norm: jax.Array  # (n_saves + 1,)
+    metrics: Any  # (n_saves, ...)
     next_save: jax.Array  # the next save row to write (0: nothing ran yet)
     steps: jax.Array  # steps taken
 
@@ -350,7 +350,7 @@ def _unflat(rows: np.ndarray, like) -> Any:
     return jax.tree.unflatten(
         layout,
         [
-            p.reshape(rows.shape[:1] + np.shape(x)).astype(np.asarray(x).dtype)
+            p.reshape(rows.shape[:1] + np.shape(x)).astype(x.dtype)
             for p, x in zip(parts, leaves, strict=True)
         ],
     )
@@ -417,8 +417,8 @@ def _descend(problem: Descent, controls: DescentControls, state: _State, data, b
         grads, loss = problem.gradient(k, params, data)
         at_save = k == save_steps[i]
         row = problem.row(params, data, grads, loss, at_save)
-        # Written at every step, into a spare last element when not at a save:
-        # no branch around the writes.
+        # Written at every step, into a spare last element when not at a save
+        # (metrics, rarely there: dropped): no branch around the writes.
         kept = jnp.where(at_save, slot[i], n_slots)
         index = jnp.where(at_save, i, n_saves)
         dtype = state.saved.dtype
