@@ -10,11 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.flatten_util import ravel_pytree
 
 from . import _checkpoint
 from ._assemble import assemble, finish
 from ._checks import check_batch_size, check_keys, require_positive
-from ._engine import Metrics, Outputs, Row, row_from, row_values
+from ._engine import Metrics, Outputs, Row, if_any, row_from, row_values
 from ._keywords import CHECKPOINT_KEYWORDS, COMMON_KEYWORDS, takes_options
 from ._options import Options, matmul_precision_context
 from ._prepare import padded_saves, prepare
@@ -297,8 +298,7 @@ class Descent(eqx.Module):
 
         if loss is not None and not self.metrics.fns:
             return full()
-        shapes = jax.eval_shape(full)
-        return jax.lax.cond(at_save, full, lambda: tree_zeros(shapes))
+        return if_any(at_save, full)
 
     def update(self, params, opt_state, grads, lr):
         """One step along `grads`: (params, optimiser state)."""
@@ -336,14 +336,9 @@ class _State(eqx.Module):
     steps: jax.Array  # steps taken
 
 
-def _flat(tree, dtype) -> jax.Array:
-    """The leaves of `tree` in one vector."""
-    return jnp.concatenate([jnp.ravel(x).astype(dtype) for x in jax.tree.leaves(tree)])
-
-
 def _unflat(rows: np.ndarray, like) -> Any:
-    """`rows` (m, n) of flat vectors (`_flat`) back to trees like `like`, with a
-    leading axis of m; on the host."""
+    """`rows` (m, n) of flat vectors (`ravel_pytree`'s) back to trees like
+    `like`, with a leading axis of m; on the host."""
     leaves, layout = jax.tree.flatten(like)
     ends = np.cumsum([np.size(x) for x in leaves])
     parts = np.split(np.asarray(rows), ends[:-1], axis=1)
@@ -421,18 +416,15 @@ def _descend(problem: Descent, controls: DescentControls, state: _State, data, b
         # (metrics, rarely there: dropped): no branch around the writes.
         kept = jnp.where(at_save, slot[i], n_slots)
         index = jnp.where(at_save, i, n_saves)
-        dtype = state.saved.dtype
-        velocity = _flat(row.velocity, dtype)
         # The update after the last row is taken too, and never saved: no branch.
         params, opt_state = problem.update(params, state.opt_state, grads, controls.lr)
         return _State(
             params=params,
             opt_state=opt_state,
-            saved=write(state.saved, kept, _flat(row.params, dtype)),
-            velocity=write(state.velocity, kept, velocity),
+            saved=write(state.saved, kept, ravel_pytree(row.params)[0]),
+            velocity=write(state.velocity, kept, ravel_pytree(row.velocity)[0]),
             loss=write(state.loss, index, row.loss),
-            # The flat vector's norm: one reduction, not one per leaf.
-            grad_norm=write(state.grad_norm, index, jnp.sqrt(jnp.sum(velocity**2))),
+            grad_norm=write(state.grad_norm, index, row.grad_norm),
             metrics=tree_set(state.metrics, index, row.metrics),
             next_save=i + at_save,
             steps=jnp.minimum(k + 1, last),

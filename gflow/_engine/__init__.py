@@ -16,6 +16,7 @@ step with; its whole carry (`State`) can be handed back in to go on, which is ho
 runs are cut into segments (checkpoints, progress, "auto"'s stiff mode).
 """
 
+from ._batch import if_any as if_any
 from ._entry import advance as advance
 from ._entry import blank_state as blank_state
 from ._problem import MODES as MODES
