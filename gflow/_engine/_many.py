@@ -21,17 +21,23 @@ from ._problem import Controls, Lane, Outputs, Problem, Row, State
 
 
 def loop(problem: Problem, controls: Controls, queue, data, state: State, budget):
-    """Fill idle lanes, then step until every member is done, a lane wants the
-    solver's other mode, or `budget` iterations have run."""
-    state = _finish_and_refill(problem, controls, queue, state, data)
+    """Step until every member is done, a lane wants the solver's other mode, or
+    `budget` iterations have run.
+
+    Every iteration ends with the refill, so the lanes of a fresh state (all done,
+    none recorded) are filled by a first iteration in which no lane steps: the
+    program holds one refill, not a second one before the loop (a member's start is
+    a large part of the program, and XLA compiles each copy)."""
     stop_at = state.iterations + jnp.minimum(
         budget, jnp.iinfo(jnp.int32).max - state.iterations
     )
 
     def going(state):
-        wanting = _step.wanting_other_mode(problem, controls, state.lanes)
+        lanes = state.lanes
+        wanting = _step.wanting_other_mode(problem, controls, lanes)
+        unfilled = jnp.any(lanes.done & lanes.closed)  # only in a fresh state
         return (
-            jnp.any(state.lanes.running)
+            (jnp.any(lanes.running) | unfilled)
             & (state.iterations < stop_at)
             & ~jnp.any(wanting)
         )
@@ -71,8 +77,9 @@ def _step_all(problem: Problem, controls: Controls, queue, state: State, data):
     limit = jnp.where(stepped.done, t_end, stepped.t)
     state = eqx.tree_at(lambda s: s.lanes, state, stepped)
     state = _write_rows(problem, controls, state, accepted, t0, limit, dense, data)
-    queued = state.next_member < out.n_rows.size
     busy = jnp.sum(lanes.running, dtype=jnp.int32)
+    # (A fresh state's first iteration, in which no lane steps, only fills them.)
+    queued = (state.next_member < out.n_rows.size) & (busy > 0)
     state = _finish_and_refill(problem, controls, queue, state, data)
     return eqx.tree_at(
         lambda s: (s.iterations, s.queued_iterations, s.queued_busy),

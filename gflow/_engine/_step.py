@@ -339,7 +339,9 @@ def outcome(controls: Controls, before: Lane, stepped: Lane, accepted, stops):
         [stops, stepped.code, _SUCCESSFUL, _MAX_STEPS_REACHED],
         RUNNING,
     )
-    done = before.running & (ended | finished | over | failed)
+    # A lane that was not running keeps its flag (a fresh state's lanes are done
+    # until the refill records them).
+    done = before.done | (before.running & (ended | finished | over | failed))
     return eqx.tree_at(
         lambda s: (s.code, s.running, s.done),
         stepped,
