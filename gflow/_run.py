@@ -121,28 +121,41 @@ def solve(
     """Run the engine from a blank state until every member is done. `single`:
     one member (`gflow.simulate`), its queue entry without a member axis.
 
-    A solver of two methods (gflow's "auto") starts with the program of its common
-    method alone; only when a lane wants the other is the program that holds it
-    compiled, and the run goes on from the same state (one member: a program per
-    method, switching back and forth; an ensemble: the program of both). Compiling
-    it costs time, and a run that is nearly done would not win it back: when the
-    lanes that want it would take fewer than `Modes.min_steps` more steps (and no
-    member is still queued), the run finishes in the common method instead. The
-    choice depends on the run's state alone, so it is the same on any machine.
+    A solver of two methods (gflow's "auto"), for one member, starts with the
+    program of its common method alone; only when the member wants the other is
+    the program that holds it compiled, and the run goes on from the same state (a
+    program per method, switching back and forth). Compiling it costs time, and a
+    run that is nearly done would not win it back: when the member would take fewer
+    than `Modes.min_steps` more steps in it, the run finishes in the common method
+    instead. The choice depends on the run's state alone, so it is the same on any
+    machine.
+
+    An ensemble compiles the program of both methods at once. Its lanes in both
+    modes need that program, which holds the common one; and among many members
+    one that stiffens is the rule (every grid of `benchmarks/ensemble.py`, even
+    to t = 20), so starting with the common program alone would usually compile
+    both programs, most of the cost twice.
     """
     n_members = 1 if single else jax.tree.leaves(queue)[0].shape[0]
-    mode = first_mode(problem)
+    mode = first_mode(problem, single)
     split = modes(problem.solver)
+    checked = False  # whether the rare method's derivatives were checked
 
     def fresh():
+        nonlocal mode, controls, checked
         # (The problem as the first program sees it: their traces of a member's
         # start are then one.)
         first = dataclasses.replace(problem, mode=mode)
-        return _engine.blank_state(
+        state = _engine.blank_state(
             first, controls, queue, data, n_slots, n_devices, single
         )
-
-    checked = False  # whether the rare method's derivatives were checked
+        if mode == "both":
+            checked = True
+            if failure := _rare_fails(problem, state, data):
+                auto_falls_back(failure)
+                controls = _no_switch(controls)
+                mode = "common"
+        return state
 
     def advance(state, budget):
         nonlocal mode, controls, checked
@@ -215,9 +228,12 @@ def mode_name(problem: Problem, mode: str | None) -> str:
     return f"{name} ({split.names[mode == 'rare']})"
 
 
-def first_mode(problem: Problem) -> str | None:
-    """The mode a run starts in: a solver of two methods, its common one."""
-    return None if modes(problem.solver) is None else "common"
+def first_mode(problem: Problem, single: bool) -> str | None:
+    """The mode a run starts in, for a solver of two methods: one member, its
+    common method; an ensemble, both."""
+    if modes(problem.solver) is None:
+        return None
+    return "common" if single else "both"
 
 
 def next_mode(mode: str | None, single: bool) -> str | None:
