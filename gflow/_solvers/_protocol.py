@@ -80,8 +80,9 @@ class AbstractGflowSolver(diffrax.AbstractAdaptiveSolver):
 
     def modes(self) -> Modes | None:
         """For a solver whose steps take one of two methods by the state, its
-        `Modes`: the engine compiles the rare method only once a lane wants it, and
-        an ensemble steps the rare lanes apart. None for a solver of one method."""
+        `Modes`: for one member the engine compiles the rare method only once the
+        member wants it; an ensemble compiles both and steps the rare lanes apart.
+        None for a solver of one method."""
         return None
 
 
