@@ -182,8 +182,9 @@ def checked_solver(
     field is refused by the stabilized solvers, and served by Tsit5 under "auto".
     Otherwise the Hessian-vector products a stabilized solver needs are checked
     (`hvp_failure`): a loss that fails them is refused with the cause. "auto" is
-    checked when its stabilized method is first needed (a flow that never
-    stiffens needs none); then, if they fail, it runs Tsit5 and says so."""
+    checked by the run, one member's when its stabilized method is first needed
+    (a flow that never stiffens needs none), an ensemble's at its start (it
+    compiles both methods up front); if they fail, it runs Tsit5 and says so."""
     solver = opts.solver.solver
     if flow.is_sde:
         return _sde_solver(opts, flow)
@@ -200,7 +201,7 @@ def checked_solver(
             "Use solver='tsit5' (or 'auto', which runs Tsit5 for it)."
         )
     if modes(solver) is not None:
-        return opts  # checked when its stabilized method is first needed
+        return opts  # checked by the run (`_run.solve`)
     failure = hvp_failure(
         flow, loss_fn, flow.initial_state(loss_fn, params, data), data
     )
