@@ -85,6 +85,23 @@ def test_auto_compiles_its_stabilized_method_only_when_the_flow_stiffens():
     assert stiff.stats["num_steps"] < 500
 
 
+def test_an_ensemble_of_auto_compiles_both_methods_in_one_program():
+    """An ensemble's lanes in both modes need the program of both methods, which
+    holds Tsit5's: it is the only one compiled, stiff lanes or not."""
+    loss, theta0 = stiff_quadratic([1.0, 3e3])
+    scale = jnp.array([1.0, 0.5])
+    params0 = scale[:, None] * theta0
+    stiff = gflow.simulate_ensemble(loss, None, 5.0, params0=params0, rtol=1e-6)
+    assert stiff.stats["programs_compiled"] == 1
+    assert np.all(stiff.stats["num_hvp_evals"] > 0)  # every member went stiff
+    np.testing.assert_allclose(stiff.final[:, 0], np.exp(-5.0) * scale, rtol=1e-4)
+    # Each member is its own `simulate`, which took the same stabilized steps in a
+    # program per method.
+    one = gflow.simulate(loss, None, 5.0, params0=params0[1], rtol=1e-6)
+    assert one.stats["programs_compiled"] == 2
+    assert stiff.stats["num_steps"][1] == one.stats["num_steps"]
+
+
 def test_auto_costs_no_more_than_tsit5_where_the_stabilized_method_does_not_pay():
     """Stiff enough to bind Tsit5's steps, but at rtol 1e-8 the second-order
     stabilized steps must be so short that they cost about as much: auto tries
