@@ -141,46 +141,48 @@ def solve(
     split = modes(problem.solver)
     checked = False  # whether the rare method's derivatives were checked
 
+    def rare_usable(state) -> bool:
+        """Whether the rare method's Hessian-vector products work for this loss,
+        checked before its program is first compiled. If not, "auto" says so and
+        no lane switches to it."""
+        nonlocal controls, checked
+        if checked:
+            return True
+        if failure := _rare_fails(problem, state, data):
+            auto_falls_back(failure)
+            controls = _no_switch(controls)
+            return False
+        checked = True
+        return True
+
     def fresh():
-        nonlocal mode, controls, checked
+        nonlocal mode
         # (The problem as the first program sees it: their traces of a member's
         # start are then one.)
         first = dataclasses.replace(problem, mode=mode)
         state = _engine.blank_state(
             first, controls, queue, data, n_slots, n_devices, single
         )
-        if mode == "both":
-            checked = True
-            if failure := _rare_fails(problem, state, data):
-                auto_falls_back(failure)
-                controls = _no_switch(controls)
-                mode = "common"
+        if mode == "both" and not rare_usable(state):
+            mode = "common"
         return state
 
     def advance(state, budget):
-        nonlocal mode, controls, checked
+        nonlocal mode, controls
         stepping = dataclasses.replace(problem, mode=mode)
         budget = np.asarray(budget, np.int32)
         state = _engine.advance(
             stepping, controls, queue, data, state, budget, mesh, single
         )
-        steps_left, next_member = jax.device_get((state.switch, state.next_member))
+        # Only one member switches (an ensemble's lanes are in both modes).
+        steps_left = jax.device_get(state.switch)
         if not np.any(steps_left):
             return state
-        queued = int(np.sum(next_member)) < n_members
-        if mode == "common" and not queued and np.max(steps_left) < split.min_steps:
+        if mode == "common" and np.max(steps_left) < split.min_steps:
             # Not worth compiling the other method: finish in this one.
             controls = _no_switch(controls)
-        elif (
-            mode == "common"
-            and not checked
-            and (failure := _rare_fails(problem, state, data))
-        ):
-            auto_falls_back(failure)
-            controls = _no_switch(controls)
-        else:
-            checked = True
-            mode = next_mode(mode, single)
+        elif mode != "common" or rare_usable(state):
+            mode = other_mode(mode)
         return state
 
     def finished(state):  # every member taken from the queue, none still running
@@ -236,11 +238,7 @@ def first_mode(problem: Problem, single: bool) -> str | None:
     return "common" if single else "both"
 
 
-def next_mode(mode: str | None, single: bool) -> str | None:
-    """The mode after a lane asked for the other method: one member switches
-    between the two; an ensemble's lanes then run in both."""
-    if mode == "common":
-        return "rare" if single else "both"
-    if mode == "rare":
-        return "common"
-    return mode
+def other_mode(mode: str) -> str:
+    """The mode after one member asked for the other method (an ensemble runs in
+    both from the start)."""
+    return "rare" if mode == "common" else "common"

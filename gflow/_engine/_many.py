@@ -35,7 +35,7 @@ def loop(problem: Problem, controls: Controls, queue, data, state: State, budget
     def going(state):
         lanes = state.lanes
         wanting = _step.wanting_other_mode(problem, controls, lanes)
-        unfilled = jnp.any(lanes.done & lanes.closed)  # only in a fresh state
+        unfilled = jnp.any(_unrecorded(lanes))  # only in a fresh state
         return (
             (jnp.any(lanes.running) | unfilled)
             & (state.iterations < stop_at)
@@ -262,7 +262,12 @@ def _finish_and_refill(problem, controls, queue, state, data):
             (lanes, out, state.next_member + jnp.sum(takes, dtype=jnp.int32)),
         )
 
-    return for_some(lambda s: s.lanes.done & s.lanes.closed, work, state, problem.width)
+    return for_some(lambda s: _unrecorded(s.lanes), work, state, problem.width)
+
+
+def _unrecorded(lanes: Lane):
+    """The lanes whose member is done, its last row written, and not yet recorded."""
+    return lanes.done & lanes.closed
 
 
 def _write_params(out: Outputs, member, slot, values: Row) -> Outputs:
