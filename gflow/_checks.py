@@ -7,6 +7,8 @@ the flows and the models all reuse the same checks and say the same things.
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -257,4 +259,20 @@ def _warn_once(message: str) -> None:
     """A UserWarning, the first time in a process only."""
     if message not in _WARNED:
         _WARNED.add(message)
-        warnings.warn(message, stacklevel=4)
+        warn(message)
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn(message: str) -> None:
+    """A UserWarning attributed to the user's line that called gflow: the caller
+    of the outermost gflow frame, however deep in gflow (and in the libraries it
+    calls, such as equinox's method wrappers) the warning is raised. Entry points
+    reach the same check at different depths, so no fixed `stacklevel` fits."""
+    frame, level, outermost = sys._getframe(1), 2, 2  # level 2: warn's caller
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(_PACKAGE):
+            outermost = level
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=outermost + 1)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import math
 import pathlib
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +24,7 @@ import jax
 import numpy as np
 
 from ._checkpoint import directory
-from ._checks import check_int, check_ts, positive_finite, require_positive
+from ._checks import check_int, check_ts, positive_finite, require_positive, warn
 from ._engine import Metrics
 from ._solvers import is_adaptive
 from ._times import save_times
@@ -195,11 +194,10 @@ class SolverOptions(eqx.Module):
     def warn_precision(self, dtype) -> None:
         """Warn when the tolerance asks for more than float32 can give."""
         if self.adaptive and self.rtol < 1e-7 and dtype == np.float32:
-            warnings.warn(
+            warn(
                 f"rtol={self.rtol} is below float32 resolution (~1e-7): the solver may "
                 "take tiny steps or stall. Enable float64 (jax.config.update("
-                "'jax_enable_x64', True) and float64 parameters) or raise rtol.",
-                stacklevel=4,
+                "'jax_enable_x64', True) and float64 parameters) or raise rtol."
             )
 
 

@@ -10,7 +10,6 @@ compiled, so that a bad call fails fast with a message that names the cause.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._checks import check_keys
+from ._checks import check_keys, warn
 from ._compile import use_persistent_cache
 from ._engine import Controls, Problem, size_class
 from ._keywords import parse
@@ -256,11 +255,10 @@ def hvp_failure(flow: AbstractFlow, loss_fn, state: Any, data: Any):
 def auto_falls_back(failure: Exception) -> None:
     """Warn that "auto" runs Tsit5 alone: its stiff steps would need
     Hessian-vector products, which fail for this loss."""
-    warnings.warn(
+    warn(
         "solver 'auto' falls back to 'tsit5': the Hessian-vector products its "
         f"stiff steps need fail for this loss ({type(failure).__name__}). Pass "
-        "solver='tsit5' to silence this warning.",
-        stacklevel=5,
+        "solver='tsit5' to silence this warning."
     )
 
 

@@ -202,7 +202,7 @@ def test_float32_by_default_for_float32_params():
     )
     assert traj.params.dtype == jnp.float32 and traj.ts.dtype == jnp.float32
     np.testing.assert_allclose(traj.final, 1 - np.exp(-2.0), rtol=1e-5)
-    with pytest.warns(UserWarning, match="float32"):
+    with pytest.warns(UserWarning, match="float32") as record:
         gflow.simulate(
             loss,
             jnp.ones(3, jnp.float32),
@@ -210,6 +210,7 @@ def test_float32_by_default_for_float32_params():
             params0=jnp.zeros(3, jnp.float32),
             rtol=1e-9,
         )
+    assert record[0].filename == __file__  # the user's call, not gflow's inside
 
 
 def test_log_and_linear_save_times():

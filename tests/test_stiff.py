@@ -211,13 +211,15 @@ def test_a_loss_without_hessian_vector_products_is_refused_clearly():
     tsit5 = gflow.simulate(loss, None, 20.0, solver="tsit5", **kwargs)
     # "auto" (the default) needs them only once the flow stiffens: then it says
     # it falls back to Tsit5, and does.
-    with pytest.warns(UserWarning, match="'auto' falls back to 'tsit5'"):
+    with pytest.warns(UserWarning, match="'auto' falls back to 'tsit5'") as record:
         auto = gflow.simulate(loss, None, 20.0, **kwargs)
+    assert record[0].filename == __file__  # the user's call, not gflow's inside
     assert auto.stats["num_hvp_evals"] == 0
     np.testing.assert_array_equal(np.asarray(auto.params), np.asarray(tsit5.params))
     # An ensemble compiles both methods from the start, so it says so at once.
-    with pytest.warns(UserWarning, match="'auto' falls back to 'tsit5'"):
+    with pytest.warns(UserWarning, match="'auto' falls back to 'tsit5'") as record:
         ens = gflow.simulate_ensemble(loss, None, 20.0, params0=jnp.ones((3, 2)))
+    assert record[0].filename == __file__
     assert np.sum(ens.stats["num_hvp_evals"]) == 0
     np.testing.assert_allclose(ens.final[0], np.asarray(tsit5.final), rtol=1e-6)
     # A flow that never stiffens runs without a word.
