@@ -87,9 +87,13 @@ def test_finished_members_free_their_lanes():
     assert ens.stats["useful_share_until_drained"] == 1.0
 
 
-def test_members_in_both_modes_of_auto_match_simulate():
+@pytest.mark.parametrize("small_member", [1024, 0], ids=["gathered", "one_by_one"])
+def test_members_in_both_modes_of_auto_match_simulate(small_member, monkeypatch):
     # "auto" in an ensemble steps its Tsit5 lanes and its stiff lanes apart: lanes
-    # in both modes at once must each take the steps simulate takes alone.
+    # in both modes at once must each take the steps simulate takes alone. These
+    # members are tiny, so their stiff lanes are served all three at once (vmapped);
+    # counted as large ones, one lane at a time (not vmapped).
+    monkeypatch.setattr(gflow._ensemble, "_SMALL_MEMBER", small_member)
     rates = jnp.array([[1e4, 1.0], [2.0, 1.0]] * 3)
     params0 = {"x": jnp.ones((6, 2)), "i": jnp.arange(6.0)}
     kwargs = dict(n_save=5, rtol=1e-7, atol=1e-10)
