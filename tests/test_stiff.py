@@ -107,6 +107,33 @@ def test_order_on_a_nonlinear_flow(name):
     assert_order(steps, errors, order)
 
 
+@pytest.mark.parametrize("stages", [2, 3, 7, 60, 400])
+def test_rkc2_step_of_a_linear_flow_is_its_stability_polynomial(stages):
+    # On y' = λy one RKC2 step multiplies y by R_s(hλ) = a_s + b_s T_s(w0 + w1 hλ)
+    # (Sommeijer, Shampine & Verwer 1997): w0 = 1 + ε/s², w1 = T_s'(w0)/T_s''(w0),
+    # b_s = T_s''(w0)/T_s'(w0)², a_s = 1 - b_s T_s(w0). The stages build it from
+    # the Chebyshev recurrence; here it is NumPy's Chebyshev series (Clenshaw).
+    cheb = np.polynomial.chebyshev
+    t_s = np.zeros(stages + 1)
+    t_s[-1] = 1.0
+    w0 = 1.0 + (2.0 / 13.0) / stages**2
+    t, d, dd = (cheb.chebval(w0, cheb.chebder(t_s, m)) for m in range(3))
+    w1, b = d / dd, dd / d**2
+    lam = -1.0
+    for z in -np.array([0.01, 0.3, 0.9]) * 0.65 * stages**2:
+        h = z / lam
+        y1, _, _ = RKC2().advance(
+            lambda t, y: lam * y,
+            jnp.asarray(0.0),
+            jnp.asarray(h),
+            jnp.asarray(1.0),
+            jnp.asarray(lam),
+            jnp.asarray(stages, jnp.int32),
+        )
+        expected = 1.0 - b * t + b * cheb.chebval(w0 + w1 * z, t_s)
+        assert abs(float(y1) - expected) < 1e-11 * max(1.0, stages / 10), (z, y1)
+
+
 @pytest.mark.parametrize("name", sorted(STABILIZED))
 def test_stage_count_grows_like_the_square_root_of_h_rho(name):
     cls, _ = STABILIZED[name]
