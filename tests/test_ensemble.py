@@ -130,6 +130,46 @@ def test_float32_members_near_the_saddle_switch_to_the_stiff_method_and_finish()
     assert np.asarray(ens.stats["num_steps"]).max() < 5000
 
 
+# Float32 starts of the canonical Markov flow that once ended "diverged" (or ran
+# out of steps) at the minimum, loss at its floor and |grad| ~ 1e-7: RKC2 formed
+# its error estimate from y0 - y1, a few ulps of |y| there, which no step size
+# brought under rtol, and the step shrank to the resolution of t. At the defaults
+# they reached RKC2 by switching with a few hundred Tsit5 steps to go, where
+# `simulate` stays with Tsit5. Drawn as basin studies draw them:
+# uniform(-2, 2, (1000, 2)) with default_rng(seed), these members.
+_ONCE_DIVERGED = {
+    (0.5, 0.8, 0): [62, 384, 392, 591, 624, 772, 936],
+    (0.3, 0.6, 2): [7, 178, 837, 866],
+}
+
+
+@pytest.mark.parametrize(
+    "p, q, seed, solver",
+    [(0.5, 0.8, 0, "auto"), (0.3, 0.6, 2, "auto"), (0.5, 0.8, 0, "rkc2")],
+)
+def test_converged_float32_members_never_diverge_and_match_simulate(p, q, seed, solver):
+    points = np.random.default_rng(seed).uniform(-2.0, 2.0, (1000, 2))
+    points = jnp.asarray(points[_ONCE_DIVERGED[p, q, seed]], jnp.float32)
+    model = MarkovCanonical(p, q)
+    params0 = {"e": points[:, 0], "w": points[:, 1]}
+    kwargs = dict(solver=solver)
+    ens = gflow.simulate_ensemble(
+        model, None, 2000.0, params0=params0, save="final", **kwargs
+    )
+    assert (np.asarray(ens.result) == "successful").all()
+    # Each ends at one of the two minima.
+    floors = np.asarray(markov_reference_losses(p, q))
+    assert np.all(np.abs(np.asarray(ens.loss[:, -1])[:, None] - floors).min(1) < 1e-5)
+    for i in range(points.shape[0]):
+        start = jax.tree.map(lambda x, i=i: x[i], params0)
+        single = gflow.simulate(model, None, 2000.0, params0=start, n_save=2, **kwargs)
+        member = ens.member(i)
+        assert single.result == "successful"
+        for count in ("num_steps", "num_grad_evals", "num_hvp_evals"):
+            assert member.stats[count] == single.stats[count], (i, count)
+        assert tree_max_abs_diff(member.final, single.final) == 0
+
+
 def test_unit_vectors_of_tiny_and_huge_float32_trees_are_finite():
     from gflow._tree import tree_norm, tree_unit
 

@@ -73,10 +73,14 @@ class RKC2(AbstractStabilized):
         b2 = dd_at2 / d_at2**2  # b_j = T_j''/T_j'^2 for j >= 2; b_0 = b_1 = b_2
         c1 = w1 * dd_at2 / d_at2 / (4.0 * w0)  # the stage times (fractions of h)
         mu1 = b2 * w1
-        y_1 = tree_combination((1.0, y0), (mu1 * h, f0))
 
+        # The stages are carried as increments y_j - y0, so that rounding is
+        # relative to the step, not to |y|: near a minimum in float32, y0 - y1
+        # formed from the stages themselves is a few ulps of |y|, an error estimate
+        # that no step size can bring under rtol (the controller then shrinks the
+        # step to the resolution of t, a false "diverged").
         def body(carry):
-            j, y_prev2, y_prev, last, before, b_last, b_before = carry
+            j, dy_prev2, dy_prev, last, before, b_last, b_before = carry
             t1, d1, dd1 = last  # T, T', T'' at j - 1
             t2, d2, dd2 = before  # at j - 2
             t = 2.0 * w0 * t1 - t2
@@ -88,28 +92,30 @@ class RKC2(AbstractStabilized):
             mu_tilde = 2.0 * w1 * b / b_last
             gamma_tilde = -(1.0 - b_last * t1) * mu_tilde  # -a_{j-1} mu_tilde
             c_last = jnp.where(j >= 3, w1 * dd1 / d1, c1)  # c_{j-1}
-            f = field(t0 + c_last * h, y_prev)
-            y = tree_combination(
-                (1.0 - mu - nu, y0),
-                (mu, y_prev),
-                (nu, y_prev2),
+            f = field(t0 + c_last * h, tree_combination((1.0, y0), (1.0, dy_prev)))
+            increment = tree_combination(
+                (mu, dy_prev),
+                (nu, dy_prev2),
                 (mu_tilde * h, f),
                 (gamma_tilde * h, f0),
             )
-            return j + 1, y_prev, y, (t, d, dd), last, b, b_last
+            return j + 1, dy_prev, increment, (t, d, dd), last, b, b_last
 
         one, zero = jnp.ones_like(w0), jnp.zeros_like(w0)
         start = (
             jnp.asarray(2, jnp.int32),
-            y0,
-            y_1,
+            jax.tree.map(jnp.zeros_like, y0),  # y_0 - y0
+            tree_combination((mu1 * h, f0)),  # y_1 - y0
             (w0, one, zero),  # T_1, T_1', T_1''
             (one, zero, zero),  # T_0, T_0', T_0''
             b2,  # b_1
             b2,  # b_0
         )
-        _, _, y1, *_ = jax.lax.while_loop(lambda carry: carry[0] <= stages, body, start)
+        _, _, increment, *_ = jax.lax.while_loop(
+            lambda carry: carry[0] <= stages, body, start
+        )
+        y1 = tree_combination((1.0, y0), (1.0, increment))
         f1 = field(t0 + h, y1)
         # Their estimate of the local error: (12 (y0 - y1) + 6 h (f0 + f1)) / 15.
-        error = tree_combination((0.8, y0), (-0.8, y1), (0.4 * h, f0), (0.4 * h, f1))
+        error = tree_combination((-0.8, increment), (0.4 * h, f0), (0.4 * h, f1))
         return y1, f1, error
