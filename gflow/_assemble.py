@@ -4,6 +4,7 @@ its counters and timings), and a failed run raises `SimulationError` if asked to
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import equinox as eqx
@@ -34,7 +35,8 @@ def assemble(
     result becomes "diverged"); it then ends at the last row before that which holds
     parameters, so its last row always holds its final parameters. Rows past a
     member's end repeat its last row. The leaves held `fixed` are put back into the
-    parameters and velocities, which keep the user's structure.
+    parameters, velocities and the flow's variables of the parameters' structure,
+    which keep the user's structure.
     """
     param_rows = opts.saves.param_rows
     out = _unpadded(jax.device_get(out), len(opts.saves.ts), len(param_rows))
@@ -56,9 +58,16 @@ def assemble(
         lambda x: np.asarray(x)[members, slot_source],
     )
     if fixed is not None:
+        trained = jax.tree.structure(fields["params"])
+
+        def with_fixed(tree):  # a tree of the parameters' structure
+            same = jax.tree.structure(tree) == trained
+            return eqx.combine(tree, fixed) if same else tree
+
         fields.update(
-            params=eqx.combine(fields["params"], fixed),
-            velocity=eqx.combine(fields["velocity"], fixed),
+            params=with_fixed(fields["params"]),
+            velocity=with_fixed(fields["velocity"]),
+            state={k: with_fixed(v) for k, v in fields["state"].items()},
         )
     batch = Trajectory(
         **fields,
@@ -72,25 +81,8 @@ def assemble(
 
 def _unpadded(out: Outputs, n_times: int, n_kept: int) -> Outputs:
     """The outputs without the padding of their save rows and parameter slots."""
-
-    def rows(x):
-        return x[:, :n_times]
-
-    def slots(x):
-        return x[:, :n_kept]
-
-    return eqx.tree_at(
-        lambda o: (o.ts, o.loss, o.grad_norm, o.metrics, o.params, o.velocity),
-        out,
-        (
-            rows(out.ts),
-            rows(out.loss),
-            rows(out.grad_norm),
-            jax.tree.map(rows, out.metrics),
-            jax.tree.map(slots, out.params),
-            jax.tree.map(slots, out.velocity),
-        ),
-    )
+    fields = take_fields(out, lambda x: x[:, :n_times], lambda x: x[:, :n_kept])
+    return dataclasses.replace(out, **fields)
 
 
 def _valid_rows(out: Outputs, param_rows: np.ndarray, n_times: int):

@@ -23,7 +23,7 @@ from ._results import result_code
 from ._run import Segments, run_in_segments
 from ._trajectory import Trajectory
 from ._tree import tree_set, tree_zeros
-from .flows import GradientFlow
+from .flows import FlowState, GradientFlow
 from .flows._base import grad, value_and_grad
 
 
@@ -289,12 +289,14 @@ class Descent(eqx.Module):
         it reuses the step's gradient, so that the program holds one gradient
         and a row costs no evaluation; it is then computed at every step, being
         cheap, unless metrics (or a minibatch step) make it worth a branch."""
-        flow = GradientFlow()
+        flow, state = GradientFlow(), FlowState(params)
 
         def full():
             if loss is None:
-                return row_values(self.loss_fn, flow, self.metrics, params, data)
-            return row_from(self.loss_fn, flow, self.metrics, params, data, loss, grads)
+                return row_values(self.loss_fn, flow, self.metrics, state, None, data)
+            return row_from(
+                self.loss_fn, flow, self.metrics, state, None, data, loss, grads
+            )
 
         if loss is not None and not self.metrics.fns:
             return full()
@@ -448,6 +450,7 @@ def _outputs(state: _State, params0, ts, n_saves: int, row_grads: int) -> Output
         metrics=member(state.metrics),
         params=member(_unflat(state.saved[:-1], params0)),
         velocity=member(_unflat(state.velocity[:-1], params0)),
+        state={},
         n_rows=one * n_saves,
         code=one * result_code("successful"),
         steps=one * int(state.steps),

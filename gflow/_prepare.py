@@ -187,7 +187,7 @@ def checked_solver(
     solver = opts.solver.solver
     if flow.is_sde:
         return _sde_solver(opts, flow)
-    if flow.cost[2]:
+    if flow.cost.thirds:
         _check_third_order(flow, loss_fn, params, data)
     if not needs_hvps(solver):
         return opts
@@ -201,9 +201,7 @@ def checked_solver(
         )
     if modes(solver) is not None:
         return opts  # checked by the run (`_run.solve`)
-    failure = hvp_failure(
-        flow, loss_fn, flow.initial_state(loss_fn, params, data), data
-    )
+    failure = hvp_failure(flow, loss_fn, params, data)
     if failure is not None:
         raise _no_hvp(solver, failure) from failure
     return opts
@@ -232,21 +230,23 @@ def _check_third_order(flow: AbstractFlow, loss_fn, params: Any, data: Any) -> N
         ) from e
 
 
-def hvp_failure(flow: AbstractFlow, loss_fn, state: Any, data: Any):
+def hvp_failure(flow: AbstractFlow, loss_fn, params: Any, data: Any):
     """Why the Hessian-vector products a stiff solver needs fail for this loss, or
     None: they are lowered in a power iteration as the solver runs them (some
     losses fail only there: a `jax.custom_vjp` function is refused forward-mode
-    differentiation inside a loop). `state` may be shapes."""
+    differentiation inside a loop). `params` may be shapes."""
     field = flow.vector_field(loss_fn)
 
-    def top_eigenvalue(y):
+    def top_eigenvalue(params):
+        y, carried, _ = flow.init(loss_fn, params, data)
+
         def hvp(v):
-            return jax.jvp(lambda z: field(0.0, z, data), (y,), (v,))[1]
+            return jax.jvp(lambda z: field(0.0, z, data, carried), (y,), (v,))[1]
 
         return power_iteration(hvp, y, 1)[0]
 
     try:
-        jax.jit(top_eigenvalue).lower(state)
+        jax.jit(top_eigenvalue).lower(params)
     except Exception as e:  # noqa: BLE001 - the cause, for the caller to report
         return e
     return None
@@ -286,12 +286,11 @@ def _sde_solver(opts: Options, flow: AbstractFlow) -> Options:
 
 
 def prepared_flow(flow, model, fixed, params, data, noise_key, members: int | None):
-    """The flow ready to run (`flow.prepared`), and the noise keys of the members
-    as raw uint32 keys, with a leading member axis for an ensemble (None for a
-    flow without noise).
+    """The flow ready to run (an SDE flow's `prepared`), and the noise keys of the
+    members as raw uint32 keys, with a leading member axis for an ensemble (None
+    for a flow without noise).
     `members` is None for `simulate` (one key), the batch size for an ensemble."""
     flow = resolve_flow(flow)
-    flow = flow.prepared(model, lambda fn: bind(fn, fixed), params, data)
     if not flow.is_sde:
         if noise_key is not None:
             raise ValueError(
@@ -299,6 +298,7 @@ def prepared_flow(flow, model, fixed, params, data, noise_key, members: int | No
                 f"{type(flow).__name__} has none."
             )
         return flow, None
+    flow = flow.prepared(model, lambda fn: bind(fn, fixed), params, data)
     if noise_key is None:
         how = (
             "jax.random.key(seed)"

@@ -214,7 +214,7 @@ def _rare_fails(problem: Problem, state: State, data) -> Exception | None:
     if not needs_hvps(problem.solver):
         return None
     one = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), state.lanes.y
+        lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), state.lanes.y.params
     )
     return hvp_failure(problem.flow, problem.loss_fn, one, data)
 

@@ -53,6 +53,9 @@ class Trajectory(eqx.Module):
             `compile_time_s`, ...).
         meta: how it was made (gflow version, solver, tolerances, seed, dtype, ...).
         param_rows: the rows (indices into `ts`) whose parameters are kept.
+        state: the flow's own variables besides the parameters, by name, kept
+            at the same rows as `params` (`{}` for the gradient flow; `"u"`, the
+            velocity, for `gflow.flows.HeavyBall`).
 
     Examples:
         >>> traj = gflow.simulate(loss, None, 10.0, params0={"w": jnp.ones(3)})
@@ -72,6 +75,7 @@ class Trajectory(eqx.Module):
     stats: dict[str, Any]
     meta: dict[str, Any]
     param_rows: np.ndarray
+    state: dict[str, Any] = eqx.field(default_factory=dict)
 
     @property
     def batch_size(self) -> int | None:
@@ -339,8 +343,9 @@ class Trajectory(eqx.Module):
         layout = {}
         for name in ("ts", "loss", "grad_norm", "param_rows"):
             arrays[name] = np.asarray(getattr(self, name))
-        for name in ("params", "velocity", "metrics"):
-            tree = getattr(self, name)
+        trees = {"params": self.params, "velocity": self.velocity}
+        trees.update({f"state/{k}": v for k, v in self.state.items()})
+        for name, tree in {**trees, "metrics": self.metrics}.items():
             if name != "metrics":
                 tree = eqx.filter(tree, eqx.is_inexact_array)
             try:
@@ -390,14 +395,19 @@ class Trajectory(eqx.Module):
                     n: _as_array(npz[n])
                     for n in ("ts", "loss", "grad_norm", "param_rows")
                 }
+                fields["state"] = {}
                 for tree, description in header["layout"].items():
-                    count = sum(1 for k in npz.files if k.startswith(tree + "/"))
+                    count = sum(1 for k in npz.files if k.rpartition("/")[0] == tree)
                     leaves = [_as_array(npz[f"{tree}/{i}"]) for i in range(count)]
-                    fields[tree] = (
+                    value = (
                         _from_template(name, like, leaves)
                         if description is None
                         else structure_from_json(description, leaves)
                     )
+                    if tree.startswith("state/"):
+                        fields["state"][tree.removeprefix("state/")] = value
+                    else:
+                        fields[tree] = value
         except (zipfile.BadZipFile, EOFError, KeyError, OSError) as e:
             if isinstance(e, FileNotFoundError):
                 raise
@@ -444,10 +454,10 @@ def _from_template(name: str, like: Any, leaves: list) -> Any:
 
 
 def take_fields(source: Any, by_row, by_slot) -> dict[str, Any]:
-    """A trajectory's arrays (from `source`: a Trajectory, or anything with the same
-    fields) with `by_row` applied to those with a row axis (`ts`, `loss`,
-    `grad_norm`, `metrics`) and `by_slot` to those kept at the parameter rows
-    (`params`, `velocity`)."""
+    """A trajectory's arrays (from `source`: a Trajectory, or anything with the
+    same fields, such as the engine's `Outputs`) with `by_row` applied to
+    those with a row axis (`ts`, `loss`, `grad_norm`, `metrics`) and `by_slot` to
+    those kept at the parameter rows (`params`, `velocity`, `state`)."""
     return dict(
         ts=by_row(source.ts),
         loss=by_row(source.loss),
@@ -455,6 +465,7 @@ def take_fields(source: Any, by_row, by_slot) -> dict[str, Any]:
         metrics=jax.tree.map(by_row, source.metrics),
         params=map_trained(by_slot, source.params),
         velocity=map_trained(by_slot, source.velocity),
+        state={k: map_trained(by_slot, v) for k, v in source.state.items()},
     )
 
 

@@ -46,6 +46,7 @@ def blank_state(
         metrics=tree_zeros(row.metrics, (n_members, n_times), xp=np),
         params=tree_zeros(row.params, (n_members, n_slots), xp=np),
         velocity=tree_zeros(row.velocity, (n_members, n_slots), xp=np),
+        state=tree_zeros(row.extra, (n_members, n_slots), xp=np),
         n_rows=count,
         code=count.copy(),
         steps=count.copy(),

@@ -17,7 +17,7 @@ from .._solvers import modes
 from .._tree import tree_set, tree_take
 from . import _step
 from ._batch import for_some, if_any, per_lane, where
-from ._problem import Controls, Lane, Outputs, Problem, Row, State
+from ._problem import Controls, Lane, Outputs, Problem, Row, State, write_slot
 
 
 def loop(problem: Problem, controls: Controls, queue, data, state: State, budget):
@@ -76,7 +76,8 @@ def _step_all(problem: Problem, controls: Controls, queue, state: State, data):
     )(lanes, stepped, accepted, stops)
     limit = jnp.where(stepped.done, t_end, stepped.t)
     state = eqx.tree_at(lambda s: s.lanes, state, stepped)
-    state = _write_rows(problem, controls, state, accepted, t0, limit, dense, data)
+    start = (t0, lanes.carried)
+    state = _write_rows(problem, controls, state, accepted, start, limit, dense, data)
     busy = jnp.sum(lanes.running, dtype=jnp.int32)
     # (A fresh state's first iteration, in which no lane steps, only fills them.)
     queued = (state.next_member < out.n_rows.size) & (busy > 0)
@@ -154,7 +155,7 @@ def _locate_crossings(problem, controls, crossed, t0, t1, dense, t_end, data):
     return for_some(lambda c: c[0], work, (crossed, t_end), problem.width)[1]
 
 
-def _write_rows(problem, controls, state, accepted, t0, limit, dense, data):
+def _write_rows(problem, controls, state, accepted, start, limit, dense, data):
     """Write every save row that the lanes' accepted steps crossed, and the last
     row of each member that is done (at the time it ended)."""
 
@@ -169,13 +170,17 @@ def _write_rows(problem, controls, state, accepted, t0, limit, dense, data):
         picked = tree_take(lanes, lane)
         regular = _step.row_due(controls, picked, accepted[lane], limit[lane])
 
-        def next_row(picked, t0, dense, limit, regular):
+        def next_row(picked, start, dense, limit, regular):
             return _step.next_row(
-                problem, controls, picked, t0, dense, limit, regular, data
+                problem, controls, picked, start, dense, limit, regular, data
             )
 
         row, t, slot, values = per_lane(next_row, problem.width)(
-            picked, t0[lane], tree_take(dense, lane), limit[lane], regular
+            picked,
+            tree_take(start, lane),
+            tree_take(dense, lane),
+            limit[lane],
+            regular,
         )
         member = jnp.where(index < problem.lanes, picked.member, out.n_rows.size)
         out = _write(out, member, row, t, values, slot)
@@ -193,7 +198,7 @@ def _write(out: Outputs, member, row, t, values: Row, slot) -> Outputs:
     """Write rows `row` of members `member` (indices past the end are dropped) and
     their parameters into `slot`."""
     at = (member, row)
-    out = _write_params(out, member, slot, values)
+    out = write_slot(out, (member, slot), values)
     return eqx.tree_at(
         lambda o: (o.ts, o.loss, o.grad_norm, o.metrics),
         out,
@@ -258,7 +263,7 @@ def _finish_and_refill(problem, controls, queue, state, data):
         )
         # A member that stops at t = 0 ends there: its first row is its last.
         final = jnp.where(loaded.closed, members, n_members)
-        out = _write_params(out, final, controls.final_slot, first)
+        out = write_slot(out, (final, controls.final_slot), first)
         return eqx.tree_at(
             lambda s: (s.lanes, s.out, s.next_member),
             state,
@@ -271,15 +276,3 @@ def _finish_and_refill(problem, controls, queue, state, data):
 def _unrecorded(lanes: Lane):
     """The lanes whose member is done, its last row written, and not yet recorded."""
     return lanes.done & lanes.closed
-
-
-def _write_params(out: Outputs, member, slot, values: Row) -> Outputs:
-    """Write the parameters and velocities of `values` into `slot` of `member`."""
-    return eqx.tree_at(
-        lambda o: (o.params, o.velocity),
-        out,
-        (
-            tree_set(out.params, (member, slot), values.params),
-            tree_set(out.velocity, (member, slot), values.velocity),
-        ),
-    )

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from .._tree import tree_set, tree_take
 from . import _step
-from ._problem import Controls, Lane, Outputs, Problem, Row, State
+from ._problem import Controls, Lane, Outputs, Problem, Row, State, write_slot
 
 
 def loop(problem: Problem, controls: Controls, queue, data, state: State, budget):
@@ -72,15 +72,7 @@ def _start(problem, controls, entry, data, out: Outputs):
     # A member that stops at t = 0 ends there: its first row is its last.
     n_slots = jax.tree.leaves(out.params)[0].shape[0]
     final = jnp.where(lane.closed, controls.final_slot, n_slots)
-    out = eqx.tree_at(
-        lambda o: (o.params, o.velocity),
-        out,
-        (
-            tree_set(out.params, final, first.params),
-            tree_set(out.velocity, final, first.velocity),
-        ),
-    )
-    return lane, out
+    return lane, write_slot(out, final, first)
 
 
 def _iteration(problem: Problem, controls: Controls, lane: Lane, out, data):
@@ -104,12 +96,15 @@ def _iteration(problem: Problem, controls: Controls, lane: Lane, out, data):
             )
     stepped = _step.outcome(controls, lane, stepped, accepted, stops)
     limit = jnp.where(stepped.done, t_end, stepped.t)
+    start = (t0, lane.carried)
     return _write_rows(
-        stepping, controls, stepped, out, t0, dense, limit, accepted, data
+        stepping, controls, stepped, out, start, dense, limit, accepted, data
     )
 
 
-def _write_rows(problem, controls, lane: Lane, out, t0, dense, limit, accepted, data):
+def _write_rows(
+    problem, controls, lane: Lane, out, start, dense, limit, accepted, data
+):
     """Write the save rows the step crossed, and the last row if the member is
     done."""
 
@@ -123,7 +118,7 @@ def _write_rows(problem, controls, lane: Lane, out, t0, dense, limit, accepted, 
         lane, out = carry
         regular = _step.row_due(controls, lane, accepted, limit)
         row, t, slot, values = _step.next_row(
-            problem, controls, lane, t0, dense, limit, regular, data
+            problem, controls, lane, start, dense, limit, regular, data
         )
         out = _write(out, row, t, values, slot)
         return _step.wrote_row(problem, lane, row, t, regular, values.work), out
@@ -133,18 +128,17 @@ def _write_rows(problem, controls, lane: Lane, out, t0, dense, limit, accepted, 
 
 def _write(out: Outputs, row, t, values: Row, slot) -> Outputs:
     """Write row `row` (dropped past the end) and its parameters into `slot`."""
-    return eqx.tree_at(
-        lambda o: (o.ts, o.loss, o.grad_norm, o.metrics, o.params, o.velocity),
+    out = eqx.tree_at(
+        lambda o: (o.ts, o.loss, o.grad_norm, o.metrics),
         out,
         (
             out.ts.at[row].set(t, mode="drop"),
             out.loss.at[row].set(values.loss, mode="drop"),
             out.grad_norm.at[row].set(values.grad_norm, mode="drop"),
             tree_set(out.metrics, row, values.metrics),
-            tree_set(out.params, slot, values.params),
-            tree_set(out.velocity, slot, values.velocity),
         ),
     )
+    return write_slot(out, slot, values)
 
 
 def _record(lane: Lane, out: Outputs) -> Outputs:

@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from .._checks import check_functions
-from .._tree import tree_norm
-from ..flows import AbstractFlow
+from .._tree import tree_norm, tree_set
+from ..flows import AbstractFlow, FlowState, Work
 from ..flows._base import value_and_grad
 
 #: The modes a program steps a solver with two methods (gflow's "auto") in: the
@@ -82,30 +82,30 @@ class Problem(eqx.Module):
     width: int = eqx.field(static=True)
     mode: str | None = eqx.field(default=None, static=True)
 
-    def terms(self, controls: Controls, noise, y, data):
-        """The equation's terms; an SDE flow's Brownian motion is a virtual
+    def terms(self, controls: Controls, noise, y: FlowState, carried, data):
+        """The equation's terms, with what the flow carries (`carried`) as the
+        vector field's argument; an SDE flow's Brownian motion is a virtual
         Brownian tree drawn from the lane's key `noise`, resolved to dt0 / 2."""
         if not self.flow.is_sde:
-            return self.flow.terms(self.loss_fn)
+            return self.flow.terms(self.loss_fn, carried)
         path = diffrax.VirtualBrownianTree(
             controls.ts[0],
             controls.ts[-1],
             tol=controls.dt0 / 2,
-            shape=self.flow.noise_shape(self.flow.params(y), data),
+            shape=self.flow.noise_shape(y.params, data),
             key=jax.random.wrap_key_data(noise),
         )
-        return self.flow.terms(self.loss_fn, path)
+        return self.flow.terms(self.loss_fn, carried, path)
 
-    def cost(self, evaluations, solver_hvps, y):
-        """(gradients, Hessian-vector products, third-order products) of
-        `evaluations` of the terms in a step from state `y`, with the solver's own
-        Hessian-vector products."""
-        grads, hvps, thirds = self.flow.cost_at(y)
+    def cost(self, evaluations, solver_hvps, carried) -> Work:
+        """The work of `evaluations` of the terms in a step that carries
+        `carried`, with the solver's own Hessian-vector products."""
+        each = self.flow.evaluation_cost(carried)
         counted = jnp.asarray(evaluations) >= 0  # implicit solvers: -1, not counted
-        return (
-            jnp.where(counted, evaluations * grads, evaluations),
-            jnp.where(counted, evaluations * hvps + solver_hvps, solver_hvps),
-            jnp.where(counted, evaluations * thirds, 0),
+        return Work(
+            jnp.where(counted, evaluations * each.grads, evaluations),
+            jnp.where(counted, evaluations * each.hvps + solver_hvps, solver_hvps),
+            jnp.where(counted, evaluations * each.thirds, 0),
         )
 
 
@@ -138,7 +138,8 @@ class Lane(eqx.Module):
     noise: Any  # an SDE flow's key (raw uint32), None otherwise
     t: jax.Array  # time reached (last accepted step)
     tnext: jax.Array  # end of the next step attempt
-    y: Any
+    y: FlowState  # what the flow integrates
+    carried: Any  # what the flow carries besides (None: nothing)
     solver_state: Any
     controller_state: Any
     steps: jax.Array
@@ -165,6 +166,7 @@ class Outputs(eqx.Module):
     metrics: Any
     params: Any  # (M, S, ...)
     velocity: Any
+    state: Any  # the flow's own variables (`FlowState.extra`), kept likewise
     n_rows: jax.Array  # (M,)
     code: jax.Array
     steps: jax.Array
@@ -173,6 +175,20 @@ class Outputs(eqx.Module):
     row_grads: jax.Array
     hvps: jax.Array
     thirds: jax.Array
+
+
+def write_slot(out: Outputs, at, values: Row) -> Outputs:
+    """`out` with the parameters, velocities and the flow's own variables of
+    `values` written at index `at` of their slots (past the end: dropped)."""
+    return eqx.tree_at(
+        lambda o: (o.params, o.velocity, o.state),
+        out,
+        (
+            tree_set(out.params, at, values.params),
+            tree_set(out.velocity, at, values.velocity),
+            tree_set(out.state, at, values.extra),
+        ),
+    )
 
 
 class State(eqx.Module):
@@ -198,27 +214,30 @@ class Row(eqx.Module):
     metrics: Any
     params: Any
     velocity: Any
-    work: tuple  # (Hessian-vector products, third-order products) it spent
+    extra: Any  # the flow's own variables (`FlowState.extra`)
+    work: Work  # the Hessian-vector and third-order products it spent
 
 
-def row_values(loss_fn, flow: AbstractFlow, metrics: Metrics, y, data) -> Row:
+def row_values(loss_fn, flow: AbstractFlow, metrics: Metrics, y, carried, data) -> Row:
     """What a saved row holds for state `y`: one gradient evaluation, and what
-    the flow adds (`AbstractFlow.row_values`: its velocity and own metrics)."""
-    loss, grad = value_and_grad(loss_fn, flow.params(y), data)
-    return row_from(loss_fn, flow, metrics, y, data, loss, grad)
+    the flow adds (`AbstractFlow.row`: its velocity and own metrics)."""
+    loss, grad = value_and_grad(loss_fn, y.params, data)
+    return row_from(loss_fn, flow, metrics, y, carried, data, loss, grad)
 
 
-def row_from(loss_fn, flow: AbstractFlow, metrics: Metrics, y, data, loss, grad):
+def row_from(
+    loss_fn, flow: AbstractFlow, metrics: Metrics, y, carried, data, loss, grad
+):
     """`row_values` with the loss and gradient at `y` already computed."""
-    params = flow.params(y)
-    velocity, own, work = flow.row_values(loss_fn, y, data, loss, grad)
+    velocity, own, work = flow.row(loss_fn, y, carried, data, loss, grad)
     return Row(
         loss=loss,
         grad_norm=tree_norm(grad),
-        metrics={**metrics(params, data), **own},
-        params=params,
+        metrics={**metrics(y.params, data), **own},
+        params=y.params,
         velocity=velocity,
-        work=tuple(jnp.asarray(w, jnp.int32) for w in work),
+        extra=y.extra,
+        work=jax.tree.map(lambda w: jnp.asarray(w, jnp.int32), work),
     )
 
 

@@ -23,7 +23,8 @@ from .._solvers import (
     step_cost,
 )
 from .._tree import tree_norm
-from ..flows._base import value_and_grad
+from ..flows import FlowState
+from ..flows._base import value_and_grad, velocity_is_field
 from ._batch import where
 from ._problem import Controls, Lane, Problem, Row, row_values
 
@@ -97,12 +98,9 @@ def without_late_switches(problem: Problem, controls: Controls, before, after):
 
 def step_controller(problem: Problem, controls: Controls):
     if problem.adaptive:
-        # The error is measured on the part of the state the flow integrates
-        # (`AbstractFlow.controlled`), by diffrax's default norm (optimistix's RMS).
+        # diffrax's default norm (optimistix's RMS) over all the flow integrates.
         return diffrax.PIDController(
-            rtol=controls.rtol,
-            atol=controls.atol,
-            norm=lambda y: optx.rms_norm(problem.flow.controlled(y)),
+            rtol=controls.rtol, atol=controls.atol, norm=optx.rms_norm
         )
     return diffrax.ConstantStepSize()
 
@@ -132,9 +130,9 @@ def initial_step(field, t0, y0, f0, data, controls, error_order):
     return jnp.minimum(100 * h0, h1)
 
 
-def row_at(problem: Problem, y, data) -> Row:
-    """The values of a saved row at state `y`."""
-    return row_values(problem.loss_fn, problem.flow, problem.metrics, y, data)
+def row_at(problem: Problem, y, carried, data) -> Row:
+    """The values of a saved row at state `y` (what the flow carries: `carried`)."""
+    return row_values(problem.loss_fn, problem.flow, problem.metrics, y, carried, data)
 
 
 # Jitted, so that its trace is made once and shared: by the shapes of the state a
@@ -146,22 +144,26 @@ def load(problem: Problem, controls: Controls, entry, data):
     params0, noise = entry
     ts = controls.ts
     t0, t_max = ts[0], ts[-1]
-    y0 = problem.flow.initial_state(problem.loss_fn, params0, data)
-    terms = problem.terms(controls, noise, y0, data)
-    field = problem.flow.vector_field(problem.loss_fn)
+    y0, carried, work = problem.flow.init(problem.loss_fn, params0, data)
+    terms = problem.terms(controls, noise, y0, carried, data)
+    drift = problem.flow.vector_field(problem.loss_fn)
+
+    def field(t, y, data):
+        return drift(t, y, data, carried)
+
     order = problem.solver.error_order(terms)
-    values = row_at(problem, y0, data)
-    grads = 0
+    values = row_at(problem, y0, carried, data)
+    evaluations = 0
     f0 = None
     if needs_f0(problem.solver) or (problem.adaptive and controls.dt0 is None):
-        if problem.flow.velocity_is_field:  # the first row's work
-            f0 = values.velocity
+        if velocity_is_field(y0):  # the first row's work
+            f0 = FlowState(values.velocity)
         else:
             f0 = field(t0, y0, data)
-            grads += 1
+            evaluations += 1
     if controls.dt0 is None and problem.adaptive:
         dt = initial_step(field, t0, y0, f0, data, controls, order)
-        grads += 1
+        evaluations += 1
     else:
         dt = controls.dt0
     tnext = jnp.minimum(t0 + dt, t_max)
@@ -171,23 +173,22 @@ def load(problem: Problem, controls: Controls, entry, data):
     )
     code, loss_gap = stopped_at_start(problem, controls, values, y0, data)
     zero = jnp.zeros((), jnp.int32)
-    grads, hvps, thirds = problem.cost(grads, 0, y0)
-    start_grads, start_hvps, start_thirds = problem.flow.start_cost
-    row_hvps, row_thirds = values.work
+    work = work + problem.cost(evaluations, 0, carried) + values.work
     lane = Lane(
         member=zero,
         noise=noise,
         t=t0,
         tnext=tnext,
         y=y0,
+        carried=carried,
         solver_state=start(problem.solver, terms, t0, tnext, y0, data, f0),
         controller_state=controller_state,
         steps=zero,
         accepted=zero,
-        grads=zero + grads + start_grads,
+        grads=zero + work.grads,
         row_grads=zero + 1,
-        hvps=zero + hvps + start_hvps + row_hvps,
-        thirds=zero + thirds + start_thirds + row_thirds,
+        hvps=zero + work.hvps,
+        thirds=zero + work.thirds,
         row=zero + 1,
         last_t=t0,
         loss_gap=loss_gap,
@@ -219,14 +220,14 @@ def stopped_at_start(problem, controls, values: Row, y0, data):
 
 
 def condition(problem, y, data):
-    return jnp.asarray(problem.stop_when(problem.flow.params(y), data), dtype=bool)
+    return jnp.asarray(problem.stop_when(y.params, data), dtype=bool)
 
 
 def attempt(problem: Problem, controls: Controls, lane: Lane, data):
     """One step attempt of one lane: the lane after it, the step's dense output,
     whether it was accepted, and where it started."""
     t_max = controls.ts[-1]
-    terms = problem.terms(controls, lane.noise, lane.y, data)
+    terms = problem.terms(controls, lane.noise, lane.y, lane.carried, data)
     controller = step_controller(problem, controls)
     solver = with_controller_tolerances(problem.solver, controller)
     y1, y_error, dense, solver_state, solver_result = solver.step(
@@ -247,9 +248,7 @@ def attempt(problem: Problem, controls: Controls, lane: Lane, data):
     )
     tprev = jnp.minimum(tprev, t_max)
     tnext = _next_end(solver, controls, keep, tprev, tnext, solver_state, lane)
-    y1, (grads, hvps, thirds) = _refreshed(
-        problem, solver, solver_state, lane, y1, data
-    )
+    carried, work = _updated(problem, solver, solver_state, lane, y1, data)
     code = _attempt_code(
         solver_result, controller_result, keep, tprev, tnext, lane, t_max
     )
@@ -258,6 +257,7 @@ def attempt(problem: Problem, controls: Controls, lane: Lane, data):
             s.t,
             s.tnext,
             s.y,
+            s.carried,
             s.solver_state,
             s.controller_state,
             s.steps,
@@ -272,6 +272,7 @@ def attempt(problem: Problem, controls: Controls, lane: Lane, data):
             tprev,
             tnext,
             where(keep, y1, lane.y),
+            where(keep, carried, lane.carried),
             where(
                 keep,
                 solver_state,
@@ -280,9 +281,9 @@ def attempt(problem: Problem, controls: Controls, lane: Lane, data):
             controller_state,
             lane.steps + 1,
             lane.accepted + keep,
-            lane.grads + grads,
-            lane.hvps + hvps,
-            lane.thirds + thirds,
+            lane.grads + work.grads,
+            lane.hvps + work.hvps,
+            lane.thirds + work.thirds,
             code,
         ),
         is_leaf=lambda x: x is None,  # a solver or controller without state
@@ -304,14 +305,12 @@ def _nonfinite_rejected(y1, y_error, y0):
     return y_error, where(finite, y1, y0)
 
 
-def _refreshed(problem: Problem, solver, solver_state, lane: Lane, y1, data):
-    """The attempt's end state with what the flow carries besides the integrated
-    state (a central flow's eigenvectors) brought up to date there, and the work
-    of the attempt: (gradients, Hessian-vector products, third-order products)."""
-    spent = problem.cost(*step_cost(solver, solver_state), lane.y)
-    y1 = problem.flow.refreshed(problem.loss_fn, y1, data)
-    extra = problem.flow.refresh_cost
-    return y1, tuple(a + b for a, b in zip(spent, extra, strict=True))
+def _updated(problem: Problem, solver, solver_state, lane: Lane, y1, data):
+    """What the flow carries, brought up to date at the attempt's end state
+    (`AbstractFlow.update`), and the work of the attempt."""
+    spent = problem.cost(*step_cost(solver, solver_state), lane.carried)
+    carried, work = problem.flow.update(problem.loss_fn, y1, lane.carried, data)
+    return carried, spent + work
 
 
 def _next_end(solver, controls: Controls, keep, tprev, tnext, solver_state, lane):
@@ -413,12 +412,14 @@ def row_due(controls: Controls, lane: Lane, accepted, limit):
 
 
 def next_row(
-    problem: Problem, controls: Controls, lane: Lane, t0, dense, limit, regular, data
+    problem: Problem, controls: Controls, lane: Lane, start, dense, limit, regular, data
 ):
     """The next row a lane writes: a save row within its last step (`regular`),
     else its last row, at `limit` (where it ended), replacing a row written at
-    that time. Values come from the step's dense output. Returns (row, time, slot,
-    values)."""
+    that time. Values come from the step's dense output and what the flow carried
+    into the step (`start`: the step's first time and that), as the step's own
+    evaluations did. Returns (row, time, slot, values)."""
+    t0, carried = start
     t = jnp.where(
         regular, controls.ts[jnp.minimum(lane.row, controls.ts.shape[0] - 1)], limit
     )
@@ -426,7 +427,7 @@ def next_row(
     row = jnp.where(replace, lane.row - 1, lane.row)
     slot = jnp.where(regular, controls.slot[row], controls.final_slot)
     interpolation = problem.solver.interpolation_cls(t0=t0, t1=lane.t, **dense)
-    return row, t, slot, row_at(problem, interpolation.evaluate(t), data)
+    return row, t, slot, row_at(problem, interpolation.evaluate(t), carried, data)
 
 
 def wrote_row(problem: Problem, lane: Lane, row, t, regular, work) -> Lane:
@@ -438,8 +439,8 @@ def wrote_row(problem: Problem, lane: Lane, row, t, regular, work) -> Lane:
             row + 1,
             t,
             lane.row_grads + 1,
-            lane.hvps + work[0],
-            lane.thirds + work[1],
+            lane.hvps + work.hvps,
+            lane.thirds + work.thirds,
             lane.closed | ~regular,
         ),
     )
@@ -447,7 +448,7 @@ def wrote_row(problem: Problem, lane: Lane, row, t, regular, work) -> Lane:
 
 def events(problem: Problem, controls: Controls, lane: Lane, data):
     """After a step: loss - stop_at_loss, and which boolean stop holds (a code)."""
-    params = problem.flow.params(lane.y)
+    params = lane.y.params
     code = jnp.asarray(RUNNING, jnp.int32)
     gap = lane.loss_gap
     extra = 0
@@ -478,7 +479,7 @@ def locate_loss_crossing(problem, controls, t0, t1, dense, data):
     interpolation = problem.solver.interpolation_cls(t0=t0, t1=t1, **dense)
 
     def gap(t):
-        params = problem.flow.params(interpolation.evaluate(t))
+        params = interpolation.evaluate(t).params
         return problem.loss_fn(params, data) - controls.stop_at_loss
 
     tol = 1e-10 if t1.dtype == jnp.float64 else 1e-5

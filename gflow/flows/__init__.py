@@ -14,10 +14,20 @@ says which part they are, and `velocity(...)` gives dθ/dt at a saved state, whi
   Itô SDE with the drift of `ModifiedGD` and the minibatch noise.
 - `CentralFlow(lr)`: the central flow, the time average of gradient descent at
   the edge of stability (lr·λ_max ≈ 2), where it leaves the gradient flow.
+
+To write a flow of your own, subclass `AbstractFlow` (its docstring has an
+example): a `FlowState` is what it integrates, a `Work` what each piece costs,
+and `grad`, `value_and_grad` and `hvp` the derivatives of the loss, traced once
+however often a program evaluates them.
 """
 
+from .._linalg import hvp as hvp
 from ._base import AbstractFlow as AbstractFlow
 from ._base import AbstractSDEFlow as AbstractSDEFlow
+from ._base import FlowState as FlowState
+from ._base import Work as Work
+from ._base import grad as grad
+from ._base import value_and_grad as value_and_grad
 from ._central import CentralFlow as CentralFlow
 from ._optimizers import SGD as SGD
 from ._optimizers import GradientFlow as GradientFlow

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any
 
 import diffrax
 import equinox as eqx
@@ -15,99 +15,157 @@ import numpy as np
 from .._checks import require_positive
 
 
+class Work(eqx.Module):
+    """Work in the units `stats` counts: gradients, Hessian-vector products and
+    third-order products ∇(uᵀ H v). Python or traced integers; work adds, and
+    multiplies by a count of evaluations.
+
+    Examples:
+        >>> Work(grads=1, hvps=2) * 3 + Work(thirds=1)
+        Work(grads=3, hvps=6, thirds=1)
+    """
+
+    grads: Any = 0
+    hvps: Any = 0
+    thirds: Any = 0
+
+    def __add__(self, other: Work) -> Work:
+        return Work(
+            self.grads + other.grads,
+            self.hvps + other.hvps,
+            self.thirds + other.thirds,
+        )
+
+    def __mul__(self, count: Any) -> Work:
+        return Work(count * self.grads, count * self.hvps, count * self.thirds)
+
+    __rmul__ = __mul__
+
+
+class FlowState(eqx.Module):
+    """What a flow integrates: the parameters θ, and the flow's own variables by
+    name (a heavy-ball flow's velocity, an adaptive method's second moments; none
+    for the gradient flow). Every part is integrated and error-controlled, and the
+    own variables are saved at the parameter rows (`Trajectory.state`)."""
+
+    params: Any
+    extra: dict[str, Any] = eqx.field(default_factory=dict)
+
+
 class AbstractFlow(eqx.Module):
     """The vector field (and noise) of a solve, built from a loss.
 
-    A flow declares what it costs, so that `stats` counts every gradient,
-    Hessian-vector product and third-order product exactly, and what kind of
-    equation it is:
+    A flow splits its state in two. What it *integrates* is a `FlowState`: the
+    parameters and its own variables, stepped by the solver and measured by the
+    step-size control. What it only *carries* (a central flow's eigenvectors, a
+    warm start; None when nothing) is an argument of the vector field, brought
+    up to date after every step attempt (`update`), never interpolated or
+    error-controlled. Every piece of work is returned as a `Work` with the value
+    it paid for, so that `stats` counts gradients, Hessian-vector products and
+    third-order products exactly.
+
+    Abstract/final in Equinox's sense: a flow implements every abstract member
+    below and is not subclassed further; the concrete members here are not
+    overridden.
 
     Attributes:
-        cost: (gradients, Hessian-vector products, third-order products) of one
-            evaluation of the terms.
-        row_cost: (Hessian-vector products, third-order products) `row_values`
-            spends on a saved row, besides its gradient.
-        start_cost: (gradients, Hessian-vector products, third-order products)
-            `initial_state` spends.
-        refresh_cost: the same for one call of `refreshed` (after every step
-            attempt).
+        cost: the most one evaluation of the vector field costs (`Work`).
         gradient_field: whether the vector field is −∇ of some function (its
             Jacobian symmetric, its eigenvalues real), as the stabilized solvers
             (`"rkc2"`, `"rock4"`, and `"auto"`'s switch to them) require.
-        is_sde: whether the flow has noise (an `AbstractSDEFlow`, solved by
-            Euler–Maruyama).
-        velocity_is_field: whether `velocity` at a state is the vector field
-            there (its state is the parameters): the engine then starts the
-            solver from the first saved row's velocity instead of evaluating the
-            field again.
 
-    Subclasses implement `vector_field`, and override `initial_state`, `params`
-    and `velocity` when their state is more than the parameters. A flow whose
-    state also carries what is not integrated (a central flow's tracked
-    eigenvectors: a warm start) overrides `refreshed` and `controlled`; one with
-    metrics of its own overrides `row_values`.
+    Examples:
+        A flow written outside gflow, the gradient flow of a rescaled loss:
+
+        >>> class Scaled(gflow.flows.AbstractFlow):
+        ...     scale: float
+        ...     cost: ClassVar[gflow.flows.Work] = gflow.flows.Work(grads=1)
+        ...     gradient_field: ClassVar[bool] = True
+        ...     def init(self, loss_fn, params, data):
+        ...         return gflow.flows.FlowState(params), None, gflow.flows.Work()
+        ...     def vector_field(self, loss_fn):
+        ...         def field(t, state, data, carried):
+        ...             g = gflow.flows.grad(loss_fn, state.params, data)
+        ...             return gflow.flows.FlowState(jax.tree.map(
+        ...                 lambda x: -self.scale * x, g))
+        ...         return field
+        ...     def evaluation_cost(self, carried):
+        ...         return self.cost
+        ...     def row(self, loss_fn, state, carried, data, loss, grad):
+        ...         velocity = jax.tree.map(lambda x: -self.scale * x, grad)
+        ...         return velocity, {}, gflow.flows.Work()
+        ...     def update(self, loss_fn, state, carried, data):
+        ...         return carried, gflow.flows.Work()
+        ...     def check(self, trajectory):
+        ...         pass
+        >>> traj = gflow.simulate(loss, data, 1.0, params0=p0, flow=Scaled(2.0))
     """
 
-    cost: ClassVar[tuple[int, int, int]] = (1, 0, 0)
-    row_cost: ClassVar[tuple[int, int]] = (0, 0)
-    start_cost: ClassVar[tuple[int, int, int]] = (0, 0, 0)
-    refresh_cost: ClassVar[tuple[int, int, int]] = (0, 0, 0)
-    gradient_field: ClassVar[bool] = True
-    is_sde: ClassVar[bool] = False
-    velocity_is_field: ClassVar[bool] = True
+    cost: eqx.AbstractVar[Work]
+    gradient_field: eqx.AbstractClassVar[bool]
 
-    def initial_state(self, loss_fn: Callable, params: Any, data: Any) -> Any:
-        """The solver's state at t = 0 for initial parameters `params`."""
-        return params
-
-    def params(self, state: Any) -> Any:
-        """The parameters within a solver state."""
-        return state
+    @abc.abstractmethod
+    def init(
+        self, loss_fn: Callable, params: Any, data: Any
+    ) -> tuple[FlowState, Any, Work]:
+        """The state at t = 0 from initial parameters `params`, what the flow
+        carries (None: nothing), and the work that cost."""
 
     @abc.abstractmethod
     def vector_field(self, loss_fn: Callable) -> Callable:
-        """`f(t, state, data)`: the time derivative of the state (the drift)."""
+        """`f(t, state, data, carried)`: the time derivative of the state (a
+        `FlowState` of the same structure; an SDE flow's drift)."""
 
-    def terms(self, loss_fn: Callable, path: Any = None) -> diffrax.AbstractTerm:
-        """The diffrax terms of the equation (`path`: the Brownian motion of an
-        SDE flow)."""
-        return diffrax.ODETerm(self.vector_field(loss_fn))
+    @abc.abstractmethod
+    def evaluation_cost(self, carried: Any) -> Work:
+        """The work of one evaluation of the vector field with `carried` (at
+        most `cost`; integers, maybe traced)."""
 
-    def velocity(self, loss_fn: Callable, state: Any, data: Any, grad: Any) -> Any:
-        """dθ/dt at `state`, given the loss gradient `grad` there."""
-        return self.params(self.vector_field(loss_fn)(0.0, state, data))
-
-    def cost_at(self, state: Any) -> tuple[Any, Any, Any]:
-        """`cost` for evaluations in a step from `state` (a flow whose work
-        depends on where it is overrides this; integers, maybe traced)."""
-        return self.cost
-
-    def row_values(
-        self, loss_fn: Callable, state: Any, data: Any, loss: Any, grad: Any
-    ) -> tuple[Any, dict[str, Any], tuple[Any, Any]]:
+    @abc.abstractmethod
+    def row(
+        self, loss_fn: Callable, state: FlowState, carried: Any, data: Any, loss, grad
+    ) -> tuple[Any, dict[str, Any], Work]:
         """What a saved row holds besides the loss and gradient norm (`loss` and
-        `grad` there, already computed): dθ/dt, the flow's own metrics (none by
-        default), and the work spent on them (Hessian-vector products,
-        third-order products: `row_cost`)."""
-        return self.velocity(loss_fn, state, data, grad), {}, self.row_cost
+        `grad` at `state`, already computed): dθ/dt, the flow's own metrics, and
+        the work spent on them. A flow that integrates the parameters alone
+        returns its vector field's dθ/dt here (the engine then starts the
+        solver from the first row's)."""
 
-    def refreshed(self, loss_fn: Callable, state: Any, data: Any) -> Any:
-        """The state after a step attempt, with what the flow carries besides the
-        integrated variables brought up to date (nothing by default)."""
-        return state
+    @abc.abstractmethod
+    def update(
+        self, loss_fn: Callable, state: FlowState, carried: Any, data: Any
+    ) -> tuple[Any, Work]:
+        """What the flow carries, brought up to date at `state` after a step
+        attempt (kept if the step is), and the work that cost."""
 
-    def controlled(self, state: Any) -> Any:
-        """The part of the state whose error the step-size control measures."""
-        return state
-
+    @abc.abstractmethod
     def check(self, trajectory: Any) -> None:
         """Raise if a finished run shows the flow's own assumptions failing."""
 
-    def prepared(self, model: Any, bind: Callable, params: Any, data: Any):
-        """The flow ready to run on `model`'s data: what it takes from the model
-        (SGD's per-example loss, with `bind` putting back the fixed leaves),
-        checked against `params` and `data`."""
-        return self
+    @property
+    def is_sde(self) -> bool:
+        """Whether the flow has noise (an `AbstractSDEFlow`, solved by
+        Euler–Maruyama)."""
+        return isinstance(self, AbstractSDEFlow)
+
+    def terms(self, loss_fn: Callable, carried: Any, path: Any = None):
+        """The diffrax terms of the equation, with `carried` as the vector
+        field's argument (`path`: the Brownian motion of an SDE flow)."""
+        field = self.vector_field(loss_fn)
+        drift = diffrax.ODETerm(lambda t, y, data: field(t, y, data, carried))
+        if not self.is_sde:
+            return drift
+        if path is None:
+            raise ValueError(
+                f"flow {type(self).__name__} needs a Brownian path (`noise_key=`)."
+            )
+        return diffrax.MultiTerm(drift, diffrax.ControlTerm(self.diffusion(), path))
+
+
+def velocity_is_field(state: FlowState) -> bool:
+    """Whether a row's velocity at `state` is the vector field there: the state
+    is the parameters alone (see `AbstractFlow.row`)."""
+    return not state.extra
 
 
 class AbstractSDEFlow(AbstractFlow):
@@ -115,10 +173,9 @@ class AbstractSDEFlow(AbstractFlow):
     at a fixed step on a Brownian path drawn from the run's `noise_key`.
 
     Besides the drift (`vector_field`), it declares the diffusion `g`, the shape
-    of the Brownian motion `W` and the default step.
+    of the Brownian motion `W`, the default step, and what it takes from the
+    model (`prepared`).
     """
-
-    is_sde: ClassVar[bool] = True
 
     @property
     @abc.abstractmethod
@@ -133,15 +190,11 @@ class AbstractSDEFlow(AbstractFlow):
     def diffusion(self) -> Callable:
         """`g(t, state, data)`: the diffusion, a linear operator on dW."""
 
-    def terms(self, loss_fn: Callable, path: Any = None) -> diffrax.AbstractTerm:
-        if path is None:
-            raise ValueError(
-                f"flow {type(self).__name__} needs a Brownian path (`noise_key=`)."
-            )
-        return diffrax.MultiTerm(
-            diffrax.ODETerm(self.vector_field(loss_fn)),
-            diffrax.ControlTerm(self.diffusion(), path),
-        )
+    @abc.abstractmethod
+    def prepared(self, model: Any, bind: Callable, params: Any, data: Any):
+        """The flow ready to run on `model`'s data: what it takes from the model
+        (SGD's per-example loss, with `bind` putting back the fixed leaves),
+        checked against `params` and `data`."""
 
 
 @eqx.filter_jit

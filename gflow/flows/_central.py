@@ -15,7 +15,7 @@ from jax.flatten_util import ravel_pytree
 from .._checks import check_functions, check_int
 from .._linalg import hvp, psd_qp, smat, svec, top_eigenpairs, upper_pairs
 from .._tree import tree_scrambled
-from ._base import AbstractFlow, _like, _rate, grad
+from ._base import AbstractFlow, FlowState, Work, _like, _rate, grad
 
 #: LOBPCG iterations of the first eigen-solve, from vectors that look random.
 _START_ITERS = 30
@@ -101,7 +101,6 @@ class CentralFlow(AbstractFlow):
     eig_iters: int = eqx.field(static=True)
     observables: tuple[tuple[str, Callable], ...] = ()
     gradient_field: ClassVar[bool] = False
-    velocity_is_field: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -123,24 +122,12 @@ class CentralFlow(AbstractFlow):
         return self.track * (self.track + 1) // 2
 
     @property
-    def cost(self) -> tuple[int, int, int]:
+    def cost(self) -> Work:
         """The most one evaluation costs (all tracked vectors at the edge)."""
-        return 1, self.track, self._pairs
+        return Work(1, self.track, self._pairs)
 
-    def cost_at(self, state):
-        return 1, self.track, _pairs_at_edge(self._at_edge(state[2]))
-
-    @property
-    def row_cost(self) -> tuple[int, int]:
-        return self.track * (1 + len(self.observables)), self._pairs
-
-    @property
-    def start_cost(self) -> tuple[int, int, int]:
-        return 0, self.track * (_START_ITERS + 1), 0
-
-    @property
-    def refresh_cost(self) -> tuple[int, int, int]:
-        return 0, self.track * (self.eig_iters + 1), 0
+    def evaluation_cost(self, carried):
+        return Work(1, self.track, _pairs_at_edge(self._at_edge(carried.values)))
 
     def _at_edge(self, values):
         """How many tracked eigenvalues (descending) are near enough to the edge
@@ -148,48 +135,47 @@ class CentralFlow(AbstractFlow):
         lr = _like(self.lr, values)
         return jnp.sum(lr * values >= _NEAR_EDGE).astype(jnp.int32)
 
-    def initial_state(self, loss_fn, params, data):
-        """The parameters, and the top `track` Hessian eigenvectors there (rows of
-        a (track, n) array, n the number of trained parameters) with their
-        eigenvalues: what a step starts its eigen-solves from."""
+    def init(self, loss_fn, params, data):
+        """The parameters; carried, the top `track` Hessian eigenvectors there
+        (rows of a (track, n) array, n the number of trained parameters) with
+        their eigenvalues: what a step starts its eigen-solves from."""
         flat = ravel_pytree(params)[0]
         start = tree_scrambled(jnp.zeros((self.track, flat.size), flat.dtype))
         values, vectors = _eigen(loss_fn, params, data, start, _START_ITERS)
-        return params, vectors, values
+        work = Work(hvps=self.track * (_START_ITERS + 1))
+        return FlowState(params), Eigenpairs(vectors, values), work
 
-    def params(self, state):
-        return state[0]
-
-    def controlled(self, state):
-        return state[0]  # the eigenpairs are a warm start, not integrated
-
-    def refreshed(self, loss_fn, state, data):
-        params, vectors, _ = state
-        values, vectors = _eigen(loss_fn, params, data, vectors, self.eig_iters)
-        return params, vectors, values
+    def update(self, loss_fn, state, carried, data):
+        """The tracked eigenpairs at the end of a step attempt, refined by
+        `eig_iters` LOBPCG iterations from the last ones."""
+        values, vectors = _eigen(
+            loss_fn, state.params, data, carried.vectors, self.eig_iters
+        )
+        return Eigenpairs(vectors, values), Work(hvps=self.track * (self.eig_iters + 1))
 
     def vector_field(self, loss_fn: Callable) -> Callable:
-        def field(t, state, data):
-            gradient = grad(loss_fn, state[0], data)
-            velocity, values = _solve(self, loss_fn, state, data, gradient)[:2]
+        def field(t, state, data, carried):
+            gradient = grad(loss_fn, state.params, data)
+            velocity, values = _solve(
+                self, loss_fn, state.params, carried, data, gradient
+            )[:2]
             # An eigenvalue that reaches the edge within a step begun with it
             # below `_NEAR_EDGE` (no third-order products for it): the step is
             # too long. inf/NaN makes the engine reject it and shrink it, until
             # it ends below the edge; the next step then includes it.
             lr = _like(self.lr, values)
-            outside = jnp.arange(self.track) >= self._at_edge(state[2])
+            outside = jnp.arange(self.track) >= self._at_edge(carried.values)
             escaped = jnp.any(outside & (lr * values > 2))
             velocity = jax.tree.map(lambda v: jnp.where(escaped, jnp.nan, v), velocity)
-            return velocity, jnp.zeros_like(state[1]), jnp.zeros_like(state[2])
+            return FlowState(velocity)
 
         return field
 
-    def velocity(self, loss_fn, state, data, grad):
-        return _solve(self, loss_fn, state, data, grad)[0]
-
-    def row_values(self, loss_fn, state, data, loss, grad):
-        velocity, values, vectors, x = _solve(self, loss_fn, state, data, grad)
-        params = state[0]
+    def row(self, loss_fn, state, carried, data, loss, grad):
+        params = state.params
+        velocity, values, vectors, x = _solve(
+            self, loss_fn, params, carried, data, grad
+        )
         sigma = smat(x)  # Σ in the basis of the tracked eigenvectors
         spread = jnp.linalg.eigvalsh(sigma)
         support = spread > 1e-6 * spread[-1]
@@ -202,7 +188,8 @@ class CentralFlow(AbstractFlow):
         }
         for name, fn in self.observables:
             metrics[name] = _predicted(fn, params, data, vectors, sigma)
-        work = self.row_cost[0], _pairs_at_edge(self._at_edge(state[2]))
+        hvps = self.track * (1 + len(self.observables))
+        work = Work(hvps=hvps, thirds=_pairs_at_edge(self._at_edge(carried.values)))
         return velocity, metrics, work
 
     def check(self, trajectory) -> None:
@@ -228,15 +215,22 @@ def _flat_gradient(loss_fn, unravel, data):
     return lambda z: ravel_pytree(grad(loss_fn, unravel(z), data))[0]
 
 
+class Eigenpairs(eqx.Module):
+    """What a central flow carries: the tracked Hessian eigenvectors (rows) and
+    eigenvalues (descending) at the end of the last step, a warm start."""
+
+    vectors: jax.Array
+    values: jax.Array
+
+
 # Jitted, so that the solver's stages and the saved rows share one trace of it.
 @eqx.filter_jit
-def _solve(flow: CentralFlow, loss_fn, state, data, gradient):
-    """dθ/dt at `state`, the tracked eigenpairs there (Rayleigh-Ritz in the span
-    of the step's vectors) and svec(X)."""
-    params, vectors, start_values = state
+def _solve(flow: CentralFlow, loss_fn, params, carried: Eigenpairs, data, gradient):
+    """dθ/dt at `params`, the tracked eigenpairs there (Rayleigh-Ritz in the
+    span of the carried vectors) and svec(X)."""
     flat, unravel = ravel_pytree(params)
-    values, u = _eigen(loss_fn, params, data, vectors, 0)
-    m = flow._at_edge(start_values)  # fixed over a step: its cost is known
+    values, u = _eigen(loss_fn, params, data, carried.vectors, 0)
+    m = flow._at_edge(carried.values)  # fixed over a step: its cost is known
     products = _edge_products(loss_fn, unravel, flat, data, u, m)
     g = ravel_pytree(gradient)[0]
     lr = _like(flow.lr, flat)

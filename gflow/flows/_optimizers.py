@@ -12,7 +12,7 @@ import lineax as lx
 import numpy as np
 
 from .._checks import check_batch_size
-from ._base import AbstractFlow, AbstractSDEFlow, _like, _rate, grad
+from ._base import AbstractFlow, AbstractSDEFlow, FlowState, Work, _like, _rate, grad
 
 
 class GradientFlow(AbstractFlow):
@@ -23,14 +23,31 @@ class GradientFlow(AbstractFlow):
         ...                       flow=gflow.flows.GradientFlow())  # the default
     """
 
+    cost: ClassVar[Work] = Work(grads=1)
+    gradient_field: ClassVar[bool] = True
+
+    def init(self, loss_fn, params, data):
+        return FlowState(params), None, Work()
+
     def vector_field(self, loss_fn: Callable) -> Callable:
-        def field(t, params, data):
-            return jax.tree.map(jnp.negative, grad(loss_fn, params, data))
+        def field(t, state, data, carried):
+            return FlowState(
+                jax.tree.map(jnp.negative, grad(loss_fn, state.params, data))
+            )
 
         return field
 
-    def velocity(self, loss_fn, state, data, grad):
-        return jax.tree.map(jnp.negative, grad)
+    def evaluation_cost(self, carried):
+        return self.cost
+
+    def row(self, loss_fn, state, carried, data, loss, grad):
+        return jax.tree.map(jnp.negative, grad), {}, Work()
+
+    def update(self, loss_fn, state, carried, data):
+        return carried, Work()
+
+    def check(self, trajectory) -> None:
+        pass
 
 
 class ModifiedGD(AbstractFlow):
@@ -55,17 +72,30 @@ class ModifiedGD(AbstractFlow):
     """
 
     lr: np.ndarray
-    cost: ClassVar[tuple[int, int, int]] = (1, 1, 0)
-    row_cost: ClassVar[tuple[int, int]] = (1, 0)
+    cost: ClassVar[Work] = Work(grads=1, hvps=1)
+    gradient_field: ClassVar[bool] = True
 
     def __init__(self, lr: float):
         self.lr = _rate("lr", lr)
 
+    def init(self, loss_fn, params, data):
+        return FlowState(params), None, Work()
+
     def vector_field(self, loss_fn: Callable) -> Callable:
         return _modified_field(loss_fn, self.lr)
 
-    def velocity(self, loss_fn, state, data, grad):
-        return _modified_velocity(loss_fn, self.lr, state, data, grad)
+    def evaluation_cost(self, carried):
+        return self.cost
+
+    def row(self, loss_fn, state, carried, data, loss, grad):
+        velocity = _modified_velocity(loss_fn, self.lr, state.params, data, grad)
+        return velocity, {}, Work(hvps=1)
+
+    def update(self, loss_fn, state, carried, data):
+        return carried, Work()
+
+    def check(self, trajectory) -> None:
+        pass
 
 
 def _modified_velocity(loss_fn, lr, params, data, gradient):
@@ -77,9 +107,10 @@ def _modified_velocity(loss_fn, lr, params, data, gradient):
 
 
 def _modified_field(loss_fn, lr):
-    def field(t, params, data):
-        return _modified_velocity(
-            loss_fn, lr, params, data, grad(loss_fn, params, data)
+    def field(t, state, data, carried):
+        params = state.params
+        return FlowState(
+            _modified_velocity(loss_fn, lr, params, data, grad(loss_fn, params, data))
         )
 
     return field
@@ -139,8 +170,8 @@ class HeavyBall(AbstractFlow):
     lr: np.ndarray
     momentum: np.ndarray
     start: str = eqx.field(static=True)
+    cost: ClassVar[Work] = Work(grads=1)
     gradient_field: ClassVar[bool] = False
-    velocity_is_field: ClassVar[bool] = False
 
     def __init__(self, lr: float, momentum: float, start: str = "matched"):
         self.lr = _rate("lr", lr)
@@ -156,37 +187,45 @@ class HeavyBall(AbstractFlow):
         self.start = start
 
     @property
-    def start_cost(self) -> tuple[int, int, int]:
-        return int(self.start == "matched"), 0, 0
-
-    @property
     def mass(self) -> np.ndarray:
         """m = (1 + β) lr / (2 (1 − β)²)."""
         beta = self.momentum
         return (1 + beta) * self.lr / (2 * (1 - beta) ** 2)
 
-    def initial_state(self, loss_fn, params, data):
+    def init(self, loss_fn, params, data):
         if self.start == "rest":
-            return params, jax.tree.map(jnp.zeros_like, params)
+            return (
+                FlowState(params, {"u": jax.tree.map(jnp.zeros_like, params)}),
+                None,
+                Work(),
+            )
         beta = _like(self.momentum, params)
         g = grad(loss_fn, params, data)
-        return params, jax.tree.map(lambda x: -(1 - beta) / (1 + beta) * x, g)
-
-    def params(self, state):
-        return state[0]
+        u = jax.tree.map(lambda x: -(1 - beta) / (1 + beta) * x, g)
+        return FlowState(params, {"u": u}), None, Work(grads=1)
 
     def vector_field(self, loss_fn: Callable) -> Callable:
-        def field(t, state, data):
-            params, u = state
+        def field(t, state, data, carried):
+            params, u = state.params, state.extra["u"]
             rate = -1 / _like(self.mass, params)
-            return u, jax.tree.map(
+            du = jax.tree.map(
                 lambda g, v: rate * (g + v), grad(loss_fn, params, data), u
             )
+            return FlowState(u, {"u": du})
 
         return field
 
-    def velocity(self, loss_fn, state, data, grad):
-        return state[1]
+    def evaluation_cost(self, carried):
+        return self.cost
+
+    def row(self, loss_fn, state, carried, data, loss, grad):
+        return state.extra["u"], {}, Work()
+
+    def update(self, loss_fn, state, carried, data):
+        return carried, Work()
+
+    def check(self, trajectory) -> None:
+        pass
 
 
 class SGD(AbstractSDEFlow):
@@ -229,8 +268,8 @@ class SGD(AbstractSDEFlow):
     lr: np.ndarray
     batch_size: int = eqx.field(static=True)
     per_example_loss: Callable | None = None
-    cost: ClassVar[tuple[int, int, int]] = (2, 1, 0)
-    row_cost: ClassVar[tuple[int, int]] = (1, 0)
+    cost: ClassVar[Work] = Work(grads=2, hvps=1)
+    gradient_field: ClassVar[bool] = True
 
     def __init__(
         self, lr: float, batch_size: int, per_example_loss: Callable | None = None
@@ -273,21 +312,35 @@ class SGD(AbstractSDEFlow):
             lambda f: f.per_example_loss, self, fn, is_leaf=lambda x: x is None
         )
 
-    def noise_shape(self, state, data) -> jax.ShapeDtypeStruct:
+    def noise_shape(self, params, data) -> jax.ShapeDtypeStruct:
         """The Brownian motion's shape: one component per example."""
-        return jax.eval_shape(self.per_example_loss, state, data)
+        return jax.eval_shape(self.per_example_loss, params, data)
+
+    def init(self, loss_fn, params, data):
+        return FlowState(params), None, Work()
 
     def vector_field(self, loss_fn: Callable) -> Callable:
         return _modified_field(loss_fn, self.lr)
 
-    def velocity(self, loss_fn, state, data, grad):
+    def evaluation_cost(self, carried):
+        return self.cost
+
+    def row(self, loss_fn, state, carried, data, loss, grad):
         """The drift (the flow's mean velocity)."""
-        return _modified_velocity(loss_fn, self.lr, state, data, grad)
+        velocity = _modified_velocity(loss_fn, self.lr, state.params, data, grad)
+        return velocity, {}, Work(hvps=1)
+
+    def update(self, loss_fn, state, carried, data):
+        return carried, Work()
+
+    def check(self, trajectory) -> None:
+        pass
 
     def diffusion(self) -> Callable:
         """`g(t, θ, data)`: the diffusion as a linear operator on dW (matrix-free)."""
 
-        def g(t, params, data):
+        def g(t, state, data):
+            params = state.params
             losses, pull = jax.vjp(lambda p: self.per_example_loss(p, data), params)
             n = losses.shape[0]
             b = self.batch_size
@@ -296,7 +349,8 @@ class SGD(AbstractSDEFlow):
             scale = jnp.sqrt(_like(self.lr, params) * c / (b * n))
 
             def apply(dw):
-                return jax.tree.map(lambda x: scale * x, pull(dw - jnp.mean(dw))[0])
+                pulled = pull(dw - jnp.mean(dw))[0]
+                return FlowState(jax.tree.map(lambda x: scale * x, pulled))
 
             structure = jax.ShapeDtypeStruct(losses.shape, losses.dtype)
             return lx.FunctionLinearOperator(apply, structure)
