@@ -224,15 +224,7 @@ def check_params(params: Any, name: str) -> Any:
     """`params` with Python floats as arrays, checked to have something to train:
     at least one floating-point array leaf. Every other leaf (functions, ints,
     strings, integer arrays, static fields of an equinox Module) is held fixed."""
-    if not jax.config.jax_enable_x64 and any(
-        isinstance(x, np.ndarray | np.floating) and x.dtype == np.float64
-        for x in jax.tree.leaves(params)
-    ):
-        _warn_once(
-            f"`{name}` holds float64 NumPy values, which JAX computes in float32: "
-            "its float64 mode is off. To run in float64, call "
-            "jax.config.update('jax_enable_x64', True) first.",
-        )
+    warn_float64(name, params)
     params = jax.tree.map(
         lambda x: jnp.asarray(x) if isinstance(x, float | np.floating) else x, params
     )
@@ -250,6 +242,20 @@ def check_params(params: Any, name: str) -> Any:
             "floating-point parameters; convert them, e.g. with .astype(float)."
         )
     return params
+
+
+def warn_float64(name: str, tree: Any) -> None:
+    """Warn once if `tree` (parameters or data) holds float64 NumPy values while
+    JAX's float64 mode is off: JAX computes them in float32."""
+    if not jax.config.jax_enable_x64 and any(
+        isinstance(x, np.ndarray | np.floating) and x.dtype == np.float64
+        for x in jax.tree.leaves(tree)
+    ):
+        _warn_once(
+            f"`{name}` holds float64 NumPy values, which JAX computes in float32: "
+            "its float64 mode is off. To run in float64, call "
+            "jax.config.update('jax_enable_x64', True) first.",
+        )
 
 
 _WARNED: set[str] = set()

@@ -177,7 +177,8 @@ def parse(entry: str, t_max: Any, allowed: tuple[str, ...], given: dict) -> Opti
                 " The gradient flow has no learning rate (it is gradient descent's "
                 "lr -> 0 limit): run gradient descent with gflow.gradient_descent("
                 "..., lr=...), or integrate a flow that models an optimiser at a "
-                "finite rate, flow=gflow.flows.ModifiedGD(lr) (or HeavyBall, SGD)."
+                "finite rate, flow=gflow.flows.ModifiedGD(lr) (or HeavyBall, SGD, "
+                "CentralFlow)."
             )
         raise TypeError(
             f"gflow.{entry}() got an unexpected keyword argument `{name}`.{hint}"

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._checks import check_keys, warn
+from ._checks import check_keys, warn, warn_float64
 from ._compile import use_persistent_cache
 from ._engine import Controls, Problem, size_class
 from ._keywords import parse
@@ -95,6 +95,7 @@ def prepare(
     use_persistent_cache()
     loss_fn = resolve_loss(model)
     opts = parse(entry, t_max, allowed, options)
+    warn_float64("data", data)
     if batched:
         params, seed = initial_batch(model, params0, keys), None
     else:

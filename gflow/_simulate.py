@@ -53,8 +53,11 @@ def simulate(
             parameters keep the structure (`traj.final` of a Module is that Module).
         key: an int seed or `jax.random.key`, for `model.init` when `params0` is
             None.
-        flow: what to integrate (`gflow.flows`): the gradient flow by default, or
-            a continuous model of an optimiser (`ModifiedGD`, `HeavyBall`, `SGD`).
+        flow: what to integrate (`gflow.flows`): the gradient flow by default
+            (`GradientFlow`), or a continuous model of an optimiser: `ModifiedGD`,
+            `HeavyBall`, `SGD` (stochastic, with `noise_key=`) or `CentralFlow`
+            (gradient descent at the edge of stability); or a flow of your own
+            (`gflow.flows.AbstractFlow`).
         noise_key: the key of a stochastic flow's Brownian path (`gflow.flows.SGD`):
             an int seed or `jax.random.key(seed)`.
 

@@ -1,6 +1,8 @@
 """What a new user meets first: phases of their own model, failures that explain
 themselves, and the recipes of the README."""
 
+import warnings
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -178,3 +180,26 @@ def test_flow_against_gradient_descent_for_any_learning_rate(lr):
     text = comparison.summary()
     assert "largest relative parameter distance" in text
     assert "Comparison" in repr(comparison) and str(len(gd.ts)) in repr(comparison)
+
+
+def test_float64_numpy_parameters_and_data_warn_once_each(monkeypatch):
+    # Without JAX's float64 mode, float64 NumPy inputs are computed in float32:
+    # parameters and data are each named, once per process.
+    monkeypatch.setattr(gflow._checks, "_WARNED", set())
+    x = np.linspace(-1.0, 1.0, 8)
+    data = (x, 2 * x)
+
+    def loss(params, data):
+        return jnp.mean((params["w"] * data[0] - data[1]) ** 2)
+
+    def run(w):
+        with jax.enable_x64(False):
+            return gflow.simulate(loss, data, 1.0, params0={"w": w}, n_save=2)
+
+    with pytest.warns(UserWarning) as first:
+        run(np.zeros(()))
+    named = sorted(str(w.message).split("`")[1] for w in first)
+    assert named == ["data", "params0"]
+    with jax.enable_x64(False), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(np.zeros(()))
