@@ -18,7 +18,7 @@ from ._checks import check_batch_size, check_keys, require_positive
 from ._engine import Metrics, Outputs, Row, if_any, row_from, row_values
 from ._keywords import CHECKPOINT_KEYWORDS, COMMON_KEYWORDS, takes_options
 from ._options import Options, matmul_precision_context
-from ._prepare import padded_saves, prepare
+from ._prepare import fixed_class, padded_saves, prepare
 from ._results import result_code
 from ._run import Segments, run_in_segments
 from ._trajectory import Trajectory
@@ -127,7 +127,9 @@ def gradient_descent(
     problem = Descent(prepared.loss_fn, optimizer, opts.metrics, batches)
     # Padded to the number of saves asked for, not to those left once saves on
     # the same step are merged: every learning rate then shares the program.
-    ts, slot, n_slots = padded_saves(opts.saves, asked=prepared.opts.saves)
+    ts, slot, n_slots = padded_saves(
+        opts.saves, asked=prepared.opts.saves, fixed_class=fixed_class(prepared)
+    )
     save_steps = np.full(ts.shape, steps[-1], np.int32)
     save_steps[: steps.size] = steps
     controls = DescentControls(

@@ -50,6 +50,7 @@ class Prepared:
             ensemble); else None.
         dtype: the floating-point dtype of the parameters.
         seed: the integer seed the parameters came from, if known.
+        metric_shapes: the shapes of the metrics of one saved row.
     """
 
     loss_fn: Callable
@@ -62,6 +63,7 @@ class Prepared:
     noise: jax.Array | None
     dtype: Any
     seed: int | None
+    metric_shapes: Any = None
 
     def meta(self, kind: str) -> dict[str, Any]:
         """How the run was made, for `Trajectory.meta`."""
@@ -111,13 +113,14 @@ def prepare(
     # Under the run's precision, which is part of the key of JAX's trace cache.
     with matmul_precision_context(opts.matmul_precision):
         checked_loss(loss_fn, one, data)
-    jax.eval_shape(opts.metrics, one, data)  # a metric that fails is named
+    metric_shapes = jax.eval_shape(opts.metrics, one, data)  # a failing one is named
     if opts.solver is not None:
         opts.solver.warn_precision(dtype)
         opts = checked_solver(opts, loss_fn, flow, one, data)
     return Prepared(
-        loss_fn, opts, params, fixed, one, members, flow, noise, dtype, seed
-    )
+        loss_fn, opts, params, fixed, one, members, flow, noise, dtype, seed,
+        metric_shapes,
+    )  # fmt: skip
 
 
 def _member_shape(x) -> jax.ShapeDtypeStruct:
@@ -339,9 +342,10 @@ def build(
     prepared: Prepared, *, lanes: int = 1, width: int = 1
 ) -> tuple[Problem, Controls, int]:
     """The engine's `Problem` and `Controls` for a prepared call, and the padded
-    number of parameter slots. Save times and slots are padded to their size class
-    (`gflow._engine.size_class`), so that a new number of them reuses the program.
-    Controls are NumPy arrays: building them compiles nothing."""
+    number of parameter slots. Save times and slots are padded (`padded_saves`:
+    for a single run to `FIXED_CLASS` where that fits, else to a power of two),
+    so that a new number of them reuses the program. Controls are NumPy arrays:
+    building them compiles nothing."""
     opts = prepared.opts
     solver, stopping, saves = opts.solver, opts.stopping, opts.saves
     problem = Problem(
@@ -354,7 +358,7 @@ def build(
         lanes=lanes,
         width=width,
     )
-    ts, slot, n_slots = padded_saves(saves)
+    ts, slot, n_slots = padded_saves(saves, fixed_class=fixed_class(prepared))
     dtype = np.dtype(prepared.dtype)
 
     def array(x):
@@ -376,15 +380,46 @@ def build(
     return problem, controls, n_slots
 
 
-def padded_saves(saves, asked=None) -> tuple[np.ndarray, np.ndarray, int]:
+#: Up to this many save times (and kept parameter rows), a single run pads them
+#: to this count, so that any number of them reuses one program; more, or rows
+#: too large for `_FIXED_CLASS_BYTES`, are padded to the next power of two.
+FIXED_CLASS = 1024
+_FIXED_CLASS_BYTES = 64 << 20
+
+
+def fixed_class(prepared: Prepared) -> tuple[bool, bool] | None:
+    """Whether a single run's save rows and its parameter slots, padded to
+    `FIXED_CLASS`, fit `_FIXED_CLASS_BYTES` (None for an ensemble, whose
+    members' rows share its memory budget: powers of two)."""
+    if prepared.members is not None:
+        return None
+    itemsize = np.dtype(prepared.dtype).itemsize
+    row = 3 + sum(x.size for x in jax.tree.leaves(prepared.metric_shapes))
+    # A slot holds the parameters and their velocity (a flow's own variables are
+    # usually of the parameters' size too).
+    slot = 4 * sum(x.size for x in jax.tree.leaves(prepared.one))
+    return tuple(
+        FIXED_CLASS * itemsize * size <= _FIXED_CLASS_BYTES for size in (row, slot)
+    )
+
+
+def padded_saves(
+    saves, asked=None, fixed_class: tuple[bool, bool] | None = None
+) -> tuple[np.ndarray, np.ndarray, int]:
     """The save times padded with copies of t_max and their parameter slots padded
     with an index past the last slot, both to the size class of their count (or of
     the counts `asked` for, when gradient descent merged some); and the padded
-    number of slots."""
+    number of slots. `fixed_class`: whether the rows and the slots may be padded
+    to `FIXED_CLASS` (see `fixed_class`)."""
     asked = saves if asked is None else asked
+    rows_fixed, slots_fixed = fixed_class or (False, False)
+
+    def padded(n, fixed, smallest=1):
+        return FIXED_CLASS if fixed and n <= FIXED_CLASS else size_class(n, smallest)
+
     n_times = len(saves.ts)
-    n_slots = size_class(len(asked.param_rows))
-    ts = np.full(size_class(len(asked.ts), smallest=16), saves.ts[-1])
+    n_slots = padded(len(asked.param_rows), slots_fixed)
+    ts = np.full(padded(len(asked.ts), rows_fixed, smallest=16), saves.ts[-1])
     ts[:n_times] = saves.ts
     slot = np.full(ts.shape, n_slots, np.int32)
     slot[:n_times] = np.where(saves.params_at, saves.slots, n_slots)

@@ -19,7 +19,9 @@ def test_numbers_of_a_run_never_recompile():
     first = gflow.simulate(loss, data, 1.0, params0=params0, n_save=70)
     assert first.stats["compiled"] and first.stats["programs_compiled"] == 1
     changes = [
-        dict(n_save=101),  # another number of save times, within its size class
+        # Any number of save times up to 1,024, given by count or as times.
+        *(dict(n_save=n) for n in (2, 57, 101, 300, 1000)),
+        *(dict(ts=np.linspace(0.0, 1.0, n) ** 2) for n in (2, 57, 101, 300, 1000)),
         dict(ts=np.linspace(0.0, 2.0, 90) ** 2 / 2.0, t_max=2.0),
         dict(spacing="linear", t_max=3.0, rtol=1e-8, atol=1e-10),
         dict(data=jax.tree.map(lambda x: 2 * x, data)),
@@ -43,10 +45,10 @@ def test_a_flows_learning_rate_and_gradient_descent_never_recompile():
     again = gflow.simulate(loss, data, 2.0, flow=flows.ModifiedGD(0.02), **kwargs)
     assert not again.stats["compiled"]
     # Gradient descent: a new learning rate gives new save steps (gd.ts), and a
-    # new number of them; the program is the same.
+    # new number of them (lr = 0.001: 1,000 steps); the program is the same.
     first = gflow.gradient_descent(loss, data, 1.0, 0.1, params0=params0)
     assert first.stats["compiled"]
-    for lr, t_max in [(0.05, 1.0), (0.0909, 2.0), (0.01, 0.5)]:
+    for lr, t_max in [(0.05, 1.0), (0.0909, 2.0), (0.01, 0.5), (0.001, 1.0)]:
         gd = gflow.gradient_descent(loss, data, t_max, lr, params0=params0)
         assert not gd.stats["compiled"], lr
         flow = gflow.simulate(loss, data, float(gd.ts[-1]), params0=params0, ts=gd.ts)

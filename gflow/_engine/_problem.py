@@ -6,8 +6,9 @@ What changes the compiled program and what does not: a `Problem`'s static fields
 and its Python functions (the loss, the metrics, the stop rule, the flow's kind and
 the solver) are the program's identity; its arrays (a flow's learning rate, the
 leaves held fixed inside the loss) and every `Controls` array are arguments of the
-program, so new values reuse it. Save times are padded to a size class
-(`size_class`), so a new number of them reuses it too. Whether an optional control
+program, so new values reuse it. Save times are padded (to 1,024 for a single
+run where that fits, else to a power of two: `size_class`), so a new number of
+them reuses it too. Whether an optional control
 is None (`dt0`, `stop_at_loss`, `stop_at_grad_norm`) and whether a stop rule is
 given does change the program: what a call does not ask for is not compiled.
 """
@@ -112,9 +113,9 @@ class Problem(eqx.Module):
 class Controls(eqx.Module):
     """The numbers of a run: arrays, arguments of the compiled program.
 
-    `ts` and `slot` are padded to a size class: `ts` with copies of `t_max` (so
-    `ts[-1]` is `t_max`), `slot` with an index past the last slot; `n_times` says
-    how many save times are real."""
+    `ts` and `slot` are padded (`_prepare.padded_saves`): `ts` with copies of
+    `t_max` (so `ts[-1]` is `t_max`), `slot` with an index past the last slot;
+    `n_times` says how many save times are real."""
 
     ts: jax.Array  # (T,) save times, padded with t_max
     n_times: jax.Array  # () int32: how many of `ts` are real
