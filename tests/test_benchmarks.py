@@ -88,6 +88,7 @@ def test_flow_vs_gd_runs(tmp_path):
     ).stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_overhead_runs(tmp_path):
     overhead = load("overhead")
     data, params0 = overhead.make_problem()
@@ -120,6 +121,7 @@ def test_peers_torchdiffeq_runs(tmp_path):
         assert row["error"] < 1e3 * rtol, method
 
 
+@pytest.mark.slow
 def test_ensemble_benchmark_runs_and_labels_agree(tmp_path):
     out = load("ensemble").main(["--quick", "--results", str(tmp_path)])
     (grid,) = out["grids"]
@@ -143,6 +145,7 @@ def test_ensemble_benchmark_runs_and_labels_agree(tmp_path):
     assert saved["grids"][0]["members"] == 144
 
 
+@pytest.mark.slow
 def test_memory_benchmark_runs(tmp_path):
     out = load("memory").main(["--quick", "--results", str(tmp_path)])
     rows = {(r["width"], r["n_save"], r["params_at"]): r for r in out["rows"]}
@@ -189,6 +192,7 @@ def test_stiff_benchmark_runs(tmp_path):
     ).stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_optimizer_flows_benchmark_runs(tmp_path):
     pytest.importorskip("sklearn", reason="the 'bench' extra is not installed")
     out = load("optimizer_flows").main(

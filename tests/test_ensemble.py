@@ -336,6 +336,7 @@ print("AGREE", sharded.batch_size)
 """
 
 
+@pytest.mark.slow
 def test_sharded_across_four_devices_agrees_with_one():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     run = subprocess.run(
@@ -370,6 +371,7 @@ print(json.dumps({"processes": jax.process_count(), "devices": jax.device_count(
 """
 
 
+@pytest.mark.slow
 def test_two_processes_give_what_one_gives():
     import json
     import socket

@@ -4,6 +4,8 @@ import importlib.util
 import json
 import pathlib
 
+import pytest
+
 EXAMPLES = pathlib.Path(__file__).parent.parent / "examples"
 
 
@@ -29,6 +31,7 @@ def test_cooccurrence_phases(tmp_path):
     assert result["key_query_drift_at_t1"] < 0.01
 
 
+@pytest.mark.slow
 def test_markov_local_to_global(tmp_path):
     result = load("markov_local_to_global").main(["--quick", "--out", str(tmp_path)])
     assert (tmp_path / "markov_local_to_global.png").stat().st_size > 10_000
@@ -58,6 +61,7 @@ def test_flow_vs_gradient_descent(tmp_path):
     assert gd["0.03"]["max_param_distance"] < gd["0.1"]["max_param_distance"]
 
 
+@pytest.mark.slow
 def test_edge_of_stability(tmp_path):
     summary = load("edge_of_stability").main(["--steps", "600", "--out", str(tmp_path)])
     assert (tmp_path / "edge_of_stability.png").stat().st_size > 10_000

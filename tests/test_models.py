@@ -149,6 +149,7 @@ def test_markov_data_statistics():
 # --- Makkuva et al.: the full transformer (their Fig. 4 with the true flow) ----------
 
 
+@pytest.mark.slow
 def test_markov_transformer_gaussian_local_and_proposed_global():
     seq_len = 16
     train = markov_data(jax.random.key(0), P, Q, n_seqs=256, seq_len=seq_len)
