@@ -7,6 +7,7 @@ Diffrax solver in one compiled JAX program and returns a `gflow.Trajectory`.
 from . import flows as flows
 from . import metrics as metrics
 from . import models as models
+from . import optimizers as optimizers
 from ._basins import Basins as Basins
 from ._basins import basins as basins
 from ._basins import grid as grid

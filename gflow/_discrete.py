@@ -25,6 +25,8 @@ from ._trajectory import Trajectory
 from ._tree import tree_set, tree_zeros
 from .flows import FlowState, GradientFlow
 from .flows._base import grad, value_and_grad
+from .optimizers import AbstractOptimizer
+from .optimizers._optimizers import describe
 
 
 @takes_options(*COMMON_KEYWORDS, *CHECKPOINT_KEYWORDS)
@@ -32,11 +34,11 @@ def gradient_descent(
     model: Any,
     data: Any,
     t_max: float,
-    lr: float,
+    lr: float | None = None,
     *,
     params0: Any = None,
     key: Any = None,
-    optimizer: optax.GradientTransformation | None = None,
+    optimizer: AbstractOptimizer | optax.GradientTransformation | None = None,
     time_per_step: float | None = None,
     batch_size: int | None = None,
     batch_key: Any = None,
@@ -51,12 +53,14 @@ def gradient_descent(
     so new data, initial parameters or learning rates of the same shapes do not
     recompile.
 
-    Time conventions for other optimisers (pass them as `time_per_step`):
-    heavy-ball momentum μ with learning rate α moves about α / (1 − μ) of flow time
-    per step once its velocity has built up (`gflow.flows.HeavyBall` is its
-    continuous model on that axis); Adam and other adaptive methods have no
-    flow-time mapping, and `k * lr` is then only a convention. Continuous models
-    of gradient descent at finite `lr` and of minibatch SGD are
+    An optimiser of `gflow.optimizers` (`GD`, `HeavyBall`, `Nesterov`, `RMSProp`,
+    `Adam`, `NAdam`) runs exactly as optax's, with step k at t = k·`base_lr` (its
+    learning rate), the time axis of its continuous model
+    `gflow.flows.StableFlow(optimizer)`. For an optax transformation, `lr` sets
+    the time per step; other conventions go in `time_per_step` (heavy-ball
+    momentum μ at rate α moves about α / (1 − μ) of flow time per step once its
+    velocity has built up: `gflow.flows.HeavyBall`'s axis). Continuous models of
+    gradient descent at finite `lr` and of minibatch SGD are
     `gflow.flows.ModifiedGD` and `gflow.flows.SGD`.
 
     Args:
@@ -66,12 +70,14 @@ def gradient_descent(
             `floor(t_max / time_per_step)`: its last row is at that step's time,
             at or before `t_max`.
         lr: the learning rate of plain gradient descent (and the default time per
-            step). Ignored for the update when `optimizer` is given.
+            step); with an optax `optimizer`, the time per step only; not given
+            with a `gflow.optimizers` optimiser, which has its own.
         params0: as in `gflow.simulate`.
         key: as in `gflow.simulate`.
-        optimizer: an optax `GradientTransformation` to use instead of plain
-            gradient descent. Reuse the same object across calls to avoid
-            recompiling.
+        optimizer: a `gflow.optimizers` optimiser (new hyperparameter values
+            reuse the compiled program), or an optax `GradientTransformation`
+            (reuse the same object across calls to avoid recompiling), instead
+            of plain gradient descent.
         time_per_step: flow time per step (default `lr`).
         batch_size: minibatch SGD: each step's gradient is the loss gradient on
             `batch_size` examples drawn at random without replacement (a fresh
@@ -101,16 +107,7 @@ def gradient_descent(
         >>> flow = gflow.simulate(model, data, 300.0, key=0, ts=gd.ts)
         >>> gflow.compare(flow, gd).max_param_distance
     """
-    require_positive("lr", lr)
-    tau = float(lr) if time_per_step is None else time_per_step
-    require_positive("time_per_step", tau)
-    if optimizer is not None and not isinstance(
-        optimizer, optax.GradientTransformation
-    ):
-        raise TypeError(
-            "`optimizer` must be an optax.GradientTransformation (e.g. optax.sgd(0.1, "
-            f"momentum=0.9)); got {type(optimizer).__name__}."
-        )
+    lr, tau = _checked_rates(lr, optimizer, time_per_step)
     batches = _batches(batch_size, batch_key, data)
     prepared = prepare(
         "gradient_descent",
@@ -140,7 +137,7 @@ def gradient_descent(
     )
     meta = dict(
         prepared.meta("discrete"),
-        solver="gradient_descent" if optimizer is None else "optax",
+        solver=_describe_optimizer(optimizer),
         lr=float(lr),
         time_per_step=tau,
         t_max=int(steps[-1]) * tau,
@@ -228,6 +225,44 @@ def _run(problem, controls, prepared, data, opts: Options, meta, model, n_slots)
         )
 
 
+def _checked_rates(lr, optimizer, time_per_step) -> tuple[float, float]:
+    """The learning rate (a `gflow.optimizers` optimiser's own) and the flow time
+    per step, checked with the optimiser."""
+    if isinstance(optimizer, AbstractOptimizer):
+        if lr is not None:
+            raise ValueError(
+                f"`lr` is the optimiser's own ({type(optimizer).__name__}(lr, ...)): "
+                "do not pass it to gradient_descent as well."
+            )
+        lr = float(optimizer.base_lr)
+    elif optimizer is not None and not isinstance(
+        optimizer, optax.GradientTransformation
+    ):
+        raise TypeError(
+            "`optimizer` must be one of gflow.optimizers (GD, HeavyBall, Nesterov, "
+            "RMSProp, Adam, NAdam) or an optax.GradientTransformation; got "
+            f"{type(optimizer).__name__}."
+        )
+    elif lr is None:
+        raise TypeError(
+            "gradient_descent needs `lr` (or an optimizer of gflow.optimizers, "
+            "which has its own)."
+        )
+    require_positive("lr", lr)
+    tau = float(lr) if time_per_step is None else time_per_step
+    require_positive("time_per_step", tau)
+    return float(lr), float(tau)
+
+
+def _describe_optimizer(optimizer) -> str:
+    """What took the steps, for `Trajectory.meta`."""
+    if optimizer is None:
+        return "gradient_descent"
+    if isinstance(optimizer, AbstractOptimizer):
+        return describe(optimizer)
+    return "optax"
+
+
 class _Batches(eqx.Module):
     """Minibatches: `size` examples drawn without replacement, with the key
     `fold_in(key, step)` at each step."""
@@ -274,7 +309,7 @@ class Descent(eqx.Module):
     do not."""
 
     loss_fn: Callable
-    optimizer: optax.GradientTransformation | None
+    optimizer: AbstractOptimizer | optax.GradientTransformation | None
     metrics: Metrics
     batches: _Batches | None
 
@@ -291,13 +326,16 @@ class Descent(eqx.Module):
         it reuses the step's gradient, so that the program holds one gradient
         and a row costs no evaluation; it is then computed at every step, being
         cheap, unless metrics (or a minibatch step) make it worth a branch."""
+        # (The gradient flow's rows do not depend on the time: none is given.)
         flow, state = GradientFlow(), FlowState(params)
 
         def full():
             if loss is None:
-                return row_values(self.loss_fn, flow, self.metrics, state, None, data)
+                return row_values(
+                    self.loss_fn, flow, self.metrics, None, state, None, data
+                )
             return row_from(
-                self.loss_fn, flow, self.metrics, state, None, data, loss, grads
+                self.loss_fn, flow, self.metrics, None, state, None, data, loss, grads
             )
 
         if loss is not None and not self.metrics.fns:

@@ -160,6 +160,8 @@ def test_divergence_is_reported():
         (dict(t_max=0.001), ValueError, "less than one step"),
         (dict(time_per_step=-1.0), ValueError, "`time_per_step`"),
         (dict(optimizer="adam"), TypeError, "optax.GradientTransformation"),
+        (dict(lr=None), TypeError, "needs `lr`"),
+        (dict(optimizer=gflow.optimizers.Adam(0.1)), ValueError, "optimiser's own"),
         (dict(params0=None), ValueError, "`params0` is required"),
         (dict(ts=[0.0, 0.5]), ValueError, "`ts` must end at t_max"),
         (dict(metrics={"m": 1}), TypeError, "`metrics` must be a dict"),

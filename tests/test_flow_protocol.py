@@ -47,7 +47,7 @@ class DampedOscillator(AbstractFlow):
     def evaluation_cost(self, carried):
         return self.cost
 
-    def row(self, loss_fn, state, carried, data, loss, grad):
+    def row(self, loss_fn, t, state, carried, data, loss, grad):
         return state.extra["v"], {"curvature": carried}, Work()
 
     def update(self, loss_fn, state, carried, data):
@@ -107,7 +107,7 @@ def test_carried_state_is_kept_only_with_accepted_steps():
         def update(self, loss_fn, state, carried, data):
             return carried + 1, Work()
 
-        def row(self, loss_fn, state, carried, data, loss, grad):
+        def row(self, loss_fn, t, state, carried, data, loss, grad):
             return state.extra["v"], {"accepted_before": carried}, Work()
 
     traj = gflow.simulate(

@@ -219,18 +219,20 @@ class Row(eqx.Module):
     work: Work  # the Hessian-vector and third-order products it spent
 
 
-def row_values(loss_fn, flow: AbstractFlow, metrics: Metrics, y, carried, data) -> Row:
-    """What a saved row holds for state `y`: one gradient evaluation, and what
-    the flow adds (`AbstractFlow.row`: its velocity and own metrics)."""
+def row_values(
+    loss_fn, flow: AbstractFlow, metrics: Metrics, t, y, carried, data
+) -> Row:
+    """What a saved row holds for state `y` at time `t`: one gradient evaluation,
+    and what the flow adds (`AbstractFlow.row`: its velocity and own metrics)."""
     loss, grad = value_and_grad(loss_fn, y.params, data)
-    return row_from(loss_fn, flow, metrics, y, carried, data, loss, grad)
+    return row_from(loss_fn, flow, metrics, t, y, carried, data, loss, grad)
 
 
 def row_from(
-    loss_fn, flow: AbstractFlow, metrics: Metrics, y, carried, data, loss, grad
+    loss_fn, flow: AbstractFlow, metrics: Metrics, t, y, carried, data, loss, grad
 ):
     """`row_values` with the loss and gradient at `y` already computed."""
-    velocity, own, work = flow.row(loss_fn, y, carried, data, loss, grad)
+    velocity, own, work = flow.row(loss_fn, t, y, carried, data, loss, grad)
     return Row(
         loss=loss,
         grad_norm=tree_norm(grad),

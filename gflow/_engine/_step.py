@@ -130,9 +130,12 @@ def initial_step(field, t0, y0, f0, data, controls, error_order):
     return jnp.minimum(100 * h0, h1)
 
 
-def row_at(problem: Problem, y, carried, data) -> Row:
-    """The values of a saved row at state `y` (what the flow carries: `carried`)."""
-    return row_values(problem.loss_fn, problem.flow, problem.metrics, y, carried, data)
+def row_at(problem: Problem, t, y, carried, data) -> Row:
+    """The values of a saved row at time `t` and state `y` (what the flow
+    carries: `carried`)."""
+    return row_values(
+        problem.loss_fn, problem.flow, problem.metrics, t, y, carried, data
+    )
 
 
 # Jitted, so that its trace is made once and shared: by the shapes of the state a
@@ -152,7 +155,7 @@ def load(problem: Problem, controls: Controls, entry, data):
         return drift(t, y, data, carried)
 
     order = problem.solver.error_order(terms)
-    values = row_at(problem, y0, carried, data)
+    values = row_at(problem, t0, y0, carried, data)
     evaluations = 0
     f0 = None
     if needs_f0(problem.solver) or (problem.adaptive and controls.dt0 is None):
@@ -427,7 +430,7 @@ def next_row(
     row = jnp.where(replace, lane.row - 1, lane.row)
     slot = jnp.where(regular, controls.slot[row], controls.final_slot)
     interpolation = problem.solver.interpolation_cls(t0=t0, t1=lane.t, **dense)
-    return row, t, slot, row_at(problem, interpolation.evaluate(t), carried, data)
+    return row, t, slot, row_at(problem, t, interpolation.evaluate(t), carried, data)
 
 
 def wrote_row(problem: Problem, lane: Lane, row, t, regular, work) -> Lane:

@@ -12,6 +12,9 @@ says which part they are, and `velocity(...)` gives dθ/dt at a saved state, whi
   m θ'' + θ' = −∇L.
 - `SGD(lr, batch_size)`: the stochastic modified equation of minibatch SGD, an
   Itô SDE with the drift of `ModifiedGD` and the minibatch noise.
+- `StableFlow(optimizer)`: the first-order continuous model of an optimiser of
+  `gflow.optimizers` (GD, heavy ball, Nesterov, RMSProp, Adam, NAdam), in the
+  phase space of the parameters and the optimiser's moments.
 - `CentralFlow(lr)`: the central flow, the time average of gradient descent at
   the edge of stability (lr·λ_max ≈ 2), where it leaves the gradient flow.
 
@@ -33,3 +36,4 @@ from ._optimizers import SGD as SGD
 from ._optimizers import GradientFlow as GradientFlow
 from ._optimizers import HeavyBall as HeavyBall
 from ._optimizers import ModifiedGD as ModifiedGD
+from ._stable import StableFlow as StableFlow

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._checks import require_positive
+from ..optimizers import AbstractOptimizer
+from ..optimizers._optimizers import describe
 
 
 class Work(eqx.Module):
@@ -91,7 +93,7 @@ class AbstractFlow(eqx.Module):
         ...         return field
         ...     def evaluation_cost(self, carried):
         ...         return self.cost
-        ...     def row(self, loss_fn, state, carried, data, loss, grad):
+        ...     def row(self, loss_fn, t, state, carried, data, loss, grad):
         ...         velocity = jax.tree.map(lambda x: -self.scale * x, grad)
         ...         return velocity, {}, gflow.flows.Work()
         ...     def update(self, loss_fn, state, carried, data):
@@ -123,10 +125,18 @@ class AbstractFlow(eqx.Module):
 
     @abc.abstractmethod
     def row(
-        self, loss_fn: Callable, state: FlowState, carried: Any, data: Any, loss, grad
+        self,
+        loss_fn: Callable,
+        t: Any,
+        state: FlowState,
+        carried: Any,
+        data: Any,
+        loss: Any,
+        grad: Any,
     ) -> tuple[Any, dict[str, Any], Work]:
-        """What a saved row holds besides the loss and gradient norm (`loss` and
-        `grad` at `state`, already computed): dθ/dt, the flow's own metrics, and
+        """What a saved row at time `t` holds besides the loss and gradient norm
+        (`loss` and `grad` at `state`, already computed): dθ/dt, the flow's own
+        metrics, and
         the work spent on them. A flow that integrates the parameters alone
         returns its vector field's dθ/dt here (the engine then starts the
         solver from the first row's)."""
@@ -217,6 +227,10 @@ def describe_flow(flow: AbstractFlow) -> str:
         f"{name}={value.item() if isinstance(value, np.ndarray) else value}"
         for name, value in vars(flow).items()
         if isinstance(value, np.ndarray | int | float | str)
+    ] + [
+        f"{name}={describe(value)}"
+        for name, value in vars(flow).items()
+        if isinstance(value, AbstractOptimizer)
     ]
     return f"{type(flow).__name__}({', '.join(settings)})"
 

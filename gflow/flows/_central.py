@@ -171,7 +171,7 @@ class CentralFlow(AbstractFlow):
 
         return field
 
-    def row(self, loss_fn, state, carried, data, loss, grad):
+    def row(self, loss_fn, t, state, carried, data, loss, grad):
         params = state.params
         velocity, values, vectors, x = _solve(
             self, loss_fn, params, carried, data, grad

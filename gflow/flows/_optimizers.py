@@ -40,7 +40,7 @@ class GradientFlow(AbstractFlow):
     def evaluation_cost(self, carried):
         return self.cost
 
-    def row(self, loss_fn, state, carried, data, loss, grad):
+    def row(self, loss_fn, t, state, carried, data, loss, grad):
         return jax.tree.map(jnp.negative, grad), {}, Work()
 
     def update(self, loss_fn, state, carried, data):
@@ -87,7 +87,7 @@ class ModifiedGD(AbstractFlow):
     def evaluation_cost(self, carried):
         return self.cost
 
-    def row(self, loss_fn, state, carried, data, loss, grad):
+    def row(self, loss_fn, t, state, carried, data, loss, grad):
         velocity = _modified_velocity(loss_fn, self.lr, state.params, data, grad)
         return velocity, {}, Work(hvps=1)
 
@@ -218,7 +218,7 @@ class HeavyBall(AbstractFlow):
     def evaluation_cost(self, carried):
         return self.cost
 
-    def row(self, loss_fn, state, carried, data, loss, grad):
+    def row(self, loss_fn, t, state, carried, data, loss, grad):
         return state.extra["u"], {}, Work()
 
     def update(self, loss_fn, state, carried, data):
@@ -325,7 +325,7 @@ class SGD(AbstractSDEFlow):
     def evaluation_cost(self, carried):
         return self.cost
 
-    def row(self, loss_fn, state, carried, data, loss, grad):
+    def row(self, loss_fn, t, state, carried, data, loss, grad):
         """The drift (the flow's mean velocity)."""
         velocity = _modified_velocity(loss_fn, self.lr, state.params, data, grad)
         return velocity, {}, Work(hvps=1)
