@@ -1,5 +1,6 @@
 """The documentation covers the public API and shows figures that exist."""
 
+import json
 import pathlib
 import re
 
@@ -43,3 +44,41 @@ def test_every_code_block_of_the_docs_runs(page, tmp_path, monkeypatch):
             exec(compile(code, f"{page.name}, block {i + 1}", "exec"), namespace)
         except Exception as e:
             raise AssertionError(f"{page.name}, block {i + 1} fails: {e!r}") from e
+
+
+RESULTS = DOCS.parent / "benchmarks" / "results"
+
+
+def _times(x: float) -> str:
+    """A speed-up as the README writes it: 9.0×, 17×."""
+    return f"{x:.1f}×" if x < 10 else f"{x:.0f}×"
+
+
+def _readme_claims() -> dict[str, str]:
+    """Each performance figure the README states, as it must read, computed from
+    the benchmark results it quotes (a rerun that changes one fails this test
+    until the README says the new figure)."""
+    ensemble = json.loads((RESULTS / "ensemble_cpu.json").read_text())
+    rows = [row for grid in ensemble["grids"] for row in grid["gflow"]]
+    warm = sorted(row["speedup_warm"] for row in rows)
+    cold = sorted(row["speedup_cold"] for row in rows)
+    compiling = sorted(row["compile_s"] for row in rows)
+    rate = {
+        row["devices"]: row["members_per_s"]
+        for row in ensemble["scaling"]
+        if row["members"] == 40_000
+    }
+    return {
+        "ensemble, warm": f"{_times(warm[0])}–{_times(warm[-1])}".replace("×–", "–"),
+        "ensemble, cold": f"{_times(cold[0])}–{_times(cold[-1])}".replace("×–", "–"),
+        "ensemble, compiling": f"{compiling[0]:.0f}–{compiling[-1]:.0f} s compiling",
+        "ensemble, members/s on one core": f"{round(rate[1], -2):,.0f} members",
+        "ensemble, members/s on two": f"{round(rate[2], -2):,.0f} on two",
+    }
+
+
+def test_the_readmes_performance_figures_are_the_benchmark_results():
+    readme = (DOCS.parent / "README.md").read_text()
+    text = " ".join(readme.split())
+    for claim, figure in _readme_claims().items():
+        assert figure in text, (claim, figure)
