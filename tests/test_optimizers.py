@@ -259,3 +259,44 @@ def test_stable_flows_in_ensembles_and_float32_with_exact_counts():
     assert low.result == "successful"
     assert low.params["x"].dtype == low.state["m"]["x"].dtype == jnp.float32
     np.testing.assert_allclose(low.final["x"], single.final["x"], rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "make, eps",
+    [
+        (lambda lr, eps: optimizers.GD(lr), None),
+        (lambda lr, eps: optimizers.HeavyBall(lr, 0.9), None),
+        (lambda lr, eps: optimizers.Nesterov(lr, 0.9), None),
+        # A preconditioner frozen by a huge ε (√v̂ ≪ ε while the iterates stay
+        # small): the adaptive methods are then their momentum recurrences.
+        (lambda lr, eps: optimizers.RMSProp(lr, 0.9, eps, eps_in_sqrt=False), 1e4),
+        (lambda lr, eps: optimizers.RMSProp(lr, 0.9, eps**2), 1e4),
+        (lambda lr, eps: optimizers.Adam(lr, 0.9, 0.999, eps), 1e4),
+        (lambda lr, eps: optimizers.NAdam(lr, 0.8, 0.999, eps), 1e4),
+    ],
+    ids=["GD", "HeavyBall", "Nesterov", "RMSProp", "RMSProp-in-sqrt", "Adam", "NAdam"],
+)
+def test_each_optimizers_edge_is_where_its_steps_on_a_quadratic_turn_unstable(
+    make, eps
+):
+    """On ½x², optax's own steps decay just below `edge()` and grow just above it
+    (the edge of λ(P⁻¹H) = 1/P, P = 1 or ε). From x = 1e-30: Adam's first,
+    bias-corrected steps are up to ten times longer and blow the iterates up
+    by some 1e12 before the edge governs, which must leave √v̂ ≪ ε."""
+    preconditioner = 1.0 if eps is None else eps
+    limit = float(make(1.0, eps).stability_limit())
+    runs = []
+    for factor in (0.97, 1.03):
+        opt = make(factor * limit * preconditioner, eps)
+        assert float(opt.edge()) * factor == pytest.approx(1 / preconditioner)
+        steps = 3000
+        runs.append(
+            gflow.gradient_descent(
+                lambda p, d: 0.5 * p["x"] ** 2, None, steps * float(opt.base_lr),
+                optimizer=opt, params0={"x": jnp.asarray(1e-30)}, n_save=2,
+                throw=False,
+            )
+        )  # fmt: skip
+    below, above = (abs(float(run.params["x"][-1])) for run in runs)
+    assert runs[0].result == "successful" and below < 1e-40
+    assert runs[1].result == "diverged" or above > 1e-10

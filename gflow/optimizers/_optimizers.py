@@ -41,6 +41,13 @@ class AbstractOptimizer(eqx.Module):
         """The discrete optimiser: optax's, with these hyperparameters."""
 
     @abc.abstractmethod
+    def stability_limit(self) -> Any:
+        """The largest lr·λ, λ an eigenvalue of P⁻¹H, for which the optimiser's
+        steps on a quadratic are stable (P its preconditioner, frozen: 1 for
+        gradient descent and momentum, diag(√v̂ + ε) for the adaptive methods):
+        2 for gradient descent, whatever its learning rate."""
+
+    @abc.abstractmethod
     def moments(self, params: Any) -> dict[str, Any]:
         """The continuous model's own variables at t = 0, by name (the
         optimiser's initial state: momenta, second moments)."""
@@ -71,6 +78,13 @@ class AbstractOptimizer(eqx.Module):
     def rate(self, s: Any) -> Any:
         """The learning rate at step s (the schedule's value, or `lr`)."""
         return self.lr(s) if callable(self.lr) else self.lr
+
+    def edge(self, s: Any = 0) -> Any:
+        """The optimiser's edge of stability at step s: the largest eigenvalue of
+        P⁻¹H its steps survive, `stability_limit() / lr` (2/lr for gradient
+        descent, 2(1 + β1)/((1 − β1)·lr) for Adam). Training drives the
+        (preconditioned) sharpness up to it and holds it there."""
+        return self.stability_limit() / self.rate(s)
 
 
 def _checked_lr(lr: Any, base_lr: Any) -> tuple[Any, np.ndarray]:
@@ -167,6 +181,10 @@ class GD(AbstractOptimizer):
     def transformation(self):
         return optax.sgd(self.lr)
 
+    def stability_limit(self):
+        """θ ← (1 − lr λ) θ: stable while lr λ < 2."""
+        return np.asarray(2.0)
+
     def moments(self, params):
         return {}
 
@@ -197,6 +215,11 @@ class HeavyBall(AbstractOptimizer):
 
     def transformation(self):
         return optax.sgd(self.lr, momentum=self.momentum)
+
+    def stability_limit(self):
+        """On λ: z² − (1 + β − lr λ) z + β = 0, whose root z = −1 is at
+        lr λ = 2(1 + β)."""
+        return 2 * (1 + self.momentum)
 
     def moments(self, params):
         return {"m": jax.tree.map(jnp.zeros_like, params)}
@@ -229,6 +252,12 @@ class Nesterov(AbstractOptimizer):
 
     def transformation(self):
         return optax.sgd(self.lr, momentum=self.momentum, nesterov=True)
+
+    def stability_limit(self):
+        """On λ, with a = lr λ: z² − (1 + β)(1 − a) z + β(1 − a) = 0, whose root
+        z = −1 is at a = 2(1 + β)/(1 + 2β)."""
+        beta = self.momentum
+        return 2 * (1 + beta) / (1 + 2 * beta)
 
     def moments(self, params):
         return {"m": jax.tree.map(jnp.zeros_like, params)}
@@ -314,6 +343,11 @@ class RMSProp(AbstractOptimizer):
             _scale_by_scalar_rms(self),
             optax.scale_by_learning_rate(self.lr),
         )
+
+    def stability_limit(self):
+        """Preconditioned gradient descent, P = diag(√(ν̂ + ε)) (or √ν̂ + ε; one
+        scalar for `scalar`): stable while lr λ(P⁻¹H) < 2."""
+        return np.asarray(2.0)
 
     def moments(self, params):
         if self.scalar:
@@ -419,6 +453,12 @@ class Adam(AbstractOptimizer):
     def transformation(self):
         return optax.adam(self.lr, b1=self.b1, b2=self.b2, eps=self.eps)
 
+    def stability_limit(self):
+        """With P = diag(√v̂ + ε) frozen and a = lr λ(P⁻¹H), the moving average
+        m ← b1 m + (1 − b1) g gives z² − (1 + b1 − (1 − b1) a) z + b1 = 0, whose
+        root z = −1 is at a = 2(1 + b1)/(1 − b1) (38 at b1 = 0.9)."""
+        return 2 * (1 + self.b1) / (1 - self.b1)
+
     def moments(self, params):
         zeros = jax.tree.map(jnp.zeros_like, params)
         return {"m": zeros, "v": zeros}
@@ -484,6 +524,13 @@ class NAdam(AbstractOptimizer):
 
     def transformation(self):
         return optax.nadam(self.lr, b1=self.b1, b2=self.b2, eps=self.eps)
+
+    def stability_limit(self):
+        """With P frozen and a = lr λ(P⁻¹H), the step along b1 m + (1 − b1) g
+        gives z² − (1 + b1 − (1 − b1²) a) z + b1 − b1 (1 − b1) a = 0, whose root
+        z = −1 is at a = 2(1 + b1)/((1 − b1)(1 + 2 b1))."""
+        b1 = self.b1
+        return 2 * (1 + b1) / ((1 - b1) * (1 + 2 * b1))
 
     def moments(self, params):
         zeros = jax.tree.map(jnp.zeros_like, params)
