@@ -176,7 +176,8 @@ def load(problem: Problem, controls: Controls, entry, data):
     )
     code, loss_gap = stopped_at_start(problem, controls, values, y0, data)
     zero = jnp.zeros((), jnp.int32)
-    work = work + problem.cost(evaluations, 0, carried) + values.work
+    work = work + problem.cost(evaluations, 0, carried)
+    row_work = values.work  # counted with the rows' gradients
     lane = Lane(
         member=zero,
         noise=noise,
@@ -189,9 +190,9 @@ def load(problem: Problem, controls: Controls, entry, data):
         steps=zero,
         accepted=zero,
         grads=zero + work.grads,
-        row_grads=zero + 1,
-        hvps=zero + work.hvps,
-        thirds=zero + work.thirds,
+        row_grads=zero + 1 + row_work.grads,
+        hvps=zero + work.hvps + row_work.hvps,
+        thirds=zero + work.thirds + row_work.thirds,
         row=zero + 1,
         last_t=t0,
         loss_gap=loss_gap,
@@ -441,7 +442,7 @@ def wrote_row(problem: Problem, lane: Lane, row, t, regular, work) -> Lane:
         (
             row + 1,
             t,
-            lane.row_grads + 1,
+            lane.row_grads + 1 + work.grads,
             lane.hvps + work.hvps,
             lane.thirds + work.thirds,
             lane.closed | ~regular,
