@@ -198,7 +198,9 @@ class AbstractSDEFlow(AbstractFlow):
 
     @abc.abstractmethod
     def diffusion(self) -> Callable:
-        """`g(t, state, data)`: the diffusion, a linear operator on dW."""
+        """`g(t, state, data)`: the diffusion, a linear operator from dW to a
+        `FlowState` (noise in the parameters; none in the flow's own
+        variables)."""
 
     @abc.abstractmethod
     def prepared(self, model: Any, bind: Callable, params: Any, data: Any):
