@@ -133,10 +133,8 @@ def test_float32_members_near_the_saddle_switch_to_the_stiff_method_and_finish()
 # Float32 starts of the canonical Markov flow that once ended "diverged" (or ran
 # out of steps) at the minimum, loss at its floor and |grad| ~ 1e-7: RKC2 formed
 # its error estimate from y0 - y1, a few ulps of |y| there, which no step size
-# brought under rtol, and the step shrank to the resolution of t. At the defaults
-# they reached RKC2 by switching with a few hundred Tsit5 steps to go, where
-# `simulate` stays with Tsit5. Drawn as basin studies draw them:
-# uniform(-2, 2, (1000, 2)) with default_rng(seed), these members.
+# brought under rtol, and the step shrank to the resolution of t. Drawn as basin
+# studies draw them: uniform(-2, 2, (1000, 2)) with default_rng(seed).
 _ONCE_DIVERGED = {
     (0.5, 0.8, 0): [62, 384, 392, 591, 624, 772, 936],
     (0.3, 0.6, 2): [7, 178, 837, 866],
@@ -165,9 +163,15 @@ def test_converged_float32_members_never_diverge_and_match_simulate(p, q, seed, 
         single = gflow.simulate(model, None, 2000.0, params0=start, n_save=2, **kwargs)
         member = ens.member(i)
         assert single.result == "successful"
-        for count in ("num_steps", "num_grad_evals", "num_hvp_evals"):
-            assert member.stats[count] == single.stats[count], (i, count)
-        assert tree_max_abs_diff(member.final, single.final) == 0
+        if solver == "rkc2":  # one method: the same steps, bit for bit
+            for count in ("num_steps", "num_grad_evals", "num_hvp_evals"):
+                assert member.stats[count] == single.stats[count], (i, count)
+            assert tree_max_abs_diff(member.final, single.final) == 0
+        else:
+            # One member finishes a late switch to RKC2 with Tsit5 (compiling
+            # RKC2 would cost more than it saves); the ensemble, which has it
+            # compiled, switches: the same minimum, to the tolerances.
+            assert tree_max_abs_diff(member.final, single.final) < 1e-5
 
 
 def test_unit_vectors_of_tiny_and_huge_float32_trees_are_finite():

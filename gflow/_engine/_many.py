@@ -103,8 +103,7 @@ def _attempt_all(problem: Problem, controls: Controls, lanes: Lane, data):
     it takes alone, and the rare method costs only what its lanes need. They are
     gathered costliest first (a stabilized step's stage count varies from lane to
     lane, and a batch runs as many stages as its costliest lane), so lanes of like
-    cost share one. A lane that asks for the rare method too late to gain from it
-    (`_step.without_late_switches`) goes on in the common one, as it would alone.
+    cost share one.
     """
 
     def attempt(solver, width):
@@ -131,9 +130,7 @@ def _attempt_all(problem: Problem, controls: Controls, lanes: Lane, data):
 
     result = attempt(split.common, problem.lanes)(lanes)
     carry = (cost[order] > 0, result)
-    stepped, dense, accepted = for_some(lambda c: c[0], work, carry, problem.width)[1]
-    stepped = _step.without_late_switches(problem, controls, lanes, stepped)
-    return stepped, dense, accepted
+    return for_some(lambda c: c[0], work, carry, problem.width)[1]
 
 
 def _locate_crossings(problem, controls, crossed, t0, t1, dense, t_end, data):

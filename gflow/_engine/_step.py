@@ -70,30 +70,9 @@ def steps_left(controls: Controls, lanes: Lane, wanting):
     """The most steps the lanes that want the other mode would still take at their
     present step size (0 when none wants it): the host compiles the other method
     only when that is worth it."""
-    return jnp.max(jnp.where(wanting, _steps_to_end(controls, lanes), 0.0), initial=0.0)
-
-
-def _steps_to_end(controls: Controls, lanes: Lane):
-    """The steps each lane would still take at its present step size."""
     h = jnp.maximum(lanes.tnext - lanes.t, jnp.finfo(lanes.t.dtype).tiny)
-    return (controls.ts[-1] - lanes.t) / h
-
-
-def without_late_switches(problem: Problem, controls: Controls, before, after):
-    """Lanes `after` a step in mode "both", where those that have just asked for
-    the rare method with fewer than `Modes.min_steps` steps to go are refused it
-    for the rest of their run, as the host refuses one member (`_run.solve`):
-    each member then takes the steps it takes alone."""
-    split = modes(problem.solver)
-    asked = (split.rare_cost(before.solver_state) == 0) & (
-        split.rare_cost(after.solver_state) > 0
-    )
-    late = after.running & asked & (_steps_to_end(controls, after) < split.min_steps)
-    return eqx.tree_at(
-        lambda s: s.solver_state,
-        after,
-        where(late, split.declined(after.solver_state), after.solver_state),
-    )
+    left = (controls.ts[-1] - lanes.t) / h
+    return jnp.max(jnp.where(wanting, left, 0.0), initial=0.0)
 
 
 def step_controller(problem: Problem, controls: Controls):

@@ -143,12 +143,10 @@ class AutoTsit5(AbstractGflowSolver):
         stiff: the stabilized method.
         threshold: h·ρ above which a Tsit5 step counts as stability-bound.
         patience: how many steps in a row decide a switch.
-        min_steps: the stabilized method takes over only for a run that would
-            still take at least this many Tsit5 steps at their present size; a
-            shorter one finishes with Tsit5. For one member that is sooner than
-            compiling the stabilized method (a second or more; `gflow.simulate`
-            starts without it); the members of an ensemble follow the same rule,
-            so that each takes the steps it takes alone.
+        min_steps: the stabilized method is compiled (`gflow.simulate` starts
+            without it) only for a run that would still take at least this many
+            Tsit5 steps at their present size; a shorter one finishes with Tsit5,
+            which is sooner than compiling (a second or more).
 
     Examples:
         >>> traj = gflow.simulate(model, data, 1000.0)  # solver="auto", the default
@@ -246,22 +244,12 @@ class AutoTsit5(AbstractGflowSolver):
         def cost(state: AutoState):
             return jnp.where(state.stiff, 1 + state.stabilized.grads, 0)
 
-        def declined(state: AutoState) -> AutoState:
-            # Tsit5 from here to the end, as for one member whose switch came too
-            # late to compile the stabilized method (its Tsit5 steps do not read
-            # `stiff`, so they are the same steps).
-            never = jnp.full_like(state.not_before, jnp.inf)
-            return dataclasses.replace(
-                state, stiff=jnp.zeros_like(state.stiff), not_before=never
-            )
-
         return Modes(
             dataclasses.replace(self, mode=False),
             dataclasses.replace(self, mode=True),
             cost,
             ("tsit5", type(self.stiff).__name__.lower()),
             self.min_steps,
-            declined,
         )
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):

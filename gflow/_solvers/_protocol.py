@@ -29,13 +29,8 @@ class Modes(NamedTuple):
         rare_cost: a state's expected cost of a step in the rare mode (> 0), or 0
             for a state in the common mode.
         names: the methods' names, for progress reports.
-        min_steps: the fewest steps a lane must still have to take (at its
-            present step size) for a switch to the rare method to be worth it: for
-            one member, worth compiling the rare method; for a lane of an
-            ensemble, which has it compiled, the same rule, so that each member
-            takes the steps it takes alone.
-        declined: the state of a lane that asked for the rare method and is
-            refused it for the rest of its run (it goes on in the common mode).
+        min_steps: the fewest steps a lane must still have to take for the rare
+            method to be worth compiling, once the run has started without it.
     """
 
     common: diffrax.AbstractSolver
@@ -43,7 +38,6 @@ class Modes(NamedTuple):
     rare_cost: Callable[[Any], Any]
     names: tuple[str, str]
     min_steps: int = 0
-    declined: Callable[[Any], Any] = lambda state: state
 
 
 class AbstractGflowSolver(diffrax.AbstractAdaptiveSolver):
