@@ -88,8 +88,7 @@ class ModifiedGD(AbstractFlow):
         return self.cost
 
     def row(self, loss_fn, t, state, carried, data, loss, grad):
-        velocity = _modified_velocity(loss_fn, self.lr, state.params, data, grad)
-        return velocity, {}, Work(hvps=1)
+        return _modified_row(loss_fn, self.lr, state, data, grad)
 
     def update(self, loss_fn, state, carried, data):
         return carried, Work()
@@ -104,6 +103,13 @@ def _modified_velocity(loss_fn, lr, params, data, gradient):
     hg = jax.jvp(lambda p: grad(loss_fn, p, data), (params,), (gradient,))[1]
     half_lr = _like(lr / 2, gradient)
     return jax.tree.map(lambda g, h: -(g + half_lr * h), gradient, hg)
+
+
+def _modified_row(loss_fn, lr, state, data, gradient):
+    """A saved row's velocity, −(g + (lr/2) H g), and its Hessian-vector
+    product."""
+    velocity = _modified_velocity(loss_fn, lr, state.params, data, gradient)
+    return velocity, {}, Work(hvps=1)
 
 
 def _modified_field(loss_fn, lr):
@@ -327,8 +333,7 @@ class SGD(AbstractSDEFlow):
 
     def row(self, loss_fn, t, state, carried, data, loss, grad):
         """The drift (the flow's mean velocity)."""
-        velocity = _modified_velocity(loss_fn, self.lr, state.params, data, grad)
-        return velocity, {}, Work(hvps=1)
+        return _modified_row(loss_fn, self.lr, state, data, grad)
 
     def update(self, loss_fn, state, carried, data):
         return carried, Work()

@@ -193,7 +193,21 @@ class GD(AbstractOptimizer):
         return jax.tree.map(lambda g: -lr * g, grad), {}
 
 
-class HeavyBall(AbstractOptimizer):
+class _AbstractMomentum(AbstractOptimizer):
+    """A momentum's hyperparameter and moment, shared by HeavyBall and
+    Nesterov."""
+
+    momentum: np.ndarray
+
+    def __init__(self, lr: Any, momentum: float, *, base_lr: Any = None):
+        self.lr, self.base_lr = _checked_lr(lr, base_lr)
+        self.momentum = _fraction("momentum", momentum, "GD(lr)")
+
+    def moments(self, params):
+        return {"m": jax.tree.map(jnp.zeros_like, params)}
+
+
+class HeavyBall(_AbstractMomentum):
     """Heavy-ball momentum, `optax.sgd(lr, momentum)`: m ← β m + g, θ ← θ − lr m.
 
     Continuous model (per step s): dm/ds = (−ln β)(g/(1 − β) − m),
@@ -207,12 +221,6 @@ class HeavyBall(AbstractOptimizer):
         base_lr: for a schedule: the rate whose steps set the time axis.
     """
 
-    momentum: np.ndarray
-
-    def __init__(self, lr: Any, momentum: float, *, base_lr: Any = None):
-        self.lr, self.base_lr = _checked_lr(lr, base_lr)
-        self.momentum = _fraction("momentum", momentum, "GD(lr)")
-
     def transformation(self):
         return optax.sgd(self.lr, momentum=self.momentum)
 
@@ -221,9 +229,6 @@ class HeavyBall(AbstractOptimizer):
         lr λ = 2(1 + β)."""
         return 2 * (1 + self.momentum)
 
-    def moments(self, params):
-        return {"m": jax.tree.map(jnp.zeros_like, params)}
-
     def stable_field(self, s, params, moments, grad):
         lr, beta = (_like(x, params) for x in (self.rate(s), self.momentum))
         m = moments["m"]
@@ -231,7 +236,7 @@ class HeavyBall(AbstractOptimizer):
         return jax.tree.map(lambda v: -lr * v, m), rates
 
 
-class Nesterov(AbstractOptimizer):
+class Nesterov(_AbstractMomentum):
     """Nesterov momentum, `optax.sgd(lr, momentum, nesterov=True)`: m ← β m + g,
     θ ← θ − lr (g + β m).
 
@@ -244,12 +249,6 @@ class Nesterov(AbstractOptimizer):
         base_lr: for a schedule: the rate whose steps set the time axis.
     """
 
-    momentum: np.ndarray
-
-    def __init__(self, lr: Any, momentum: float, *, base_lr: Any = None):
-        self.lr, self.base_lr = _checked_lr(lr, base_lr)
-        self.momentum = _fraction("momentum", momentum, "GD(lr)")
-
     def transformation(self):
         return optax.sgd(self.lr, momentum=self.momentum, nesterov=True)
 
@@ -258,9 +257,6 @@ class Nesterov(AbstractOptimizer):
         z = −1 is at a = 2(1 + β)/(1 + 2β)."""
         beta = self.momentum
         return 2 * (1 + beta) / (1 + 2 * beta)
-
-    def moments(self, params):
-        return {"m": jax.tree.map(jnp.zeros_like, params)}
 
     def stable_field(self, s, params, moments, grad):
         lr, beta = (_like(x, params) for x in (self.rate(s), self.momentum))
@@ -408,7 +404,33 @@ def _scale_by_scalar_rms(opt: RMSProp) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
-class Adam(AbstractOptimizer):
+class _AbstractAdam(AbstractOptimizer):
+    """Adam's hyperparameters and moments, shared by Adam and NAdam."""
+
+    b1: np.ndarray
+    b2: np.ndarray
+    eps: np.ndarray
+
+    def __init__(
+        self,
+        lr: Any,
+        b1: float = 0.9,
+        b2: float = 0.999,
+        eps: float = 1e-8,
+        *,
+        base_lr: Any = None,
+    ):
+        self.lr, self.base_lr = _checked_lr(lr, base_lr)
+        self.b1 = _fraction("b1", b1, "RMSProp(lr, b2, bias_correction=True)")
+        self.b2 = _fraction("b2", b2, "a sign method")
+        self.eps = _nonnegative("eps", eps)
+
+    def moments(self, params):
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return {"m": zeros, "v": zeros}
+
+
+class Adam(_AbstractAdam):
     """Adam, `optax.adam(lr, b1, b2, eps)`: m ← b1 m + (1 − b1) g,
     v ← b2 v + (1 − b2) g², θ ← θ − lr m̂ / (√v̂ + ε), with the bias
     corrections m̂ = m / (1 − b1^k), v̂ = v / (1 − b2^k).
@@ -432,24 +454,6 @@ class Adam(AbstractOptimizer):
         ...                       flow=gflow.flows.StableFlow(adam))
     """
 
-    b1: np.ndarray
-    b2: np.ndarray
-    eps: np.ndarray
-
-    def __init__(
-        self,
-        lr: Any,
-        b1: float = 0.9,
-        b2: float = 0.999,
-        eps: float = 1e-8,
-        *,
-        base_lr: Any = None,
-    ):
-        self.lr, self.base_lr = _checked_lr(lr, base_lr)
-        self.b1 = _fraction("b1", b1, "RMSProp(lr, b2, bias_correction=True)")
-        self.b2 = _fraction("b2", b2, "a sign method")
-        self.eps = _nonnegative("eps", eps)
-
     def transformation(self):
         return optax.adam(self.lr, b1=self.b1, b2=self.b2, eps=self.eps)
 
@@ -458,10 +462,6 @@ class Adam(AbstractOptimizer):
         m ← b1 m + (1 − b1) g gives z² − (1 + b1 − (1 − b1) a) z + b1 = 0, whose
         root z = −1 is at a = 2(1 + b1)/(1 − b1) (38 at b1 = 0.9)."""
         return 2 * (1 + self.b1) / (1 - self.b1)
-
-    def moments(self, params):
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        return {"m": zeros, "v": zeros}
 
     def stable_field(self, s, params, moments, grad):
         lr, b1, b2, eps = (
@@ -487,7 +487,7 @@ def _adam_moments(b1, b2, s, moments, grad):
     return m_hat, v_hat, rates
 
 
-class NAdam(AbstractOptimizer):
+class NAdam(_AbstractAdam):
     """NAdam (Adam with Nesterov momentum), `optax.nadam(lr, b1, b2, eps)`:
     θ ← θ − lr (b1 m̂' + (1 − b1) ĝ) / (√v̂ + ε), with m̂' the first moment
     corrected for the next step and ĝ = g / (1 − b1^k).
@@ -504,24 +504,6 @@ class NAdam(AbstractOptimizer):
         base_lr: for a schedule: the rate whose steps set the time axis.
     """
 
-    b1: np.ndarray
-    b2: np.ndarray
-    eps: np.ndarray
-
-    def __init__(
-        self,
-        lr: Any,
-        b1: float = 0.9,
-        b2: float = 0.999,
-        eps: float = 1e-8,
-        *,
-        base_lr: Any = None,
-    ):
-        self.lr, self.base_lr = _checked_lr(lr, base_lr)
-        self.b1 = _fraction("b1", b1, "RMSProp(lr, b2, bias_correction=True)")
-        self.b2 = _fraction("b2", b2, "a sign method")
-        self.eps = _nonnegative("eps", eps)
-
     def transformation(self):
         return optax.nadam(self.lr, b1=self.b1, b2=self.b2, eps=self.eps)
 
@@ -531,10 +513,6 @@ class NAdam(AbstractOptimizer):
         z = −1 is at a = 2(1 + b1)/((1 − b1)(1 + 2 b1))."""
         b1 = self.b1
         return 2 * (1 + b1) / ((1 - b1) * (1 + 2 * b1))
-
-    def moments(self, params):
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        return {"m": zeros, "v": zeros}
 
     def stable_field(self, s, params, moments, grad):
         lr, b1, b2, eps = (
