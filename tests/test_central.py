@@ -194,6 +194,14 @@ def test_too_few_tracked_eigenvalues_are_refused():
             loss, None, 0.5, params0=jnp.ones(3),
             flow=gflow.flows.CentralFlow(LR, track=1),
         )  # fmt: skip
+    # It suggests only what CentralFlow accepts: 8 at most (not 9), and past
+    # that, says it cannot model the run.
+    for track, match in ((7, "track=8"), (8, "8 is the most CentralFlow tracks")):
+        with pytest.raises(ValueError, match=match):
+            gflow.simulate(
+                loss, None, 0.5, params0=jnp.ones(12),
+                flow=gflow.flows.CentralFlow(LR, track=track),
+            )  # fmt: skip
 
 
 def test_midpoints_average_out_a_period_two_oscillation():

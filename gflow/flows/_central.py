@@ -26,6 +26,8 @@ _NEAR_EDGE = 1.8
 #: A run is refused when every tracked eigenvalue reached this share of the edge:
 #: more eigenvalues than are tracked may be near it.
 _TRACKED_FLOOR = 0.75
+#: The most eigenpairs a central flow tracks.
+_MOST_TRACKED = 8
 
 
 class CentralFlow(AbstractFlow):
@@ -111,7 +113,10 @@ class CentralFlow(AbstractFlow):
         observables: Mapping[str, Callable] | None = None,
     ):
         self.lr = _rate("lr", lr)
-        for name, value, most in (("track", track, 8), ("eig_iters", eig_iters, 100)):
+        for name, value, most in (
+            ("track", track, _MOST_TRACKED),
+            ("eig_iters", eig_iters, 100),
+        ):
             if check_int(name, value, 1) > most:
                 raise ValueError(f"`{name}` must be at most {most}; got {value}.")
         self.track, self.eig_iters = int(track), int(eig_iters)
@@ -202,11 +207,19 @@ class CentralFlow(AbstractFlow):
         crowded = np.flatnonzero(np.reshape(lowest >= 2 * _TRACKED_FLOOR, -1))
         if crowded.size and self.track < n:
             ts = np.reshape(np.asarray(trajectory.ts), -1)
+            more = min(self.track + 2, _MOST_TRACKED, n)
+            advice = (
+                f"Track more: CentralFlow(lr, track={more})."
+                if self.track < _MOST_TRACKED
+                else f"{_MOST_TRACKED} is the most CentralFlow tracks: it cannot "
+                "model this run (more eigenvalues may be at the edge than it can "
+                "track, as on a network of many outputs)."
+            )
             raise ValueError(
                 f"CentralFlow(track={self.track}): all {self.track} tracked "
                 f"eigenvalues reached lr·λ ≥ {2 * _TRACKED_FLOOR:g} (at t = "
                 f"{ts[crowded[0]]:.4g}); more eigenvalues than are tracked may be at "
-                f"the edge 2/lr. Track more: CentralFlow(lr, track={self.track + 2})."
+                f"the edge 2/lr. {advice}"
             )
 
 
