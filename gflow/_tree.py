@@ -11,6 +11,11 @@ import jax
 import jax.numpy as jnp
 
 
+def like_dtype(x: Any, tree: Any) -> jax.Array:
+    """`x` in the floating-point dtype of `tree` (a float32 run stays float32)."""
+    return jnp.asarray(x, jnp.result_type(*jax.tree.leaves(tree)))
+
+
 def tree_norm(tree: Any) -> jax.Array:
     """The Euclidean norm of all leaves of `tree` taken together."""
     return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))

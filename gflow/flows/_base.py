@@ -9,7 +9,6 @@ from typing import Any
 import diffrax
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from .._checks import require_positive
@@ -242,8 +241,3 @@ def _rate(name: str, value: Any) -> np.ndarray:
     compiled program."""
     require_positive(name, value)
     return np.asarray(value, np.float64)
-
-
-def _like(x: Any, tree: Any) -> jax.Array:
-    """`x` in the floating-point dtype of `tree` (a float32 run stays float32)."""
-    return jnp.asarray(x, jnp.result_type(*jax.tree.leaves(tree)))

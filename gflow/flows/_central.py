@@ -14,8 +14,8 @@ from jax.flatten_util import ravel_pytree
 
 from .._checks import check_functions, check_int
 from .._linalg import hvp, psd_qp, smat, svec, top_eigenpairs, upper_pairs
-from .._tree import tree_scrambled
-from ._base import AbstractFlow, FlowState, Work, _like, _rate, grad
+from .._tree import like_dtype, tree_scrambled
+from ._base import AbstractFlow, FlowState, Work, _rate, grad
 
 #: LOBPCG iterations of the first eigen-solve, from vectors that look random.
 _START_ITERS = 30
@@ -137,7 +137,7 @@ class CentralFlow(AbstractFlow):
     def _at_edge(self, values):
         """How many tracked eigenvalues (descending) are near enough to the edge
         for a step to reach it: lr·λ ≥ `_NEAR_EDGE`."""
-        lr = _like(self.lr, values)
+        lr = like_dtype(self.lr, values)
         return jnp.sum(lr * values >= _NEAR_EDGE).astype(jnp.int32)
 
     def init(self, loss_fn, params, data):
@@ -168,7 +168,7 @@ class CentralFlow(AbstractFlow):
             # below `_NEAR_EDGE` (no third-order products for it): the step is
             # too long. inf/NaN makes the engine reject it and shrink it, until
             # it ends below the edge; the next step then includes it.
-            lr = _like(self.lr, values)
+            lr = like_dtype(self.lr, values)
             outside = jnp.arange(self.track) >= self._at_edge(carried.values)
             escaped = jnp.any(outside & (lr * values > 2))
             velocity = jax.tree.map(lambda v: jnp.where(escaped, jnp.nan, v), velocity)
@@ -186,7 +186,7 @@ class CentralFlow(AbstractFlow):
         support = spread > 1e-6 * spread[-1]
         metrics = {
             "sharpness": values[0],
-            "effective_eigenvalues": _like(self.lr, values) * values,
+            "effective_eigenvalues": like_dtype(self.lr, values) * values,
             "predicted_loss": loss + jnp.sum(jnp.diag(sigma) * values) / 2,
             "oscillation": jnp.trace(sigma),
             "edge_count": jnp.sum(support & (spread[-1] > 0)).astype(jnp.int32),
@@ -246,7 +246,7 @@ def _solve(flow: CentralFlow, loss_fn, params, carried: Eigenpairs, data, gradie
     m = flow._at_edge(carried.values)  # fixed over a step: its cost is known
     products = _edge_products(loss_fn, unravel, flat, data, u, m)
     g = ravel_pytree(gradient)[0]
-    lr = _like(flow.lr, flat)
+    lr = like_dtype(flow.lr, flat)
     # d/dt of svec(UᵀHU) is −(products @ g) − ½ (products productsᵀ) x; the
     # edge 2/lr is kept by −d/dt ⪰ −(1/lr)(2/lr − UᵀHU) on the support of X.
     a = products @ g + svec(jnp.diag(2 / lr - values)) / lr

@@ -12,7 +12,8 @@ import lineax as lx
 import numpy as np
 
 from .._checks import check_batch_size
-from ._base import AbstractFlow, AbstractSDEFlow, FlowState, Work, _like, _rate, grad
+from .._tree import like_dtype
+from ._base import AbstractFlow, AbstractSDEFlow, FlowState, Work, _rate, grad
 
 
 class GradientFlow(AbstractFlow):
@@ -101,7 +102,7 @@ def _modified_velocity(loss_fn, lr, params, data, gradient):
     """−(g + (lr/2) H g), with H g the forward derivative of the gradient along g
     (one Hessian-vector product)."""
     hg = jax.jvp(lambda p: grad(loss_fn, p, data), (params,), (gradient,))[1]
-    half_lr = _like(lr / 2, gradient)
+    half_lr = like_dtype(lr / 2, gradient)
     return jax.tree.map(lambda g, h: -(g + half_lr * h), gradient, hg)
 
 
@@ -205,7 +206,7 @@ class HeavyBall(AbstractFlow):
                 None,
                 Work(),
             )
-        beta = _like(self.momentum, params)
+        beta = like_dtype(self.momentum, params)
         g = grad(loss_fn, params, data)
         u = jax.tree.map(lambda x: -(1 - beta) / (1 + beta) * x, g)
         return FlowState(params, {"u": u}), None, Work(grads=1)
@@ -213,7 +214,7 @@ class HeavyBall(AbstractFlow):
     def vector_field(self, loss_fn: Callable) -> Callable:
         def field(t, state, data, carried):
             params, u = state.params, state.extra["u"]
-            rate = -1 / _like(self.mass, params)
+            rate = -1 / like_dtype(self.mass, params)
             du = jax.tree.map(
                 lambda g, v: rate * (g + v), grad(loss_fn, params, data), u
             )
@@ -351,7 +352,7 @@ class SGD(AbstractSDEFlow):
             b = self.batch_size
             # sqrt(lr c / B) / sqrt(n), c = (n − B)/(n − 1); c = 0 when B = n.
             c = (n - b) / (n - 1) if n > 1 else 0.0
-            scale = jnp.sqrt(_like(self.lr, params) * c / (b * n))
+            scale = jnp.sqrt(like_dtype(self.lr, params) * c / (b * n))
 
             def apply(dw):
                 pulled = pull(dw - jnp.mean(dw))[0]

@@ -7,8 +7,9 @@ from typing import ClassVar
 
 import jax
 
+from .._tree import like_dtype
 from ..optimizers import AbstractOptimizer
-from ._base import AbstractFlow, FlowState, Work, _like, grad
+from ._base import AbstractFlow, FlowState, Work, grad
 
 
 class StableFlow(AbstractFlow):
@@ -59,7 +60,7 @@ class StableFlow(AbstractFlow):
 
     def _velocity(self, t, state, gradient):
         """(dθ/dt, d moments/dt) at flow time t."""
-        base = _like(self.optimizer.base_lr, state.params)
+        base = like_dtype(self.optimizer.base_lr, state.params)
         velocity, rates = self.optimizer.stable_field(
             t / base, state.params, state.extra, gradient
         )

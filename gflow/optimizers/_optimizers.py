@@ -14,6 +14,7 @@ import numpy as np
 import optax
 
 from .._checks import positive_finite
+from .._tree import like_dtype
 
 
 class AbstractOptimizer(eqx.Module):
@@ -70,9 +71,8 @@ class AbstractOptimizer(eqx.Module):
     def cast_to(self, tree: Any) -> AbstractOptimizer:
         """The optimiser with its hyperparameters in the floating-point dtype of
         `tree`, so that its state keeps the parameters' dtype."""
-        dtype = jnp.result_type(*jax.tree.leaves(tree))
         return jax.tree.map(
-            lambda x: jnp.asarray(x, dtype) if isinstance(x, np.ndarray) else x, self
+            lambda x: like_dtype(x, tree) if isinstance(x, np.ndarray) else x, self
         )
 
     def rate(self, s: Any) -> Any:
@@ -135,11 +135,6 @@ def _nonnegative(name: str, value: Any) -> np.ndarray:
     return np.asarray(value, np.float64)
 
 
-def _like(x: Any, tree: Any) -> Any:
-    """`x` in the floating-point dtype of `tree` (a float32 run stays float32)."""
-    return jnp.asarray(x, jnp.result_type(*jax.tree.leaves(tree)))
-
-
 def _relax(beta, target, moment):
     """d(moment)/ds of an exponential moving average m ← β m + (1 − β) target:
     (−ln β)(target − m), exact between steps for a constant target."""
@@ -189,7 +184,7 @@ class GD(AbstractOptimizer):
         return {}
 
     def stable_field(self, s, params, moments, grad):
-        lr = _like(self.rate(s), params)
+        lr = like_dtype(self.rate(s), params)
         return jax.tree.map(lambda g: -lr * g, grad), {}
 
 
@@ -230,7 +225,7 @@ class HeavyBall(_AbstractMomentum):
         return 2 * (1 + self.momentum)
 
     def stable_field(self, s, params, moments, grad):
-        lr, beta = (_like(x, params) for x in (self.rate(s), self.momentum))
+        lr, beta = (like_dtype(x, params) for x in (self.rate(s), self.momentum))
         m = moments["m"]
         rates = {"m": _relax(beta, jax.tree.map(lambda g: g / (1 - beta), grad), m)}
         return jax.tree.map(lambda v: -lr * v, m), rates
@@ -259,7 +254,7 @@ class Nesterov(_AbstractMomentum):
         return 2 * (1 + beta) / (1 + 2 * beta)
 
     def stable_field(self, s, params, moments, grad):
-        lr, beta = (_like(x, params) for x in (self.rate(s), self.momentum))
+        lr, beta = (like_dtype(x, params) for x in (self.rate(s), self.momentum))
         m = moments["m"]
         velocity = jax.tree.map(lambda g, v: -lr * (g + beta * v), grad, m)
         rates = {"m": _relax(beta, jax.tree.map(lambda g: g / (1 - beta), grad), m)}
@@ -353,7 +348,7 @@ class RMSProp(AbstractOptimizer):
 
     def _scaled(self, grad, nu_hat):
         """g / √(ν̂ + ε), or g / (√ν̂ + ε)."""
-        eps = _like(self.eps, grad)
+        eps = like_dtype(self.eps, grad)
 
         def scale(g, n):
             return g / (jnp.sqrt(n + eps) if self.eps_in_sqrt else jnp.sqrt(n) + eps)
@@ -363,7 +358,7 @@ class RMSProp(AbstractOptimizer):
         return jax.tree.map(scale, grad, nu_hat)
 
     def stable_field(self, s, params, moments, grad):
-        lr, b2 = (_like(x, params) for x in (self.rate(s), self.b2))
+        lr, b2 = (like_dtype(x, params) for x in (self.rate(s), self.b2))
         nu = moments["nu"]
         squares = _squares(grad, self.scalar)
         if self.bias_correction:
@@ -465,7 +460,7 @@ class Adam(_AbstractAdam):
 
     def stable_field(self, s, params, moments, grad):
         lr, b1, b2, eps = (
-            _like(x, params) for x in (self.rate(s), self.b1, self.b2, self.eps)
+            like_dtype(x, params) for x in (self.rate(s), self.b1, self.b2, self.eps)
         )
         m_hat, v_hat, rates = _adam_moments(b1, b2, s, moments, grad)
         velocity = jax.tree.map(
@@ -516,7 +511,7 @@ class NAdam(_AbstractAdam):
 
     def stable_field(self, s, params, moments, grad):
         lr, b1, b2, eps = (
-            _like(x, params) for x in (self.rate(s), self.b1, self.b2, self.eps)
+            like_dtype(x, params) for x in (self.rate(s), self.b1, self.b2, self.eps)
         )
         m_hat, v_hat, rates = _adam_moments(b1, b2, s, moments, grad)
         # Step s + 1's correction of the first moment, and step s's of g.
