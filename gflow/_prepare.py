@@ -239,13 +239,13 @@ def hvp_failure(flow: AbstractFlow, loss_fn, params: Any, data: Any):
     None: they are lowered in a power iteration as the solver runs them (some
     losses fail only there: a `jax.custom_vjp` function is refused forward-mode
     differentiation inside a loop). `params` may be shapes."""
-    field = flow.vector_field(loss_fn)
 
     def top_eigenvalue(params):
         y, carried, _ = flow.init(loss_fn, params, data)
+        field = flow.field(loss_fn, carried)
 
         def hvp(v):
-            return jax.jvp(lambda z: field(0.0, z, data, carried), (y,), (v,))[1]
+            return jax.jvp(lambda z: field(0.0, z, data), (y,), (v,))[1]
 
         return power_iteration(hvp, y, 1)[0]
 

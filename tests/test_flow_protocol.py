@@ -189,7 +189,7 @@ def test_flows_are_abstract_or_final_and_override_nothing_concrete():
         and not getattr(member, "__isabstractmethod__", False)
         and (callable(member) or isinstance(member, property))
     }
-    assert {"terms", "is_sde"} <= concrete
+    assert {"field", "terms", "is_sde"} <= concrete
     for flow in _gflow_flows():
         if inspect.isabstract(flow):
             assert flow.__name__.startswith("Abstract")

@@ -128,11 +128,7 @@ def load(problem: Problem, controls: Controls, entry, data):
     t0, t_max = ts[0], ts[-1]
     y0, carried, work = problem.flow.init(problem.loss_fn, params0, data)
     terms = problem.terms(controls, noise, y0, carried, data)
-    drift = problem.flow.vector_field(problem.loss_fn)
-
-    def field(t, y, data):
-        return drift(t, y, data, carried)
-
+    field = problem.flow.field(problem.loss_fn, carried)
     order = problem.solver.error_order(terms)
     values = row_at(problem, t0, y0, carried, data)
     evaluations = 0

@@ -157,11 +157,16 @@ class AbstractFlow(eqx.Module):
         Euler–Maruyama)."""
         return isinstance(self, AbstractSDEFlow)
 
+    def field(self, loss_fn: Callable, carried: Any) -> Callable:
+        """The vector field (an SDE flow's drift) with what the flow carries
+        bound: `f(t, state, data)`, as diffrax and the engine call it."""
+        field = self.vector_field(loss_fn)
+        return lambda t, y, data: field(t, y, data, carried)
+
     def terms(self, loss_fn: Callable, carried: Any, path: Any = None):
         """The diffrax terms of the equation, with `carried` as the vector
         field's argument (`path`: the Brownian motion of an SDE flow)."""
-        field = self.vector_field(loss_fn)
-        drift = diffrax.ODETerm(lambda t, y, data: field(t, y, data, carried))
+        drift = diffrax.ODETerm(self.field(loss_fn, carried))
         if not self.is_sde:
             return drift
         if path is None:
