@@ -63,7 +63,7 @@ class Prepared:
     noise: jax.Array | None
     dtype: Any
     seed: int | None
-    metric_shapes: Any = None
+    metric_shapes: Any
 
     def meta(self, kind: str) -> dict[str, Any]:
         """How the run was made, for `Trajectory.meta`."""
