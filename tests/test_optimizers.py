@@ -72,6 +72,24 @@ def test_the_discrete_run_is_optax(opt):
     np.testing.assert_allclose(run.params["x"], reference["x"], rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("opt", EVERY, ids=lambda o: type(o).__name__)
+def test_step_is_one_discrete_step_in_the_flows_moments(opt):
+    """`step` (what the rod flows move by) iterated from `moments()` gives the
+    discrete run's parameters: optax's update in the stable flow's variables."""
+    steps = 30
+    run = gflow.gradient_descent(
+        quartic, None, steps * float(opt.base_lr), optimizer=opt, params0=THETA0,
+        ts=np.arange(steps + 1) * float(opt.base_lr),
+    )  # fmt: skip
+    params, moments = THETA0, opt.moments(THETA0)
+    for k in range(steps):
+        gradient = jax.grad(quartic)(params, None)
+        change, moment_change = opt.step(k, params, moments, gradient)
+        params = jax.tree.map(jnp.add, params, change)
+        moments = jax.tree.map(jnp.add, moments, moment_change)
+    np.testing.assert_allclose(params["x"], run.params["x"][-1], rtol=1e-12)
+
+
 def _optax_of(opt):
     """The optax optimiser of the same hyperparameters, spelled as a user would."""
     lr = float(opt.lr)

@@ -15,6 +15,9 @@ says which part they are, and `velocity(...)` gives dθ/dt at a saved state, whi
 - `StableFlow(optimizer)`: the first-order continuous model of an optimiser of
   `gflow.optimizers` (GD, heavy ball, Nesterov, RMSProp, Adam, NAdam), in the
   phase space of the parameters and the optimiser's moments.
+- `RodFlow(optimizer)`: the rod flow, consecutive iterates as the ends of a rod:
+  it follows an optimiser through its edge of stability, at two gradients per
+  evaluation.
 - `CentralFlow(lr)`: the central flow, the time average of gradient descent at
   the edge of stability (lr·λ_max ≈ 2), where it leaves the gradient flow.
 
@@ -36,4 +39,5 @@ from ._optimizers import SGD as SGD
 from ._optimizers import GradientFlow as GradientFlow
 from ._optimizers import HeavyBall as HeavyBall
 from ._optimizers import ModifiedGD as ModifiedGD
+from ._rod import RodFlow as RodFlow
 from ._stable import StableFlow as StableFlow

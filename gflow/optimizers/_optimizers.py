@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
@@ -54,11 +54,29 @@ class AbstractOptimizer(eqx.Module):
         optimiser's initial state: momenta, second moments)."""
 
     @abc.abstractmethod
-    def stable_field(
-        self, s: Any, params: Any, moments: dict[str, Any], grad: Any
+    def increments(
+        self, s: Any, params: Any, moments: dict[str, Any], grad: Any, discrete: bool
     ) -> tuple[Any, dict[str, Any]]:
+        """The change of (params, moments) per step s at this state, given the
+        loss gradient there: one discrete step's (`discrete`), or the stable
+        flow's d/ds (s = t / base_lr, fractional between steps), whose moving
+        averages relax at rate −ln β where a step's move by 1 − β."""
+
+    oscillating: eqx.AbstractClassVar[tuple[str, ...]]
+    """The moments that oscillate with the parameters at the edge of stability
+    (a momentum; not a second moment, which averages g² over the oscillation):
+    what a rod flow carries a half-vector for."""
+
+    def stable_field(self, s: Any, params: Any, moments: dict[str, Any], grad: Any):
         """d(params)/ds and d(moments)/ds of the continuous model, per step s
         (s = t / base_lr, fractional between steps), given the loss gradient."""
+        return self.increments(s, params, moments, grad, discrete=False)
+
+    def step(self, s: Any, params: Any, moments: dict[str, Any], grad: Any):
+        """What one discrete step, the step s + 1 (s = 0, 1, ...), adds to
+        (params, moments), given the loss gradient at params: optax's update, in
+        the moments of `moments` (as `stable_field` names them)."""
+        return self.increments(s, params, moments, grad, discrete=True)
 
     def init(self, params: Any) -> Any:
         """The discrete optimiser's state (`transformation().init`)."""
@@ -135,10 +153,11 @@ def _nonnegative(name: str, value: Any) -> np.ndarray:
     return np.asarray(value, np.float64)
 
 
-def _relax(beta, target, moment):
-    """d(moment)/ds of an exponential moving average m ← β m + (1 − β) target:
+def _relax(beta, target, moment, discrete):
+    """The change of an exponential moving average m ← β m + (1 − β) target: per
+    step, (1 − β)(target − m); per unit s of its continuous model,
     (−ln β)(target − m), exact between steps for a constant target."""
-    rate = -jnp.log(beta)
+    rate = 1 - beta if discrete else -jnp.log(beta)
     return jax.tree.map(lambda x, m: rate * (x - m), target, moment)
 
 
@@ -173,6 +192,8 @@ class GD(AbstractOptimizer):
     def __init__(self, lr: Any, *, base_lr: Any = None):
         self.lr, self.base_lr = _checked_lr(lr, base_lr)
 
+    oscillating: ClassVar[tuple[str, ...]] = ()
+
     def transformation(self):
         return optax.sgd(self.lr)
 
@@ -183,7 +204,7 @@ class GD(AbstractOptimizer):
     def moments(self, params):
         return {}
 
-    def stable_field(self, s, params, moments, grad):
+    def increments(self, s, params, moments, grad, discrete):
         lr = like_dtype(self.rate(s), params)
         return jax.tree.map(lambda g: -lr * g, grad), {}
 
@@ -193,6 +214,7 @@ class _AbstractMomentum(AbstractOptimizer):
     Nesterov."""
 
     momentum: np.ndarray
+    oscillating: ClassVar[tuple[str, ...]] = ("m",)
 
     def __init__(self, lr: Any, momentum: float, *, base_lr: Any = None):
         self.lr, self.base_lr = _checked_lr(lr, base_lr)
@@ -224,11 +246,14 @@ class HeavyBall(_AbstractMomentum):
         lr λ = 2(1 + β)."""
         return 2 * (1 + self.momentum)
 
-    def stable_field(self, s, params, moments, grad):
+    def increments(self, s, params, moments, grad, discrete):
         lr, beta = (like_dtype(x, params) for x in (self.rate(s), self.momentum))
         m = moments["m"]
-        rates = {"m": _relax(beta, jax.tree.map(lambda g: g / (1 - beta), grad), m)}
-        return jax.tree.map(lambda v: -lr * v, m), rates
+        target = jax.tree.map(lambda g: g / (1 - beta), grad)
+        rates = {"m": _relax(beta, target, m, discrete)}
+        # A step moves along the momentum after it takes in g, β m + g.
+        used = jax.tree.map(lambda v, g: beta * v + g, m, grad) if discrete else m
+        return jax.tree.map(lambda v: -lr * v, used), rates
 
 
 class Nesterov(_AbstractMomentum):
@@ -253,11 +278,14 @@ class Nesterov(_AbstractMomentum):
         beta = self.momentum
         return 2 * (1 + beta) / (1 + 2 * beta)
 
-    def stable_field(self, s, params, moments, grad):
+    def increments(self, s, params, moments, grad, discrete):
         lr, beta = (like_dtype(x, params) for x in (self.rate(s), self.momentum))
         m = moments["m"]
+        target = jax.tree.map(lambda g: g / (1 - beta), grad)
+        rates = {"m": _relax(beta, target, m, discrete)}
+        if discrete:  # the step takes in g first: m' = β m + g, θ ← θ − lr (g + β m')
+            m = jax.tree.map(lambda v, g: beta * v + g, m, grad)
         velocity = jax.tree.map(lambda g, v: -lr * (g + beta * v), grad, m)
-        rates = {"m": _relax(beta, jax.tree.map(lambda g: g / (1 - beta), grad), m)}
         return velocity, rates
 
 
@@ -293,6 +321,7 @@ class RMSProp(AbstractOptimizer):
     eps_in_sqrt: bool = eqx.field(static=True)
     scalar: bool = eqx.field(static=True)
     bias_correction: bool = eqx.field(static=True)
+    oscillating: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -357,7 +386,7 @@ class RMSProp(AbstractOptimizer):
             return jax.tree.map(lambda g: scale(g, nu_hat), grad)
         return jax.tree.map(scale, grad, nu_hat)
 
-    def stable_field(self, s, params, moments, grad):
+    def increments(self, s, params, moments, grad, discrete):
         lr, b2 = (like_dtype(x, params) for x in (self.rate(s), self.b2))
         nu = moments["nu"]
         squares = _squares(grad, self.scalar)
@@ -366,7 +395,7 @@ class RMSProp(AbstractOptimizer):
         else:
             nu_hat = _taken_in(b2, nu, squares)
         velocity = jax.tree.map(lambda x: -lr * x, self._scaled(grad, nu_hat))
-        return velocity, {"nu": _relax(b2, squares, nu)}
+        return velocity, {"nu": _relax(b2, squares, nu, discrete)}
 
 
 def _squares(grad, scalar: bool):
@@ -405,6 +434,7 @@ class _AbstractAdam(AbstractOptimizer):
     b1: np.ndarray
     b2: np.ndarray
     eps: np.ndarray
+    oscillating: ClassVar[tuple[str, ...]] = ("m",)
 
     def __init__(
         self,
@@ -458,26 +488,26 @@ class Adam(_AbstractAdam):
         root z = −1 is at a = 2(1 + b1)/(1 − b1) (38 at b1 = 0.9)."""
         return 2 * (1 + self.b1) / (1 - self.b1)
 
-    def stable_field(self, s, params, moments, grad):
+    def increments(self, s, params, moments, grad, discrete):
         lr, b1, b2, eps = (
             like_dtype(x, params) for x in (self.rate(s), self.b1, self.b2, self.eps)
         )
-        m_hat, v_hat, rates = _adam_moments(b1, b2, s, moments, grad)
+        m_hat, v_hat, rates = _adam_moments(b1, b2, s, moments, grad, discrete)
         velocity = jax.tree.map(
             lambda m, v: -lr * m / (jnp.sqrt(v) + eps), m_hat, v_hat
         )
         return velocity, rates
 
 
-def _adam_moments(b1, b2, s, moments, grad):
+def _adam_moments(b1, b2, s, moments, grad, discrete):
     """Adam's moments as step s uses them (taken in g, bias-corrected), and the
     moments' derivatives."""
     squares = _squares(grad, False)
     m_hat = _debiased(b1, s, moments["m"], grad)
     v_hat = _debiased(b2, s, moments["v"], squares)
     rates = {
-        "m": _relax(b1, grad, moments["m"]),
-        "v": _relax(b2, squares, moments["v"]),
+        "m": _relax(b1, grad, moments["m"], discrete),
+        "v": _relax(b2, squares, moments["v"], discrete),
     }
     return m_hat, v_hat, rates
 
@@ -509,11 +539,11 @@ class NAdam(_AbstractAdam):
         b1 = self.b1
         return 2 * (1 + b1) / ((1 - b1) * (1 + 2 * b1))
 
-    def stable_field(self, s, params, moments, grad):
+    def increments(self, s, params, moments, grad, discrete):
         lr, b1, b2, eps = (
             like_dtype(x, params) for x in (self.rate(s), self.b1, self.b2, self.eps)
         )
-        m_hat, v_hat, rates = _adam_moments(b1, b2, s, moments, grad)
+        m_hat, v_hat, rates = _adam_moments(b1, b2, s, moments, grad, discrete)
         # Step s + 1's correction of the first moment, and step s's of g.
         later, now = (-jnp.expm1(k * jnp.log(b1)) for k in (s + 2, s + 1))
         velocity = jax.tree.map(
