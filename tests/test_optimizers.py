@@ -318,3 +318,21 @@ def test_each_optimizers_edge_is_where_its_steps_on_a_quadratic_turn_unstable(
     below, above = (abs(float(run.params["x"][-1])) for run in runs)
     assert runs[0].result == "successful" and below < 1e-40
     assert runs[1].result == "diverged" or above > 1e-10
+
+
+def test_the_preconditioned_sharpness_is_the_top_of_p_inverse_h():
+    """On ½ Σ a x², λ_max(P⁻¹H) = max a / P: P = 1 for gradient descent and
+    momentum, √(v / (1 − b2^k)) + ε for Adam, √(ν + ε) for scalar RMSProp."""
+    x = THETA0["x"]
+    v = {"x": jnp.asarray([4.0, 0.01, 1.0])}
+    adam = optimizers.Adam(0.01, eps=0.1)
+    cases = [
+        (optimizers.HeavyBall(0.1, 0.9), None, 0, np.max(A)),
+        (adam, {"m": v, "v": v}, 3, np.max(A / (np.sqrt(v["x"] / (1 - 0.999**3)) + 0.1))),
+        (optimizers.RMSProp(0.1, scalar=True, eps=0.5), {"nu": 2.0}, 7, np.max(A) / np.sqrt(2.5)),
+    ]  # fmt: skip
+    for opt, moments, step, expected in cases:
+        value, _ = gflow.metrics.preconditioned_sharpness(
+            quadratic, {"x": x}, None, opt, moments, step=step, iters=200
+        )
+        assert float(value) == pytest.approx(float(expected), rel=1e-9)

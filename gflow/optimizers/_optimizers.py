@@ -62,6 +62,13 @@ class AbstractOptimizer(eqx.Module):
         flow's d/ds (s = t / base_lr, fractional between steps), whose moving
         averages relax at rate −ln β where a step's move by 1 − β."""
 
+    @abc.abstractmethod
+    def preconditioner(self, s: Any, moments: dict[str, Any]) -> Any:
+        """P, the diagonal the step at state `moments` after s steps divides the
+        update by (besides lr): 1 for gradient descent and momentum,
+        √v̂ + ε (or √(ν̂ + ε)) for the adaptive methods, a tree like the
+        parameters or a scalar. Its edge is on λ_max(P⁻¹H)."""
+
     oscillating: eqx.AbstractClassVar[tuple[str, ...]]
     """The moments that oscillate with the parameters at the edge of stability
     (a momentum; not a second moment, which averages g² over the oscillation):
@@ -169,6 +176,13 @@ def _taken_in(beta, moment, target):
     return jax.tree.map(lambda m, x: beta * m + (1 - beta) * x, moment, target)
 
 
+def _corrected(beta, s, like):
+    """A moving average's bias correction after s ≥ 1 steps, 1 − β^s (1 at
+    s = 0, where the average is its initial value)."""
+    beta = like_dtype(beta, like)
+    return jnp.where(s < 1, 1, -jnp.expm1(jnp.maximum(s, 1) * jnp.log(beta)))
+
+
 def _debiased(beta, s, moment, target):
     """A moving average started at 0, after taking in the current target, and
     bias-corrected as the discrete step s + 1 corrects it: m' / (1 − β^(s+1))."""
@@ -204,6 +218,9 @@ class GD(AbstractOptimizer):
     def moments(self, params):
         return {}
 
+    def preconditioner(self, s, moments):
+        return 1.0
+
     def increments(self, s, params, moments, grad, discrete):
         lr = like_dtype(self.rate(s), params)
         return jax.tree.map(lambda g: -lr * g, grad), {}
@@ -222,6 +239,9 @@ class _AbstractMomentum(AbstractOptimizer):
 
     def moments(self, params):
         return {"m": jax.tree.map(jnp.zeros_like, params)}
+
+    def preconditioner(self, s, moments):
+        return 1.0
 
 
 class HeavyBall(_AbstractMomentum):
@@ -375,6 +395,15 @@ class RMSProp(AbstractOptimizer):
             return {"nu": nu}
         return {"nu": jax.tree.map(lambda p: jnp.full_like(p, self.nu0), params)}
 
+    def preconditioner(self, s, moments):
+        nu = moments["nu"]
+        eps = like_dtype(self.eps, nu)
+        if self.bias_correction:
+            nu = jax.tree.map(lambda n: n / _corrected(self.b2, s, n), nu)
+        if self.eps_in_sqrt:
+            return jax.tree.map(lambda n: jnp.sqrt(n + eps), nu)
+        return jax.tree.map(lambda n: jnp.sqrt(n) + eps, nu)
+
     def _scaled(self, grad, nu_hat):
         """g / √(ν̂ + ε), or g / (√ν̂ + ε)."""
         eps = like_dtype(self.eps, grad)
@@ -453,6 +482,11 @@ class _AbstractAdam(AbstractOptimizer):
     def moments(self, params):
         zeros = jax.tree.map(jnp.zeros_like, params)
         return {"m": zeros, "v": zeros}
+
+    def preconditioner(self, s, moments):
+        v = moments["v"]
+        eps = like_dtype(self.eps, v)
+        return jax.tree.map(lambda x: jnp.sqrt(x / _corrected(self.b2, s, x)) + eps, v)
 
 
 class Adam(_AbstractAdam):
