@@ -326,11 +326,13 @@ def test_the_preconditioned_sharpness_is_the_top_of_p_inverse_h():
     x = THETA0["x"]
     v = {"x": jnp.asarray([4.0, 0.01, 1.0])}
     adam = optimizers.Adam(0.01, eps=0.1)
+    adam_p = np.sqrt(v["x"] / (1 - 0.999**3)) + 0.1
+    scalar = optimizers.RMSProp(0.1, scalar=True, eps=0.5)
     cases = [
         (optimizers.HeavyBall(0.1, 0.9), None, 0, np.max(A)),
-        (adam, {"m": v, "v": v}, 3, np.max(A / (np.sqrt(v["x"] / (1 - 0.999**3)) + 0.1))),
-        (optimizers.RMSProp(0.1, scalar=True, eps=0.5), {"nu": 2.0}, 7, np.max(A) / np.sqrt(2.5)),
-    ]  # fmt: skip
+        (adam, {"m": v, "v": v}, 3, np.max(A / adam_p)),
+        (scalar, {"nu": 2.0}, 7, np.max(A) / np.sqrt(2.5)),
+    ]
     for opt, moments, step, expected in cases:
         value, _ = gflow.metrics.preconditioned_sharpness(
             quadratic, {"x": x}, None, opt, moments, step=step, iters=200
