@@ -179,8 +179,9 @@ def preconditioned_sharpness(
     iters: int = 50,
 ) -> tuple[jax.Array, Any]:
     """The sharpness an optimiser's edge of stability bounds: λ_max(P⁻¹H), H the
-    Hessian and P the optimiser's diagonal preconditioner (`preconditioner`:
-    1 for gradient descent and momentum, √v̂ + ε for Adam), by power iteration on
+    Hessian and P the diagonal preconditioner of the optimiser's next step from
+    there (`preconditioner`: 1 for gradient descent and momentum, √v̂ + ε for
+    Adam, v̂ having taken in the gradient there), by power iteration on
     P^(−1/2) H P^(−1/2) (Hessian-vector products only).
 
     The optimiser's steps are stable while it is below `optimizer.edge(step)`
@@ -195,7 +196,8 @@ def preconditioned_sharpness(
         optimizer: a `gflow.optimizers` optimiser.
         moments: the optimiser's moments there (e.g. a flow's `traj.state` at
             a row; `optimizer.moments(params)` when None).
-        step: how many steps the moments have taken (for bias corrections).
+        step: how many steps the moments have taken (for bias corrections):
+            the preconditioner is that of step `step + 1`.
         v0: starting vector (a pytree like params), e.g. the last eigenvector.
         iters: power iterations.
 
@@ -215,9 +217,10 @@ def preconditioned_sharpness(
     if moments is None:
         moments = optimizer.moments(params)
     trained, fixed = eqx.partition(params, eqx.is_inexact_array)
+    gradient = jax.grad(lambda p: loss(eqx.combine(p, fixed), data))(trained)
     scale = jax.tree.map(
         lambda p, x: jnp.broadcast_to(1 / jnp.sqrt(p), jnp.shape(x)),
-        _like(optimizer.preconditioner(step, moments), trained),
+        _like(optimizer.preconditioner(step, moments, gradient), trained),
         trained,
     )
 

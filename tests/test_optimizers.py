@@ -321,17 +321,21 @@ def test_each_optimizers_edge_is_where_its_steps_on_a_quadratic_turn_unstable(
 
 
 def test_the_preconditioned_sharpness_is_the_top_of_p_inverse_h():
-    """On ½ Σ a x², λ_max(P⁻¹H) = max a / P: P = 1 for gradient descent and
-    momentum, √(v / (1 − b2^k)) + ε for Adam, √(ν + ε) for scalar RMSProp."""
+    """On ½ Σ a x², λ_max(P⁻¹H) = max a / P, P the next step's: 1 for gradient
+    descent and momentum; for Adam after k steps √(v' / (1 − b2^(k+1))) + ε,
+    v' = b2 v + (1 − b2) g²; for scalar RMSProp √(ν' + ε), ν' of ‖g‖²."""
     x = THETA0["x"]
+    g = np.asarray(A * x)
     v = {"x": jnp.asarray([4.0, 0.01, 1.0])}
     adam = optimizers.Adam(0.01, eps=0.1)
-    adam_p = np.sqrt(v["x"] / (1 - 0.999**3)) + 0.1
+    v_next = 0.999 * v["x"] + 0.001 * g**2
+    adam_p = np.sqrt(v_next / (1 - 0.999**4)) + 0.1
     scalar = optimizers.RMSProp(0.1, scalar=True, eps=0.5)
+    nu_next = 0.9 * 2.0 + 0.1 * np.sum(g**2)
     cases = [
         (optimizers.HeavyBall(0.1, 0.9), None, 0, np.max(A)),
         (adam, {"m": v, "v": v}, 3, np.max(A / adam_p)),
-        (scalar, {"nu": 2.0}, 7, np.max(A) / np.sqrt(2.5)),
+        (scalar, {"nu": 2.0}, 7, np.max(A) / np.sqrt(nu_next + 0.5)),
     ]
     for opt, moments, step, expected in cases:
         value, _ = gflow.metrics.preconditioned_sharpness(

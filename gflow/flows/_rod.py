@@ -96,8 +96,7 @@ class RodFlow(AbstractFlow):
     def init(self, loss_fn, params, data):
         moments = self.optimizer.moments(params)
         gradient = value_and_grad(loss_fn, params, data)[1]
-        steps, moment_steps = self.optimizer.step(0, params, moments, gradient)
-        first = {"params": steps, **moment_steps}
+        first = _named(self.optimizer.step(0, params, moments, gradient))
         halves = {
             _half(name): jax.tree.map(lambda x: x / 2, first[name])
             for name in self._rod_names
@@ -121,15 +120,18 @@ class RodFlow(AbstractFlow):
                 for k, v in moments.items()
             }
             loss, gradient = value_and_grad(loss_fn, params, data)
-            steps, moment_steps = self.optimizer.step(t / lr, params, at, gradient)
-            return loss, {"params": steps, **moment_steps}
+            stable, steps = (
+                self.optimizer.increments(t / lr, params, at, gradient, discrete)
+                for discrete in (False, True)
+            )
+            return loss, _named(stable), _named(steps)
 
         signs = jnp.asarray(_SIGNS, jnp.result_type(lr))
         return jax.vmap(end)(signs)
 
     def _derivative(self, loss_fn, t, state, data):
         """d(state)/dt, and the losses at the rod's ends."""
-        losses, steps = self._ends(loss_fn, t, state, data)
+        losses, stable, steps = self._ends(loss_fn, t, state, data)
         lr = like_dtype(self.optimizer.base_lr, state.params)
 
         def mean(x):
@@ -138,7 +140,7 @@ class RodFlow(AbstractFlow):
         def spread(x):
             return (x[0] - x[1]) / (2 * lr)
 
-        centre = jax.tree.map(mean, steps)
+        centre = jax.tree.map(mean, stable)
         halves = self._halves(state.extra)
         rates = {
             _half(name): jax.tree.map(
@@ -171,6 +173,12 @@ class RodFlow(AbstractFlow):
 
     def check(self, trajectory) -> None:
         pass
+
+
+def _named(change: tuple[Any, dict[str, Any]]) -> dict[str, Any]:
+    """(Δparams, Δmoments) as one dict, the parameters' under "params"."""
+    params, moments = change
+    return {"params": params, **moments}
 
 
 def _half(name: str) -> str:

@@ -63,11 +63,12 @@ class AbstractOptimizer(eqx.Module):
         averages relax at rate −ln β where a step's move by 1 − β."""
 
     @abc.abstractmethod
-    def preconditioner(self, s: Any, moments: dict[str, Any]) -> Any:
-        """P, the diagonal the step at state `moments` after s steps divides the
-        update by (besides lr): 1 for gradient descent and momentum,
-        √v̂ + ε (or √(ν̂ + ε)) for the adaptive methods, a tree like the
-        parameters or a scalar. Its edge is on λ_max(P⁻¹H)."""
+    def preconditioner(self, s: Any, moments: dict[str, Any], grad: Any) -> Any:
+        """P, the diagonal that step s + 1 from these moments, with this
+        gradient, divides its update by (besides lr): 1 for gradient descent and
+        momentum, √v̂ + ε (or √(ν̂ + ε)) for the adaptive methods, with the second
+        moment after it takes in g², as the step uses it. A tree like the
+        parameters, or a scalar. The edge is on λ_max(P⁻¹H)."""
 
     oscillating: eqx.AbstractClassVar[tuple[str, ...]]
     """The moments that oscillate with the parameters at the edge of stability
@@ -176,13 +177,6 @@ def _taken_in(beta, moment, target):
     return jax.tree.map(lambda m, x: beta * m + (1 - beta) * x, moment, target)
 
 
-def _corrected(beta, s, like):
-    """A moving average's bias correction after s ≥ 1 steps, 1 − β^s (1 at
-    s = 0, where the average is its initial value)."""
-    beta = like_dtype(beta, like)
-    return jnp.where(s < 1, 1, -jnp.expm1(jnp.maximum(s, 1) * jnp.log(beta)))
-
-
 def _debiased(beta, s, moment, target):
     """A moving average started at 0, after taking in the current target, and
     bias-corrected as the discrete step s + 1 corrects it: m' / (1 − β^(s+1))."""
@@ -218,7 +212,7 @@ class GD(AbstractOptimizer):
     def moments(self, params):
         return {}
 
-    def preconditioner(self, s, moments):
+    def preconditioner(self, s, moments, grad):
         return 1.0
 
     def increments(self, s, params, moments, grad, discrete):
@@ -240,7 +234,7 @@ class _AbstractMomentum(AbstractOptimizer):
     def moments(self, params):
         return {"m": jax.tree.map(jnp.zeros_like, params)}
 
-    def preconditioner(self, s, moments):
+    def preconditioner(self, s, moments, grad):
         return 1.0
 
 
@@ -395,14 +389,19 @@ class RMSProp(AbstractOptimizer):
             return {"nu": nu}
         return {"nu": jax.tree.map(lambda p: jnp.full_like(p, self.nu0), params)}
 
-    def preconditioner(self, s, moments):
-        nu = moments["nu"]
-        eps = like_dtype(self.eps, nu)
-        if self.bias_correction:
-            nu = jax.tree.map(lambda n: n / _corrected(self.b2, s, n), nu)
+    def preconditioner(self, s, moments, grad):
+        b2, eps = (like_dtype(x, grad) for x in (self.b2, self.eps))
+        nu_hat = self._moment(b2, s, moments["nu"], _squares(grad, self.scalar))
         if self.eps_in_sqrt:
-            return jax.tree.map(lambda n: jnp.sqrt(n + eps), nu)
-        return jax.tree.map(lambda n: jnp.sqrt(n) + eps, nu)
+            return jax.tree.map(lambda n: jnp.sqrt(n + eps), nu_hat)
+        return jax.tree.map(lambda n: jnp.sqrt(n) + eps, nu_hat)
+
+    def _moment(self, b2, s, nu, squares):
+        """ν̂ as step s + 1 uses it: ν after taking in g², bias-corrected if
+        asked."""
+        if self.bias_correction:
+            return _debiased(b2, s, nu, squares)
+        return _taken_in(b2, nu, squares)
 
     def _scaled(self, grad, nu_hat):
         """g / √(ν̂ + ε), or g / (√ν̂ + ε)."""
@@ -419,10 +418,7 @@ class RMSProp(AbstractOptimizer):
         lr, b2 = (like_dtype(x, params) for x in (self.rate(s), self.b2))
         nu = moments["nu"]
         squares = _squares(grad, self.scalar)
-        if self.bias_correction:
-            nu_hat = _debiased(b2, s, nu, squares)
-        else:
-            nu_hat = _taken_in(b2, nu, squares)
+        nu_hat = self._moment(b2, s, nu, squares)
         velocity = jax.tree.map(lambda x: -lr * x, self._scaled(grad, nu_hat))
         return velocity, {"nu": _relax(b2, squares, nu, discrete)}
 
@@ -483,10 +479,10 @@ class _AbstractAdam(AbstractOptimizer):
         zeros = jax.tree.map(jnp.zeros_like, params)
         return {"m": zeros, "v": zeros}
 
-    def preconditioner(self, s, moments):
-        v = moments["v"]
-        eps = like_dtype(self.eps, v)
-        return jax.tree.map(lambda x: jnp.sqrt(x / _corrected(self.b2, s, x)) + eps, v)
+    def preconditioner(self, s, moments, grad):
+        b2, eps = (like_dtype(x, grad) for x in (self.b2, self.eps))
+        v_hat = _debiased(b2, s, moments["v"], _squares(grad, False))
+        return jax.tree.map(lambda v: jnp.sqrt(v) + eps, v_hat)
 
 
 class Adam(_AbstractAdam):
