@@ -55,8 +55,11 @@ def gradient_descent(
 
     An optimiser of `gflow.optimizers` (`GD`, `HeavyBall`, `Nesterov`, `RMSProp`,
     `Adam`, `NAdam`) runs exactly as optax's, with step k at t = k·`base_lr` (its
-    learning rate), the time axis of its continuous model
-    `gflow.flows.StableFlow(optimizer)`. For an optax transformation, `lr` sets
+    learning rate), the time axis of its continuous models
+    `gflow.flows.StableFlow(optimizer)` and `gflow.flows.RodFlow(optimizer)`;
+    the optimiser's moments are saved at the parameter rows (`traj.state`,
+    named as those flows name them), from which a flow can be restarted
+    (`moments0=`, `step0=`). For an optax transformation, `lr` sets
     the time per step; other conventions go in `time_per_step` (heavy-ball
     momentum μ at rate α moves about α / (1 − μ) of flow time per step once its
     velocity has built up: `gflow.flows.HeavyBall`'s axis). Continuous models of
@@ -152,6 +155,7 @@ def gradient_descent(
     out = _outputs(
         state,
         prepared.params0,
+        _blank_moments(problem, prepared.params0),
         (save_steps * tau).astype(prepared.dtype),
         steps.size,
         row_grads,
@@ -342,6 +346,14 @@ class Descent(eqx.Module):
             return full()
         return if_any(at_save, full)
 
+    def moments(self, opt_state) -> Any:
+        """The optimiser's moments in `opt_state`, as its flows name them
+        (`Trajectory.state`); none for plain gradient descent or a bare optax
+        transformation."""
+        if isinstance(self.optimizer, AbstractOptimizer):
+            return self.optimizer.moments_of(opt_state)
+        return {}
+
     def update(self, params, opt_state, grads, lr):
         """One step along `grads`: (params, optimiser state)."""
         if self.optimizer is None:
@@ -371,6 +383,7 @@ class _State(eqx.Module):
     opt_state: Any
     saved: jax.Array  # (n_slots + 1, n): the parameters of the kept rows
     velocity: jax.Array  # (n_slots + 1, n)
+    moments: jax.Array  # (n_slots + 1, m): the optimiser's moments there
     loss: jax.Array  # (n_saves + 1,): every save row, and a spare last one
     grad_norm: jax.Array  # (n_saves + 1,)
     metrics: Any  # (n_saves, ...)
@@ -382,6 +395,8 @@ def _unflat(rows: np.ndarray, like) -> Any:
     """`rows` (m, n) of flat vectors (`ravel_pytree`'s) back to trees like
     `like`, with a leading axis of m; on the host."""
     leaves, layout = jax.tree.flatten(like)
+    if not leaves:
+        return like
     ends = np.cumsum([np.size(x) for x in leaves])
     parts = np.split(np.asarray(rows), ends[:-1], axis=1)
     return jax.tree.unflatten(
@@ -400,6 +415,7 @@ def _blank(problem: Descent, controls: DescentControls, params0, data, n_slots: 
     opt_state = None
     if optimizer is not None:
         opt_state = tree_zeros(eqx.filter_eval_shape(optimizer.init, params0), xp=np)
+    moments = _blank_moments(problem, params0)
     leaves = jax.tree.leaves(params0)
     dtype = np.result_type(*(x.dtype for x in leaves))
     n = sum(np.size(x) for x in leaves)
@@ -416,6 +432,7 @@ def _blank(problem: Descent, controls: DescentControls, params0, data, n_slots: 
         opt_state=opt_state,
         saved=np.zeros((n_slots + 1, n), dtype),
         velocity=np.zeros((n_slots + 1, n), dtype),
+        moments=np.zeros((n_slots + 1, _size(moments)), dtype),
         loss=np.zeros(n_saves + 1, loss.dtype),
         grad_norm=np.zeros(n_saves + 1, dtype),
         metrics=tree_zeros(metrics, (n_saves,), xp=np),
@@ -465,6 +482,7 @@ def _descend(problem: Descent, controls: DescentControls, state: _State, data, b
             opt_state=opt_state,
             saved=write(state.saved, kept, ravel_pytree(row.params)[0]),
             velocity=write(state.velocity, kept, ravel_pytree(row.velocity)[0]),
+            moments=write(state.moments, kept, _flat(problem.moments(state.opt_state))),
             loss=write(state.loss, index, row.loss),
             grad_norm=write(state.grad_norm, index, row.grad_norm),
             metrics=tree_set(state.metrics, index, row.metrics),
@@ -475,8 +493,29 @@ def _descend(problem: Descent, controls: DescentControls, state: _State, data, b
     return jax.lax.while_loop(going, step, state)
 
 
-def _outputs(state: _State, params0, ts, n_saves: int, row_grads: int) -> Outputs:
-    """The finished descent as the engine's outputs (one member)."""
+def _blank_moments(problem: Descent, params0) -> Any:
+    """The optimiser's moments as zeros on the host: their shapes and dtypes."""
+    if problem.optimizer is None:
+        return {}
+    shapes = eqx.filter_eval_shape(problem.optimizer.init, params0)
+    return problem.moments(tree_zeros(shapes, xp=np))
+
+
+def _size(tree: Any) -> int:
+    return sum(np.size(x) for x in jax.tree.leaves(tree))
+
+
+def _flat(tree: Any) -> jax.Array:
+    """`tree`'s leaves as one flat vector (empty for no leaves)."""
+    leaves = jax.tree.leaves(tree)
+    return jnp.concatenate([jnp.ravel(x) for x in leaves]) if leaves else jnp.zeros(0)
+
+
+def _outputs(
+    state: _State, params0, moments0, ts, n_saves: int, row_grads: int
+) -> Outputs:
+    """The finished descent as the engine's outputs (one member); `moments0`
+    the optimiser's moments at the start (their shapes)."""
     one = np.ones(1, np.int32)
     state = jax.device_get(state)
 
@@ -490,7 +529,7 @@ def _outputs(state: _State, params0, ts, n_saves: int, row_grads: int) -> Output
         metrics=member(state.metrics),
         params=member(_unflat(state.saved[:-1], params0)),
         velocity=member(_unflat(state.velocity[:-1], params0)),
-        state={},
+        state=member(_unflat(state.moments[:-1], moments0)),
         n_rows=one * n_saves,
         code=one * result_code("successful"),
         steps=one * int(state.steps),

@@ -2,6 +2,7 @@
 descent's period-2 orbit as the rod's equilibrium, each optimiser's edge as the
 rod's threshold, exact work counts, saved state, ensembles and bad input."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -136,3 +137,59 @@ def test_a_rod_flow_of_something_else_is_refused_listing_the_optimizers():
         RodFlow("adam")
     with pytest.raises(ValueError, match="`lr` must be a positive number"):
         RodFlow(-0.1)
+
+
+def test_a_stable_flow_restarted_from_its_own_state_goes_on_as_before():
+    """From the parameters and moments the flow saved at t_k, `step0` = k steps
+    in (Adam's bias corrections go on from there), the flow continues itself."""
+    opt = optimizers.Adam(0.05)
+    tight = dict(rtol=1e-10, atol=1e-12)
+    ts = np.linspace(0.0, 1.0, 11)
+    flow = gflow.flows.StableFlow(opt)
+    whole = gflow.simulate(
+        quadratic, None, 1.0, params0=THETA0, flow=flow, ts=ts, **tight
+    )
+    k = 4  # t = 0.4: step 8
+
+    def at(tree):
+        return jax.tree.map(lambda x: x[k], tree)
+
+    restarted = gflow.flows.StableFlow(opt, moments0=at(whole.state), step0=8)
+    rest = gflow.simulate(
+        quadratic, None, 0.6, params0=at(whole.params), ts=ts[k:] - ts[k],
+        flow=restarted, **tight,
+    )  # fmt: skip
+    np.testing.assert_allclose(rest.params["x"], whole.params["x"][k:], rtol=1e-8)
+    np.testing.assert_allclose(
+        rest.state["v"]["x"], whole.state["v"]["x"][k:], rtol=1e-8
+    )
+    with pytest.raises(ValueError, match="`moments0` must be Adam's moments"):
+        gflow.simulate(
+            quadratic, None, 0.6, params0=THETA0,
+            flow=gflow.flows.StableFlow(opt, moments0={"m": THETA0}),
+        )  # fmt: skip
+
+
+def test_a_rod_restarts_from_a_discrete_runs_state_with_its_next_step():
+    """A discrete run saves the optimiser's moments at its rows (optax's, after
+    k steps); a rod flow restarted there, `step0` = k, starts with half of the
+    step k + 1 that the optimiser takes from that state."""
+    opt = optimizers.Adam(0.05)
+    run = gflow.gradient_descent(
+        quadratic, None, 0.5, optimizer=opt, params0=THETA0, ts=[0.0, 0.2, 0.5]
+    )
+    transformation, params = opt.transformation(), THETA0
+    state = transformation.init(params)
+    for _ in range(4):  # t = 0.2: 4 steps
+        g = jax.grad(quadratic)(params, None)
+        updates, state = transformation.update(g, state)
+        params = jax.tree.map(jnp.add, params, updates)
+    moments = jax.tree.map(lambda x: x[1], run.state)
+    np.testing.assert_allclose(moments["m"]["x"], state[0].mu["x"], rtol=1e-14)
+    np.testing.assert_allclose(moments["v"]["x"], state[0].nu["x"], rtol=1e-14)
+    rod = gflow.simulate(
+        quadratic, None, 0.1, params0=params, n_save=2,
+        flow=RodFlow(opt, moments0=moments, step0=4),
+    )  # fmt: skip
+    updates = transformation.update(jax.grad(quadratic)(params, None), state)[0]
+    np.testing.assert_allclose(rod.state["r"]["x"][0], updates["x"] / 2, rtol=1e-12)

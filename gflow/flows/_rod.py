@@ -7,11 +7,12 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from .._tree import like_dtype
+from .._tree import like_dtype, tree_norm
 from ..optimizers import GD, AbstractOptimizer
-from ..optimizers._optimizers import OPTIMIZERS
 from ._base import AbstractFlow, FlowState, Work, value_and_grad
+from ._stable import checked_optimizer, checked_step0, start_moments
 
 _SIGNS = (1.0, -1.0)  # the rod's two ends, c + r and c − r
 
@@ -35,13 +36,17 @@ class RodFlow(AbstractFlow):
         dc/dt = −½ [∇L(c + r) + ∇L(c − r)],
         dr/dt = ½ [∇L(c + r) − ∇L(c − r)] − (2/lr) r.
 
-    Near c, r grows while lr·λ > 2 along it (λ an eigenvalue of the Hessian,
-    preconditioned for the adaptive methods): the optimiser's own threshold, for
-    each optimiser (its `stability_limit`), since Δ is its step. A second moment
-    (RMSProp's ν, Adam's v) averages g² over the oscillation rather than
-    oscillating with it: it has no half-vector, and moves by the mean of its
-    steps at the two ends. It costs two gradients per evaluation (at c ± r), no
-    eigenvectors and no third derivatives.
+    Near c, r grows exactly where the step's Jacobian has an eigenvalue below
+    −1: where lr·λ(P⁻¹H) passes the optimiser's own limit (`stability_limit`; 2
+    for gradient descent), since Δ is its step. The centre moves by the mean
+    of the optimiser's *stable* field at the two ends instead of its discrete
+    step (the same for gradient descent): with r = 0 the rod flow is then the
+    stable flow, which follows a momentum method's iterates far more closely
+    than the flow of its discrete map. A second moment (RMSProp's ν, Adam's v)
+    averages g² over the oscillation rather than oscillating with it: it has no
+    half-vector, and moves by the mean of the two ends'. It costs two gradients
+    per evaluation (at c ± r, batched), no eigenvectors and no third
+    derivatives.
 
     The rod starts centred at the initial state, with the half-vector of the
     first step, r = Δ(z_0)/2; its centre c(t) is to be compared with the
@@ -55,6 +60,10 @@ class RodFlow(AbstractFlow):
         optimizer: a `gflow.optimizers` optimiser (GD, HeavyBall, Nesterov,
             RMSProp, Adam, NAdam), or a number, the learning rate of plain
             gradient descent.
+        moments0: the moments to start from (default: the optimiser's initial
+            state), e.g. a discrete run's `traj.state` at a row, to restart
+            the flow from that step (`params0` its parameters there).
+        step0: the steps taken before the start (flow time 0 is step `step0`).
 
     Examples:
         >>> gd = gflow.gradient_descent(model, data, 100.0, lr=0.2, key=0)
@@ -65,19 +74,22 @@ class RodFlow(AbstractFlow):
     """
 
     optimizer: AbstractOptimizer
+    moments0: dict[str, Any] | None
+    step0: np.ndarray
     cost: ClassVar[Work] = Work(grads=2)
     gradient_field: ClassVar[bool] = False
 
-    def __init__(self, optimizer: AbstractOptimizer | float):
+    def __init__(
+        self,
+        optimizer: AbstractOptimizer | float,
+        *,
+        moments0: dict[str, Any] | None = None,
+        step0: int = 0,
+    ):
         if isinstance(optimizer, int | float) and not isinstance(optimizer, bool):
             optimizer = GD(optimizer)
-        if type(optimizer) not in OPTIMIZERS:
-            names = ", ".join(kind.__name__ for kind in OPTIMIZERS)
-            raise TypeError(
-                "`optimizer` must be a learning rate or one of gflow.optimizers "
-                f"({names}); got {type(optimizer).__name__}."
-            )
-        self.optimizer = optimizer
+        self.optimizer = checked_optimizer(optimizer)
+        self.moments0, self.step0 = moments0, checked_step0(step0)
 
     def _halves(self, extra: dict[str, Any]) -> dict[str, Any]:
         """The rod's half-vectors, by the name of what they belong to."""
@@ -94,9 +106,10 @@ class RodFlow(AbstractFlow):
         return {k: v for k, v in extra.items() if k not in halves}
 
     def init(self, loss_fn, params, data):
-        moments = self.optimizer.moments(params)
+        moments = start_moments(self.optimizer, self.moments0, params)
         gradient = value_and_grad(loss_fn, params, data)[1]
-        first = _named(self.optimizer.step(0, params, moments, gradient))
+        step0 = like_dtype(self.step0, params)
+        first = _named(self.optimizer.step(step0, params, moments, gradient))
         halves = {
             _half(name): jax.tree.map(lambda x: x / 2, first[name])
             for name in self._rod_names
@@ -109,6 +122,7 @@ class RodFlow(AbstractFlow):
         moments = self._moments(state.extra)
         halves = self._halves(state.extra)
         lr = like_dtype(self.optimizer.base_lr, state.params)
+        s = t / lr + like_dtype(self.step0, state.params)
 
         def end(sign):
             def moved(x, r):
@@ -121,7 +135,7 @@ class RodFlow(AbstractFlow):
             }
             loss, gradient = value_and_grad(loss_fn, params, data)
             stable, steps = (
-                self.optimizer.increments(t / lr, params, at, gradient, discrete)
+                self.optimizer.increments(s, params, at, gradient, discrete)
                 for discrete in (False, True)
             )
             return loss, _named(stable), _named(steps)
@@ -162,9 +176,7 @@ class RodFlow(AbstractFlow):
 
     def row(self, loss_fn, t, state, carried, data, loss, grad):
         derivative, losses = self._derivative(loss_fn, t, state, data)
-        length = jnp.sqrt(
-            sum(jnp.sum(r**2) for r in jax.tree.leaves(state.extra[_half("params")]))
-        )
+        length = tree_norm(state.extra[_half("params")])
         metrics = {"predicted_loss": jnp.mean(losses), "rod_length": length}
         return derivative.params, metrics, self.cost
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
+from .._checks import check_int
 from .._tree import like_dtype
 from ..optimizers import AbstractOptimizer
+from ..optimizers._optimizers import OPTIMIZERS
 from ._base import AbstractFlow, FlowState, Work, grad
 
 
@@ -32,6 +36,11 @@ class StableFlow(AbstractFlow):
     Args:
         optimizer: a `gflow.optimizers` optimiser. New hyperparameter values of
             the same kind reuse the compiled program.
+        moments0: the moments to start from (default: the optimiser's initial
+            state), e.g. a discrete run's at a row, `traj.state` there, to
+            restart the flow from that step.
+        step0: the steps taken before the start (bias corrections and
+            schedules go on from there; flow time 0 is step `step0`).
 
     Examples:
         >>> adam = gflow.optimizers.Adam(1e-3)
@@ -43,26 +52,31 @@ class StableFlow(AbstractFlow):
     """
 
     optimizer: AbstractOptimizer
+    moments0: dict[str, Any] | None
+    step0: np.ndarray
     cost: ClassVar[Work] = Work(grads=1)
     gradient_field: ClassVar[bool] = False
 
-    def __init__(self, optimizer: AbstractOptimizer):
-        if not isinstance(optimizer, AbstractOptimizer):
-            raise TypeError(
-                "`optimizer` must be one of gflow.optimizers (GD, HeavyBall, "
-                "Nesterov, RMSProp, Adam, NAdam); got "
-                f"{type(optimizer).__name__}."
-            )
-        self.optimizer = optimizer
+    def __init__(
+        self,
+        optimizer: AbstractOptimizer,
+        *,
+        moments0: dict[str, Any] | None = None,
+        step0: int = 0,
+    ):
+        self.optimizer = checked_optimizer(optimizer)
+        self.moments0, self.step0 = moments0, checked_step0(step0)
 
     def init(self, loss_fn, params, data):
-        return FlowState(params, self.optimizer.moments(params)), None, Work()
+        moments = start_moments(self.optimizer, self.moments0, params)
+        return FlowState(params, moments), None, Work()
 
     def _velocity(self, t, state, gradient):
         """(dθ/dt, d moments/dt) at flow time t."""
         base = like_dtype(self.optimizer.base_lr, state.params)
+        s = t / base + like_dtype(self.step0, state.params)
         velocity, rates = self.optimizer.stable_field(
-            t / base, state.params, state.extra, gradient
+            s, state.params, state.extra, gradient
         )
         return jax.tree.map(lambda x: x / base, (velocity, rates))
 
@@ -86,3 +100,40 @@ class StableFlow(AbstractFlow):
 
     def check(self, trajectory) -> None:
         pass
+
+
+def checked_optimizer(optimizer: Any) -> AbstractOptimizer:
+    """An optimiser of `gflow.optimizers`, or a TypeError listing them."""
+    if type(optimizer) not in OPTIMIZERS:
+        names = ", ".join(kind.__name__ for kind in OPTIMIZERS)
+        raise TypeError(
+            f"`optimizer` must be one of gflow.optimizers ({names}); got "
+            f"{type(optimizer).__name__}."
+        )
+    return optimizer
+
+
+def checked_step0(step0: Any) -> np.ndarray:
+    """A step count ≥ 0, as an array (new values reuse the program)."""
+    check_int("step0", step0, 0)
+    return np.asarray(step0, np.float64)
+
+
+def start_moments(optimizer: AbstractOptimizer, moments0: Any, params: Any):
+    """The moments a flow starts from: `moments0` in the parameters' dtype,
+    checked against the optimiser's own, or its initial state."""
+    initial = optimizer.moments(params)
+    if moments0 is None:
+        return initial
+    expected = jax.tree.map(jnp.shape, initial)
+    try:
+        given = jax.tree.map(jnp.shape, moments0)
+    except (TypeError, ValueError):
+        given = None
+    if given != expected:
+        raise ValueError(
+            f"`moments0` must be {type(optimizer).__name__}'s moments, shaped as "
+            f"{expected} (e.g. a row of a discrete run's `traj.state`); got "
+            f"{given if given is not None else type(moments0).__name__}."
+        )
+    return jax.tree.map(lambda x, like: jnp.asarray(x, like.dtype), moments0, initial)

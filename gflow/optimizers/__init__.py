@@ -17,8 +17,8 @@ the two cannot mismatch a hyperparameter.
 time t = k·`base_lr` (`base_lr` is `lr` for a number).
 """
 
+from ._base import AbstractOptimizer as AbstractOptimizer
 from ._optimizers import GD as GD
-from ._optimizers import AbstractOptimizer as AbstractOptimizer
 from ._optimizers import Adam as Adam
 from ._optimizers import HeavyBall as HeavyBall
 from ._optimizers import NAdam as NAdam
