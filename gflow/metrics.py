@@ -247,8 +247,14 @@ def gd_is_stable(top_eigenvalue, lr) -> jax.Array:
 def sharpness_along(traj, loss, data, *, iters: int = 30):
     """λ_max at every save that holds parameters (`traj.param_rows`), each power
     iteration warm-started from the previous save's eigenvector (so few iterations
-    suffice). Shape `(len(traj.param_rows),)`."""
-    trained, fixed = eqx.partition(traj.params, eqx.is_inexact_array)
+    suffice). Shape `(len(traj.param_rows),)`. One compiled program for all
+    rows, cached: a second trajectory of the same shapes reuses it."""
+    return _sharpness_along(loss, traj.params, data, iters)
+
+
+@eqx.filter_jit
+def _sharpness_along(loss: Callable, params: Any, data: Any, iters: int):
+    trained, fixed = eqx.partition(params, eqx.is_inexact_array)
 
     def on_trained(p, d):
         return loss(eqx.combine(p, fixed), d)
