@@ -10,10 +10,10 @@ top eigenvector and leaves the gradient flow. Three runs at GD's steps:
 - the central flow (`gflow.flows.CentralFlow(0.1)`), with its prediction of GD's
   time-averaged loss.
 
-The figure: (left) the loss of GD (raw, and smoothed over 50 steps), of the two
-flows, and the central flow's prediction; (middle) the effective eigenvalues
-lr·λ_i the central flow tracks, GD's own lr·λ_max (every 10 steps), the edge at
-2; (right) the distance of GD's midpoints to each flow.
+The figure (`gflow.plot.edge_of_stability`): (left) the loss of GD (raw, and
+smoothed over 50 steps), of the two flows, and the central flow's prediction;
+(middle) lr·λ_max of the central flow and of GD (every 10 steps), the edge at 2;
+(right) the distance of GD's midpoints to each flow.
 
 Run:  python examples/edge_of_stability.py [--steps 1000] [--out DIR]
 Writes DIR/edge_of_stability.png and DIR/edge_of_stability_summary.json.
@@ -57,50 +57,6 @@ def problem():
     return loss, params, data
 
 
-def smoothed(values, width):
-    """A Gaussian moving average (standard deviation `width` samples), the ends
-    padded with the end values."""
-    offsets = np.arange(-4 * width, 4 * width + 1)
-    kernel = np.exp(-0.5 * (offsets / width) ** 2)
-    padded = np.pad(values, 4 * width, mode="edge")
-    return np.convolve(padded, kernel / kernel.sum(), mode="valid")
-
-
-def figure(gd, flow, central, gd_sharpness, far_flow, far_central):
-    fig, (ax_loss, ax_eig, ax_dist) = gflow.plot.figure(1, 3, size=(5.2, 4.2))
-    steps = np.asarray(gd.ts) / LR
-    ax_loss.plot(steps, gd.loss, color="C0", alpha=0.25, lw=1, label="GD")
-    ax_loss.plot(steps, smoothed(np.asarray(gd.loss), SMOOTHING), color="C0",
-                 lw=3, label=f"GD smoothed ({SMOOTHING} steps)")  # fmt: skip
-    ax_loss.plot(steps, flow.loss, "r--", lw=1.5, label="gradient flow")
-    ax_loss.plot(steps, central.loss, "k", lw=1.5, label="central flow")
-    ax_loss.plot(steps, central.metrics["predicted_loss"], "k:", lw=2,
-                 label="central flow: predicted GD loss")  # fmt: skip
-    ax_loss.set(xlabel="step", ylabel="loss", ylim=(0, None), title="Loss")
-    ax_loss.legend(fontsize="small")
-
-    effective = np.asarray(central.metrics["effective_eigenvalues"])
-    for i in range(effective.shape[1]):
-        ax_eig.plot(steps, effective[:, i], color=f"C{i}", lw=1.5,
-                    label="central flow: lr·λ_i" if i == 0 else None)  # fmt: skip
-    every = slice(None, None, 10)
-    ax_eig.plot(steps[every], LR * gd_sharpness, "o", color="0.4", ms=2.5,
-                label="GD: lr·λ_max")  # fmt: skip
-    ax_eig.axhline(2.0, color="k", ls=":", lw=1, label="edge of stability (2)")
-    ax_eig.set(xlabel="step", ylabel="lr · eigenvalue", ylim=(0, 2.6),
-               title="Effective eigenvalues")  # fmt: skip
-    ax_eig.legend(fontsize="small", loc="lower right")
-
-    ax_dist.semilogy(far_flow.ts / LR, far_flow.param_distance, "r--",
-                     label="‖GD midpoint − gradient flow‖")  # fmt: skip
-    ax_dist.semilogy(far_central.ts / LR, far_central.param_distance, "k",
-                     label="‖GD midpoint − central flow‖")  # fmt: skip
-    ax_dist.set(xlabel="step", ylabel="relative parameter distance",
-                title="GD's midpoints against the flows")  # fmt: skip
-    ax_dist.legend(fontsize="small")
-    return fig
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1000, help="GD steps")
@@ -115,18 +71,22 @@ def main(argv: list[str] | None = None) -> dict:
     flow = gflow.simulate(loss, data, t_max, params0=params0, ts=gd.ts)
     central = gflow.simulate(loss, data, t_max, params0=params0, ts=gd.ts,
                              flow=gflow.flows.CentralFlow(LR))  # fmt: skip
-    gd_sharpness = np.asarray(gflow.metrics.sharpness_along(gd[::10], loss, data))
+    gd_sharpness = gflow.metrics.sharpness_along(gd[::10], loss, data)
+    fig, _ = gflow.plot.edge_of_stability(
+        gd,
+        {"gradient flow": flow, "central flow": central},
+        lr=LR,
+        sharpness=gd_sharpness,
+        sharpness_ts=gd.ts[::10],
+        smoothing=SMOOTHING,
+    )
+    path = gflow.plot.save(fig, out / "edge_of_stability.png")
     midpoints = gd.midpoints()
     far_flow = gflow.compare(flow, midpoints)
     far_central = gflow.compare(central, midpoints)
-
-    path = gflow.plot.save(
-        figure(gd, flow, central, gd_sharpness, far_flow, far_central),
-        out / "edge_of_stability.png",
-    )
     oscillation = np.asarray(central.metrics["oscillation"])
     edge = int(np.argmax(oscillation > 0))
-    smooth = smoothed(np.asarray(gd.loss), SMOOTHING)[edge + 2 * SMOOTHING :]
+    smooth = gflow.metrics.moving_average(gd.loss, SMOOTHING)[edge + 2 * SMOOTHING :]
     predicted = np.asarray(central.metrics["predicted_loss"])[edge + 2 * SMOOTHING :]
     summary = {
         "lr": LR,

@@ -13,6 +13,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ._linalg import hvp, power_iteration
 from ._tree import tree_dot, tree_norm, tree_random_normal
@@ -268,6 +269,23 @@ def _sharpness_along(loss: Callable, params: Any, data: Any, iters: int):
 
     _, values = jax.lax.scan(step, v0, trained)
     return values
+
+
+def moving_average(values: Any, width: float) -> np.ndarray:
+    """A Gaussian moving average along the first axis (standard deviation
+    `width` samples), the ends padded with the end values: e.g. gradient
+    descent's loss at the edge of stability, averaged over its oscillation, to
+    compare with a central flow's predicted loss.
+
+    Examples:
+        >>> gflow.metrics.moving_average(gd.loss, 50)
+    """
+    values = np.asarray(values, float)
+    reach = int(np.ceil(4 * width))
+    offsets = np.arange(-reach, reach + 1)
+    kernel = np.exp(-0.5 * (offsets / width) ** 2)
+    padded = np.pad(values, reach, mode="edge")
+    return np.convolve(padded, kernel / kernel.sum(), mode="valid")
 
 
 def drift(values) -> jax.Array:

@@ -40,3 +40,13 @@ def test_relative_drift():
     x0 = {"a": jnp.array([3.0, 0.0]), "b": jnp.array(4.0)}
     x = {"a": jnp.array([3.0, 1.0]), "b": jnp.array(4.0)}
     assert abs(float(metrics.relative_drift(x, x0)) - 0.2) < 1e-12
+
+
+def test_moving_average_keeps_lines_and_averages_an_oscillation_out():
+    ramp = np.arange(200.0)
+    averaged = metrics.moving_average(ramp, 5)
+    # A symmetric kernel keeps a line where it does not reach the ends.
+    np.testing.assert_allclose(averaged[20:-20], ramp[20:-20], rtol=1e-12)
+    # GD's period-2 oscillation about a mean: the mean.
+    flipping = 3.0 + (-1.0) ** np.arange(200)
+    np.testing.assert_allclose(metrics.moving_average(flipping, 10), 3.0, atol=1e-6)

@@ -7,6 +7,7 @@ matplotlib.use("Agg")
 import jax.numpy as jnp  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 from helpers import quadratic_problem  # noqa: E402
 
 import gflow  # noqa: E402
@@ -147,3 +148,39 @@ def test_loss_shades_the_phases_it_is_given():
         abs(line.get_xdata()[0] - found.t1) < 1e-12 for line in ax.get_lines()[1:]
     )
     plt.close(ax.figure)
+
+
+def test_edge_of_stability_draws_the_iterates_and_each_flow():
+    """GD at lr 0.3 on ½(x² + 8y²) (lr·8 = 2.4: y past the edge) against the
+    gradient flow and the rod flow: what each panel holds, from the data."""
+    a = jnp.asarray([1.0, 8.0])
+
+    def loss(params, data):
+        return 0.5 * jnp.sum(a * params["x"] ** 2)
+
+    lr, p0 = 0.3, {"x": jnp.asarray([1.0, 1e-3])}
+    ts = np.arange(21) * lr
+    gd = gflow.gradient_descent(loss, None, ts[-1], lr=lr, params0=p0, ts=ts)
+    flows = {
+        "gradient flow": gflow.simulate(loss, None, ts[-1], params0=p0, ts=ts),
+        "rod flow": gflow.simulate(
+            loss, None, ts[-1], params0=p0, ts=ts, flow=gflow.flows.RodFlow(lr)
+        ),
+    }
+    sharpness = np.full(len(ts), 8.0)
+    fig, (ax_loss, ax_sharp, ax_dist) = gflow.plot.edge_of_stability(
+        gd, flows, lr=lr, sharpness=sharpness, smoothing=2
+    )
+    labels = [line.get_label() for line in ax_loss.get_lines()]
+    assert labels == [
+        "iterates", "iterates, smoothed (2 steps)", "gradient flow", "rod flow",
+        "rod flow: predicted loss",
+    ]  # fmt: skip
+    np.testing.assert_allclose(ax_loss.get_lines()[0].get_xdata(), np.arange(21))
+    np.testing.assert_allclose(ax_sharp.get_lines()[0].get_ydata(), lr * sharpness)
+    assert ax_sharp.get_lines()[-1].get_ydata()[0] == 2.0  # the edge
+    # One distance curve per flow: GD's midpoints, rows 1 .. 19.
+    assert [len(line.get_xdata()) for line in ax_dist.get_lines()] == [19, 19]
+    plt.close(fig)
+    with pytest.raises(ValueError, match="at least one flow"):
+        gflow.plot.edge_of_stability(gd, {}, lr=lr)

@@ -11,6 +11,7 @@ there, and `gflow.plot.save(fig, "figure.pdf")` writes vector graphics;
 `gflow.plot.save_versions` writes a figure both for a screen and for a paper.
 """
 
+from ._edge import edge_of_stability as edge_of_stability
 from ._maps import basin_map as basin_map
 from ._maps import phase_portrait as phase_portrait
 from ._maps import reorder_by_top_eigenvector as reorder_by_top_eigenvector
