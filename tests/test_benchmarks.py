@@ -236,3 +236,20 @@ def test_compile_benchmarks_hand_written_solves_follow_gflows_flow():
         flow = compile_bench.gflow_calls(loss_fn, (x, y), params0, 2.0)()
         assert hand["steps"] > 0
         np.testing.assert_allclose(hand["final_loss"], flow["final_loss"], rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_optimizer_edges_runs(tmp_path):
+    results = load("optimizer_edges").main(["--quick", "--results", str(tmp_path)])
+    # Every optimiser's edge, measured by bisection on optax's own steps, is its
+    # formula (to the bisection's 1e-4 on lr/P).
+    for name, row in results["edges"].items():
+        assert abs(row["measured"] - row["formula"]) < 2e-4, name
+    # The rod flow costs two gradients an evaluation, the central flow one plus
+    # Hessian-vector products; each is timed and its accuracy measured.
+    for row in results["gradient_descent"].values():
+        assert row["rod"]["hvps"] == 0 < row["central"]["hvps"]
+    backend = jax.default_backend()
+    saved = json.loads((tmp_path / f"optimizer_edges_quick_{backend}.json").read_text())
+    table = (tmp_path / f"optimizer_edges_quick_{backend}.md").read_text()
+    assert table == load("_tables").optimizer_edges(saved)

@@ -82,3 +82,25 @@ def test_the_readmes_performance_figures_are_the_benchmark_results():
     text = " ".join(readme.split())
     for claim, figure in _readme_claims().items():
         assert figure in text, (claim, figure)
+
+
+def test_the_docs_benchmark_tables_are_their_results():
+    """A table the docs include (`--8<--`) from benchmarks/results is the one
+    its benchmark makes from the results JSON next to it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "_tables", DOCS.parent / "benchmarks" / "_tables.py"
+    )
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+    included = set()
+    for page in DOCS.rglob("*.md"):
+        included |= set(
+            re.findall(r'--8<-- "benchmarks/results/(\w+)\.md"', page.read_text())
+        )
+    assert included, "no page includes a results table"
+    for name in included:
+        payload = json.loads((RESULTS / f"{name}.json").read_text())
+        make = getattr(tables, name.rsplit("_", 1)[0])
+        assert (RESULTS / f"{name}.md").read_text() == make(payload), name

@@ -70,3 +70,14 @@ def test_edge_of_stability(tmp_path):
     # GD's midpoints stay closer to the central flow than to the gradient flow.
     central = summary["final_distance_to_central_flow"]
     assert central < 0.5 * summary["final_distance_to_gradient_flow"]
+
+
+@pytest.mark.slow
+def test_adam_edge(tmp_path):
+    summary = load("adam_edge").main(["--quick", "--out", str(tmp_path)])
+    assert (tmp_path / "adam_edge.png").stat().st_size > 10_000
+    far = summary["final_distance"]
+    # 300 steps end before Adam's edge: the rod has not opened, so it is the
+    # stable flow, and both are far closer to Adam than the gradient flow.
+    assert far["rod flow"] == pytest.approx(far["stable flow"], rel=0.05)
+    assert far["stable flow"] < 0.2 * far["gradient flow"]
