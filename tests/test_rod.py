@@ -5,6 +5,7 @@ rod's threshold, exact work counts, saved state, ensembles and bad input."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import gflow
@@ -193,3 +194,30 @@ def test_a_rod_restarts_from_a_discrete_runs_state_with_its_next_step():
     )  # fmt: skip
     updates = transformation.update(jax.grad(quadratic)(params, None), state)[0]
     np.testing.assert_allclose(rod.state["r"]["x"][0], updates["x"] / 2, rtol=1e-12)
+
+
+def test_a_rod_under_a_schedule_is_its_closed_form_on_a_quadratic():
+    """lr(s) = base·(1 + s/k) (linear warm-up past base): on ½ a x² the centre
+    moves at −(lr(s)/base) a c and the half-vector at (lr(s) a − 2) r / base,
+    with s = t / base, so log r(t) = log r0 + (a ∫ lr ds − 2 s)."""
+    base, k, a = 0.1, 40.0, 8.0
+    schedule = optax.linear_schedule(base, 2 * base, int(k))  # to 2·base at k
+
+    def loss(params, data):
+        return 0.5 * a * params["x"] ** 2
+
+    opt = optimizers.GD(schedule, base_lr=base)
+    t = 2.0  # s = 20 steps: still warming up
+    traj = gflow.simulate(
+        loss, None, t, params0={"x": jnp.asarray(1.0)}, flow=RodFlow(opt),
+        n_save=5, spacing="linear", **TIGHT,
+    )  # fmt: skip
+    s = np.asarray(traj.ts) / base
+    integral = s + s**2 / (2 * k)  # ∫ lr(s')/base ds'
+    # (To the solver's atol, 1e-13, once c is down to 1e-9.)
+    np.testing.assert_allclose(
+        traj.params["x"], np.exp(-a * base * integral), rtol=1e-8, atol=1e-13
+    )
+    r0 = -base * a / 2
+    expected = r0 * np.exp(a * base * integral - 2 * s)
+    np.testing.assert_allclose(traj.state["r"]["x"], expected, rtol=1e-7, atol=1e-13)
