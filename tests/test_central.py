@@ -194,14 +194,19 @@ def test_too_few_tracked_eigenvalues_are_refused():
             loss, None, 0.5, params0=jnp.ones(3),
             flow=gflow.flows.CentralFlow(LR, track=1),
         )  # fmt: skip
-    # It suggests only what CentralFlow accepts: 8 at most (not 9), and past
-    # that, says it cannot model the run.
-    for track, match in ((7, "track=8"), (8, "8 is the most CentralFlow tracks")):
+    # It suggests only what CentralFlow accepts: 32 at most (not 33), and past
+    # that, says it cannot model the run. (Its check on a finished run, every
+    # tracked eigenvalue at the edge, of 40 parameters.)
+    for track, match in ((31, "track=32"), (32, "32 is the most CentralFlow tracks")):
+        crowded = gflow.Trajectory(
+            ts=jnp.asarray([0.0, 0.5]), params={"w": jnp.ones((2, 40))},
+            velocity={"w": jnp.zeros((2, 40))}, loss=jnp.ones(2),
+            grad_norm=jnp.ones(2), result="successful", stats={}, meta={},
+            metrics={"effective_eigenvalues": jnp.full((2, track), 2.0)},
+            param_rows=np.arange(2),
+        )  # fmt: skip
         with pytest.raises(ValueError, match=match):
-            gflow.simulate(
-                loss, None, 0.5, params0=jnp.ones(12),
-                flow=gflow.flows.CentralFlow(LR, track=track),
-            )  # fmt: skip
+            gflow.flows.CentralFlow(LR, track=track).check(crowded)
 
 
 def test_midpoints_average_out_a_period_two_oscillation():

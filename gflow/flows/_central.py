@@ -27,7 +27,7 @@ _NEAR_EDGE = 1.8
 #: more eigenvalues than are tracked may be near it.
 _TRACKED_FLOOR = 0.75
 #: The most eigenpairs a central flow tracks.
-_MOST_TRACKED = 8
+_MOST_TRACKED = 32
 
 
 class CentralFlow(AbstractFlow):
@@ -81,7 +81,7 @@ class CentralFlow(AbstractFlow):
     Args:
         lr: the learning rate of the gradient descent it models (> 0). A new
             value reuses the compiled program.
-        track: how many top eigenpairs are tracked (1 to 8; default 3). An
+        track: how many top eigenpairs are tracked (1 to 32; default 3). An
             evaluation costs a gradient, `track` Hessian-vector products and
             m(m + 1)/2 third-order products for the m tracked eigenvalues near
             the edge; a step attempt `track * (eig_iters + 1)` more
