@@ -222,28 +222,10 @@ def diabetes():
     )
 
 
-def preconditioned_along(loss, data, opt, traj, iters=20):
-    """λ_max(P⁻¹H) / edge at every save of a flow (its own moments), each power
-    iteration warm-started from the last save's vector."""
-    lr = float(opt.base_lr)
-
-    @jax.jit
-    def along(params, state, ts):
-        first_params, first_state = jax.tree.map(lambda x: x[0], (params, state))
-        _, v0 = gflow.metrics.preconditioned_sharpness(
-            loss, first_params, data, opt, first_state, iters=iters
-        )
-
-        def row(v, at):
-            p, m, t = at
-            value, v = gflow.metrics.preconditioned_sharpness(
-                loss, p, data, opt, m, step=t / lr, v0=v, iters=iters
-            )
-            return v, value / opt.edge(t / lr)
-
-        return jax.lax.scan(row, v0, (params, state, ts))[1]
-
-    return np.asarray(along(traj.params, traj.state, traj.ts))
+def preconditioned_along(loss, data, opt, traj):
+    """λ_max(P⁻¹H) / edge at every save of a run or flow (its own moments)."""
+    values = gflow.metrics.preconditioned_sharpness_along(traj, loss, data, opt)
+    return np.asarray(values) / float(opt.edge())
 
 
 def adaptive_part(problem, opt, steps, max_steps):

@@ -69,28 +69,11 @@ def problem():
 
 
 def over_edge(loss, data, adam, traj):
-    """λ_max(P⁻¹H) / edge at the trajectory's rows (its own moments), each
-    power iteration warm-started from the last row's vector."""
-
-    @jax.jit
-    def along(params, moments, steps):
-        params0, moments0 = jax.tree.map(lambda x: x[0], (params, moments))
-        _, v0 = gflow.metrics.preconditioned_sharpness(
-            loss, params0, data, adam, moments0
-        )
-
-        def row(v, at):
-            p, m, k = at
-            value, v = gflow.metrics.preconditioned_sharpness(
-                loss, p, data, adam, m, step=k, v0=v, iters=20
-            )
-            return v, value / adam.edge(k)
-
-        return jax.lax.scan(row, v0, (params, moments, steps))[1]
-
-    every = slice(None, None, EVERY)
-    rows = jax.tree.map(lambda x: x[every], (traj.params, traj.state))
-    return np.asarray(along(*rows, np.asarray(traj.ts)[every] / LR))
+    """λ_max(P⁻¹H) / edge every `EVERY` steps of a trajectory (its own
+    moments)."""
+    rows = traj[::EVERY]
+    values = gflow.metrics.preconditioned_sharpness_along(rows, loss, data, adam)
+    return np.asarray(values) / float(adam.edge())
 
 
 def figure(adam_run, flows, sharpness, distances):

@@ -240,6 +240,65 @@ def _like(preconditioner: Any, params: Any) -> Any:
     return jax.tree.map(lambda _: preconditioner, params)
 
 
+def preconditioned_sharpness_along(
+    traj, loss: Callable, data: Any, optimizer: Any, *, iters: int = 20, step0=0
+):
+    """λ_max(P⁻¹H) at every save that holds parameters (`traj.param_rows`),
+    with the optimiser's moments saved there (`traj.state`: a discrete run's, a
+    stable or rod flow's), each power iteration warm-started from the previous
+    save's vector. Divide by `optimizer.edge(step)` for its distance to the
+    edge. One compiled program for all rows, cached.
+
+    Args:
+        traj: a trajectory of `optimizer` (its moments in `traj.state`).
+        loss: `loss(params, data)`.
+        data: the data of the loss.
+        optimizer: the `gflow.optimizers` optimiser.
+        iters: power iterations per row (the first row: three times as many).
+        step0: the steps taken before the trajectory's t = 0 (a restarted flow's
+            `step0`); the step at time t is `step0 + t / optimizer.base_lr`.
+
+    Returns:
+        An array of shape `(len(traj.param_rows),)`.
+
+    Examples:
+        >>> adam = gflow.optimizers.Adam(1e-3)
+        >>> run = gflow.gradient_descent(model, data, 2.0, optimizer=adam)
+        >>> values = gflow.metrics.preconditioned_sharpness_along(run, loss, data, adam)
+        >>> values / adam.edge()    # hovers at 1 past Adam's edge of stability
+    """
+    names = set(optimizer.moments({"x": jnp.zeros(1)}))
+    if not names <= set(traj.state):
+        raise ValueError(
+            f"the trajectory's state {sorted(traj.state)} holds no moments of "
+            f"{type(optimizer).__name__}: run it with this optimiser (a discrete "
+            "run with optimizer=, or its StableFlow or RodFlow)."
+        )
+    moments = {k: traj.state[k] for k in names}
+    rows = np.asarray(traj.ts)[np.asarray(traj.param_rows)]
+    steps = step0 + rows / float(optimizer.base_lr)
+    return _preconditioned_along(
+        loss, traj.params, moments, steps, data, optimizer, iters
+    )
+
+
+@eqx.filter_jit
+def _preconditioned_along(loss, params, moments, steps, data, optimizer, iters):
+    first = jax.tree.map(lambda x: x[0], (params, moments))
+    _, v0 = preconditioned_sharpness(
+        loss, first[0], data, optimizer, first[1], step=steps[0], iters=3 * iters
+    )
+
+    def row(v, at):
+        p, m, k = at
+        value, v = preconditioned_sharpness(
+            loss, p, data, optimizer, m, step=k, v0=v, iters=iters
+        )
+        return v, value
+
+    return jax.lax.scan(row, v0, (params, moments, steps))[1]
+
+
 def gd_is_stable(top_eigenvalue, lr) -> jax.Array:
     """Whether GD with learning rate `lr` is locally stable there: λ_max < 2 / lr."""
     return top_eigenvalue < 2.0 / lr

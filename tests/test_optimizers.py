@@ -342,3 +342,24 @@ def test_the_preconditioned_sharpness_is_the_top_of_p_inverse_h():
             quadratic, {"x": x}, None, opt, moments, step=step, iters=200
         )
         assert float(value) == pytest.approx(float(expected), rel=1e-9)
+
+
+def test_the_preconditioned_sharpness_along_a_run_uses_its_saved_moments():
+    """Along Adam's run on ½ Σ a x², each row's λ_max(P⁻¹H) is max a / P with
+    the moments the run saved there and the gradient at that row."""
+    adam = optimizers.Adam(0.05, eps=0.1)
+    run = gflow.gradient_descent(
+        quadratic, None, 1.0, optimizer=adam, params0=THETA0, ts=[0.0, 0.25, 1.0]
+    )
+    values = gflow.metrics.preconditioned_sharpness_along(
+        run, quadratic, None, adam, iters=100
+    )
+    for row, value in enumerate(np.asarray(values)):
+        k = round(float(run.ts[row]) / 0.05)
+        g = np.asarray(A * run.params["x"][row])
+        v = 0.999 * np.asarray(run.state["v"]["x"][row]) + 0.001 * g**2
+        p = np.sqrt(v / (1 - 0.999 ** (k + 1))) + 0.1
+        assert value == pytest.approx(float(np.max(A / p)), rel=1e-9)
+    with pytest.raises(ValueError, match="holds no moments of Adam"):
+        plain = gflow.gradient_descent(quadratic, None, 1.0, lr=0.05, params0=THETA0)
+        gflow.metrics.preconditioned_sharpness_along(plain, quadratic, None, adam)
