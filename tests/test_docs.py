@@ -104,3 +104,32 @@ def test_the_docs_benchmark_tables_are_their_results():
         payload = json.loads((RESULTS / f"{name}.json").read_text())
         make = getattr(tables, name.rsplit("_", 1)[0])
         assert (RESULTS / f"{name}.md").read_text() == make(payload), name
+
+
+def test_the_edge_of_stability_pages_figures_are_the_benchmark_results():
+    """The central flow's accuracy and speed as docs/edge-of-stability.md states
+    them, computed from benchmarks/results/central_flows_cpu.json."""
+    results = json.loads((RESULTS / "central_flows_cpu.json").read_text())
+    port, digits = results["port example"], results["digits"]
+
+    def both(key, form):
+        return form(port["accuracy"][key]), form(digits["accuracy"][key])
+
+    ratios = both("median_distance_ratio", lambda x: f"{x:.2f}")
+    predicted = both("predicted_loss_gap_median", lambda x: f"{100 * x:.1f}%")
+    own = both("own_loss_gap_median", lambda x: f"{100 * x:.0f}%")
+    cold = sorted(round(r["speedup"]["cold"]) for r in (port, digits))
+    warm = sorted(round(r["speedup"]["warm"]) for r in (port, digits))
+    claims = [
+        f"{ratios[0]} of the gradient flow's on the authors' example, "
+        f"{ratios[1]} on digits",
+        f"within {predicted[0]} and {predicted[1]} (medians after the edge)",
+        f"flow's own loss is {own[0]} and {own[1]} off",
+        f"{cold[0]}–{cold[1]}× slower cold and {warm[0]}–{warm[1]}× slower warm",
+        f"({port['work']['num_steps']} steps for 1,000",
+    ]
+    text = " ".join((DOCS / "edge-of-stability.md").read_text().split())
+    for claim in claims:
+        assert claim in text, claim
+    for problem in (port, digits):  # "holds lr·λ_max at 2 (within 1e-4)"
+        assert abs(problem["accuracy"]["max_effective_sharpness"] - 2) < 1e-4
