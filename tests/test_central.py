@@ -300,3 +300,11 @@ def test_psd_qp_matches_cvxpy(k):
         assert (
             np.linalg.norm(term - reference) <= 1e-3 * np.linalg.norm(reference) + 1e-9
         )
+
+
+def test_central_flow_takes_gd_as_a_value_and_refuses_the_others_naming_rod_flows():
+    assert float(gflow.flows.CentralFlow(gflow.optimizers.GD(0.05)).lr) == 0.05
+    schedule = gflow.optimizers.GD(lambda k: 0.1 / (1 + k), base_lr=0.1)
+    for opt in (gflow.optimizers.Adam(1e-3), schedule):
+        with pytest.raises(TypeError, match="constant learning rate.*RodFlow"):
+            gflow.flows.CentralFlow(opt)

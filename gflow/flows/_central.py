@@ -15,6 +15,8 @@ from jax.flatten_util import ravel_pytree
 from .._checks import check_functions, check_int
 from .._linalg import hvp, psd_qp, smat, svec, top_eigenpairs, upper_pairs
 from .._tree import like_dtype, tree_scrambled
+from ..optimizers import GD, AbstractOptimizer
+from ..optimizers._optimizers import describe
 from ._base import AbstractFlow, FlowState, Work, _rate, grad
 
 #: LOBPCG iterations of the first eigen-solve, from vectors that look random.
@@ -79,7 +81,9 @@ class CentralFlow(AbstractFlow):
     `track`).
 
     Args:
-        lr: the learning rate of the gradient descent it models (> 0). A new
+        lr: the learning rate of the gradient descent it models (> 0), or
+            `gflow.optimizers.GD(lr)` (a constant rate: schedules and the other
+            optimisers have their rod flows, `gflow.flows.RodFlow(opt)`). A new
             value reuses the compiled program.
         track: how many top eigenpairs are tracked (1 to 32; default 3). An
             evaluation costs a gradient, `track` Hessian-vector products and
@@ -106,12 +110,21 @@ class CentralFlow(AbstractFlow):
 
     def __init__(
         self,
-        lr: float,
+        lr: float | GD,
         *,
         track: int = 3,
         eig_iters: int = 3,
         observables: Mapping[str, Callable] | None = None,
     ):
+        if isinstance(lr, AbstractOptimizer):
+            if type(lr) is not GD or callable(lr.lr):
+                raise TypeError(
+                    "CentralFlow models gradient descent at a constant learning "
+                    "rate: `lr` must be a number or gflow.optimizers.GD(lr); got "
+                    f"{describe(lr)}. Its gflow.flows.RodFlow (and StableFlow) "
+                    "model it at its edge of stability."
+                )
+            lr = float(lr.lr)
         self.lr = _rate("lr", lr)
         for name, value, most in (
             ("track", track, _MOST_TRACKED),
