@@ -415,7 +415,7 @@ def _blank(problem: Descent, controls: DescentControls, params0, data, n_slots: 
     opt_state = None
     if optimizer is not None:
         opt_state = tree_zeros(eqx.filter_eval_shape(optimizer.init, params0), xp=np)
-    moments = _blank_moments(problem, params0)
+    moments = problem.moments(opt_state)
     leaves = jax.tree.leaves(params0)
     dtype = np.result_type(*(x.dtype for x in leaves))
     n = sum(np.size(x) for x in leaves)
@@ -476,13 +476,14 @@ def _descend(problem: Descent, controls: DescentControls, state: _State, data, b
         kept = jnp.where(at_save, slot[i], n_slots)
         index = jnp.where(at_save, i, n_saves)
         # The update after the last row is taken too, and never saved: no branch.
+        moments = problem.moments(state.opt_state)  # of the row, before the step
         params, opt_state = problem.update(params, state.opt_state, grads, controls.lr)
         return _State(
             params=params,
             opt_state=opt_state,
             saved=write(state.saved, kept, ravel_pytree(row.params)[0]),
             velocity=write(state.velocity, kept, ravel_pytree(row.velocity)[0]),
-            moments=write(state.moments, kept, _flat(problem.moments(state.opt_state))),
+            moments=write(state.moments, kept, _flat_like(moments, state.moments)),
             loss=write(state.loss, index, row.loss),
             grad_norm=write(state.grad_norm, index, row.grad_norm),
             metrics=tree_set(state.metrics, index, row.metrics),
@@ -505,10 +506,10 @@ def _size(tree: Any) -> int:
     return sum(np.size(x) for x in jax.tree.leaves(tree))
 
 
-def _flat(tree: Any) -> jax.Array:
-    """`tree`'s leaves as one flat vector (empty for no leaves)."""
-    leaves = jax.tree.leaves(tree)
-    return jnp.concatenate([jnp.ravel(x) for x in leaves]) if leaves else jnp.zeros(0)
+def _flat_like(tree: Any, buffer: jax.Array) -> jax.Array:
+    """`tree`'s leaves as one flat vector in `buffer`'s dtype (a run without
+    moments writes an empty one, whatever the default float is)."""
+    return ravel_pytree(tree)[0].astype(buffer.dtype)
 
 
 def _outputs(

@@ -184,3 +184,18 @@ def test_compare_rejects_mismatches():
     other = gflow.simulate(lambda p, d: jnp.sum(p**2), None, 1.0, params0=jnp.ones(3))
     with pytest.raises(ValueError, match="different parameter structures"):
         gflow.compare(a, other)
+
+
+def test_float32_runs_keep_their_moments_in_float32_under_x64():
+    """The saved moments' buffer has the parameters' dtype, also for a run
+    with no moments (plain gradient descent), under x64 as in these tests."""
+    params0 = {"x": jnp.ones(3, jnp.float32)}
+
+    def loss(params, data):
+        return jnp.sum(params["x"] ** 2)
+
+    plain = gflow.gradient_descent(loss, None, 0.1, lr=0.01, params0=params0)
+    assert plain.state == {} and plain.params["x"].dtype == jnp.float32
+    adam = gflow.optimizers.Adam(0.01)
+    run = gflow.gradient_descent(loss, None, 0.1, optimizer=adam, params0=params0)
+    assert run.state["v"]["x"].dtype == jnp.float32

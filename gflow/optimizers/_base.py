@@ -108,9 +108,10 @@ class AbstractOptimizer(eqx.Module):
 
     def cast_to(self, tree: Any) -> AbstractOptimizer:
         """The optimiser with its hyperparameters in the floating-point dtype of
-        `tree`, so that its state keeps the parameters' dtype."""
+        `tree`, so that its state keeps the parameters' dtype (NumPy arrays, or
+        traced ones inside a compiled program)."""
         return jax.tree.map(
-            lambda x: like_dtype(x, tree) if isinstance(x, np.ndarray) else x, self
+            lambda x: like_dtype(x, tree) if eqx.is_inexact_array(x) else x, self
         )
 
     def rate(self, s: Any) -> Any:
