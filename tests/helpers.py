@@ -5,7 +5,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import scipy.linalg
+
+from gflow import optimizers
 
 
 def tree_allclose(a, b, *, rtol=0.0, atol=0.0) -> bool:
@@ -125,3 +128,26 @@ def markov_reduced_loss(p: float, q: float):
         )
 
     return loss
+
+
+#: Each optimiser as `make(lr, eps)` with the ε its edge tests use: None for
+#: gradient descent and momentum (P = 1); for the adaptive methods a huge ε
+#: freezes the preconditioner (√v̂ ≪ ε while the iterates stay small), so that
+#: they are their momentum recurrences with P = ε.
+FROZEN_PRECONDITIONERS = [
+    pytest.param(lambda lr, eps: optimizers.GD(lr), None, id="GD"),
+    pytest.param(lambda lr, eps: optimizers.HeavyBall(lr, 0.9), None, id="HeavyBall"),
+    pytest.param(lambda lr, eps: optimizers.Nesterov(lr, 0.9), None, id="Nesterov"),
+    pytest.param(
+        lambda lr, eps: optimizers.RMSProp(lr, 0.9, eps, eps_in_sqrt=False),
+        1e4,
+        id="RMSProp",
+    ),
+    pytest.param(
+        lambda lr, eps: optimizers.RMSProp(lr, 0.9, eps**2), 1e4, id="RMSProp-in-sqrt"
+    ),
+    pytest.param(lambda lr, eps: optimizers.Adam(lr, 0.9, 0.999, eps), 1e4, id="Adam"),
+    pytest.param(
+        lambda lr, eps: optimizers.NAdam(lr, 0.8, 0.999, eps), 1e4, id="NAdam"
+    ),
+]

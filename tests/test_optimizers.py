@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import FROZEN_PRECONDITIONERS
 
 import gflow
 from gflow import optimizers
@@ -279,21 +280,7 @@ def test_stable_flows_in_ensembles_and_float32_with_exact_counts():
     np.testing.assert_allclose(low.final["x"], single.final["x"], rtol=1e-4)
 
 
-@pytest.mark.parametrize(
-    "make, eps",
-    [
-        (lambda lr, eps: optimizers.GD(lr), None),
-        (lambda lr, eps: optimizers.HeavyBall(lr, 0.9), None),
-        (lambda lr, eps: optimizers.Nesterov(lr, 0.9), None),
-        # A preconditioner frozen by a huge ε (√v̂ ≪ ε while the iterates stay
-        # small): the adaptive methods are then their momentum recurrences.
-        (lambda lr, eps: optimizers.RMSProp(lr, 0.9, eps, eps_in_sqrt=False), 1e4),
-        (lambda lr, eps: optimizers.RMSProp(lr, 0.9, eps**2), 1e4),
-        (lambda lr, eps: optimizers.Adam(lr, 0.9, 0.999, eps), 1e4),
-        (lambda lr, eps: optimizers.NAdam(lr, 0.8, 0.999, eps), 1e4),
-    ],
-    ids=["GD", "HeavyBall", "Nesterov", "RMSProp", "RMSProp-in-sqrt", "Adam", "NAdam"],
-)
+@pytest.mark.parametrize("make, eps", FROZEN_PRECONDITIONERS)
 def test_each_optimizers_edge_is_where_its_steps_on_a_quadratic_turn_unstable(
     make, eps
 ):

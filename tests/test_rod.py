@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import FROZEN_PRECONDITIONERS
 
 import gflow
 from gflow import optimizers
@@ -73,20 +74,7 @@ def test_the_rods_equilibrium_is_gradient_descents_period_two_orbit():
     assert predicted == pytest.approx(float(loss({"x": jnp.asarray([orbit])}, None)))
 
 
-@pytest.mark.parametrize(
-    "make, eps",
-    [
-        (lambda lr, eps: optimizers.GD(lr), None),
-        (lambda lr, eps: optimizers.HeavyBall(lr, 0.9), None),
-        (lambda lr, eps: optimizers.Nesterov(lr, 0.9), None),
-        # A preconditioner frozen by a huge ε (√v̂ ≪ ε), as in the optimisers'
-        # own edge test: the adaptive methods are their momentum recurrences.
-        (lambda lr, eps: optimizers.RMSProp(lr, 0.9, eps, eps_in_sqrt=False), 1e4),
-        (lambda lr, eps: optimizers.Adam(lr, 0.9, 0.999, eps), 1e4),
-        (lambda lr, eps: optimizers.NAdam(lr, 0.8, 0.999, eps), 1e4),
-    ],
-    ids=["GD", "HeavyBall", "Nesterov", "RMSProp", "Adam", "NAdam"],
-)
+@pytest.mark.parametrize("make, eps", FROZEN_PRECONDITIONERS)
 def test_the_rod_grows_exactly_past_each_optimizers_edge(make, eps):
     """On ½x², the rod's half-vector decays 3% below the optimiser's edge and
     grows 3% above it: a step maps z to M z, the rod's r to −(M + I) r per step,
