@@ -78,17 +78,19 @@ FROZEN = 1e4  # ε of the adaptive methods on the edge quadratic
 
 def edges(steps=3000):
     """The largest stable lr/P of each optimiser on ½x², by bisection."""
-    makers = {
-        "GD": lambda lr: optimizers.GD(lr),
-        "HeavyBall(0.9)": lambda lr: optimizers.HeavyBall(lr, 0.9),
-        "Nesterov(0.9)": lambda lr: optimizers.Nesterov(lr, 0.9),
-        "RMSProp": lambda lr: optimizers.RMSProp(lr, 0.9, FROZEN, eps_in_sqrt=False),
-        "Adam": lambda lr: optimizers.Adam(lr, 0.9, 0.999, FROZEN),
-        "NAdam(0.8)": lambda lr: optimizers.NAdam(lr, 0.8, 0.999, FROZEN),
+    makers = {  # name: (optimiser of lr, its frozen preconditioner P)
+        "GD": (lambda lr: optimizers.GD(lr), 1.0),
+        "HeavyBall(0.9)": (lambda lr: optimizers.HeavyBall(lr, 0.9), 1.0),
+        "Nesterov(0.9)": (lambda lr: optimizers.Nesterov(lr, 0.9), 1.0),
+        "RMSProp": (
+            lambda lr: optimizers.RMSProp(lr, 0.9, FROZEN, eps_in_sqrt=False),
+            FROZEN,
+        ),
+        "Adam": (lambda lr: optimizers.Adam(lr, 0.9, 0.999, FROZEN), FROZEN),
+        "NAdam(0.8)": (lambda lr: optimizers.NAdam(lr, 0.8, 0.999, FROZEN), FROZEN),
     }
     rows = {}
-    for name, make in makers.items():
-        scale = 1.0 if name in ("GD", "HeavyBall(0.9)", "Nesterov(0.9)") else FROZEN
+    for name, (make, scale) in makers.items():
 
         @jax.jit
         def grows(lr, make=make):
