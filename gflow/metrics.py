@@ -267,7 +267,7 @@ def preconditioned_sharpness_along(
         >>> values = gflow.metrics.preconditioned_sharpness_along(run, loss, data, adam)
         >>> values / adam.edge()    # hovers at 1 past Adam's edge of stability
     """
-    names = set(optimizer.moments({"x": jnp.zeros(1)}))
+    names = set(optimizer.optax_fields)  # the moments, by name
     if not names <= set(traj.state):
         raise ValueError(
             f"the trajectory's state {sorted(traj.state)} holds no moments of "

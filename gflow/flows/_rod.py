@@ -12,7 +12,7 @@ import numpy as np
 from .._tree import like_dtype, tree_norm
 from ..optimizers import GD, AbstractOptimizer
 from ._base import AbstractFlow, FlowState, Work, value_and_grad
-from ._stable import checked_optimizer, checked_step0, start_moments
+from ._stable import checked_optimizer, checked_step0, start_moments, step_at
 
 _SIGNS = (1.0, -1.0)  # the rod's two ends, c + r and c − r
 
@@ -121,8 +121,7 @@ class RodFlow(AbstractFlow):
         batched gradient for both."""
         moments = self._moments(state.extra)
         halves = self._halves(state.extra)
-        lr = like_dtype(self.optimizer.base_lr, state.params)
-        s = t / lr + like_dtype(self.step0, state.params)
+        lr, s = step_at(self.optimizer, self.step0, t, state.params)
 
         def end(sign):
             def moved(x, r):

@@ -73,8 +73,7 @@ class StableFlow(AbstractFlow):
 
     def _velocity(self, t, state, gradient):
         """(dθ/dt, d moments/dt) at flow time t."""
-        base = like_dtype(self.optimizer.base_lr, state.params)
-        s = t / base + like_dtype(self.step0, state.params)
+        base, s = step_at(self.optimizer, self.step0, t, state.params)
         velocity, rates = self.optimizer.stable_field(
             s, state.params, state.extra, gradient
         )
@@ -111,6 +110,13 @@ def checked_optimizer(optimizer: Any) -> AbstractOptimizer:
             f"{type(optimizer).__name__}."
         )
     return optimizer
+
+
+def step_at(optimizer: AbstractOptimizer, step0: Any, t: Any, like: Any):
+    """(base_lr, s): the flow time per step, and the optimiser's step count s
+    at flow time t (`step0` + t / base_lr), in the dtype of `like`."""
+    base = like_dtype(optimizer.base_lr, like)
+    return base, t / base + like_dtype(step0, like)
 
 
 def checked_step0(step0: Any) -> np.ndarray:
