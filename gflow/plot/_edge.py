@@ -15,7 +15,7 @@ from .._trajectory import Trajectory
 from ..metrics import moving_average
 from ._style import figure
 
-_STYLES = ("k-", "C3--", "C2-.", "C4:")
+_STYLES = (("k", "-"), ("C3", "--"), ("C2", "-."), ("C4", ":"))  # (colour, line)
 
 
 def edge_of_stability(
@@ -77,9 +77,10 @@ def edge_of_stability(
     ax_loss.plot(steps, moving_average(raw, smoothing), color="C0", lw=3,
                  label=f"iterates, smoothed ({smoothing} steps)")  # fmt: skip
     midpoints = iterates.midpoints()
-    for (name, traj), style in zip(flows.items(), _STYLES[: len(flows)], strict=True):
+    for (name, traj), (color, line) in zip(
+        flows.items(), _STYLES[: len(flows)], strict=True
+    ):
         at = np.asarray(traj.ts) / lr
-        color, line = _split(style)
         ax_loss.plot(at, traj.loss, color=color, ls=line, lw=1.5, label=name)
         if "predicted_loss" in traj.metrics:
             ax_loss.plot(at, traj.metrics["predicted_loss"], color=color, ls=":",
@@ -103,11 +104,3 @@ def edge_of_stability(
     for ax in (ax_loss, ax_sharp, ax_dist):
         ax.legend(fontsize="small")
     return fig, (ax_loss, ax_sharp, ax_dist)
-
-
-def _split(style: str) -> tuple[str, str]:
-    """("C3", "--") from "C3--"; ("k", "-") from "k-"."""
-    for line in ("--", "-.", ":", "-"):
-        if style.endswith(line):
-            return style[: -len(line)], line
-    return style, "-"
