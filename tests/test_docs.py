@@ -25,7 +25,13 @@ def test_every_figure_a_page_shows_is_in_the_docs():
             assert (page.parent / target).resolve().is_file(), (page.name, target)
 
 
-PAGES = sorted(DOCS.rglob("*.md")) + [DOCS.parent / "README.md"]
+PAGES = [
+    # The optimisers page compiles five programs: in the slow tier.
+    pytest.param(page, marks=pytest.mark.slow)
+    if page.name == "optimizer-edges.md"
+    else page
+    for page in sorted(DOCS.rglob("*.md")) + [DOCS.parent / "README.md"]
+]
 _BLOCK = re.compile(r"(<!-- not run[^>]*-->\s*)?```python\n(.*?)```", re.S)
 
 

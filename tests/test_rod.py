@@ -74,6 +74,7 @@ def test_the_rods_equilibrium_is_gradient_descents_period_two_orbit():
     assert predicted == pytest.approx(float(loss({"x": jnp.asarray([orbit])}, None)))
 
 
+@pytest.mark.slow  # (the fast tier's 10 minutes)
 @pytest.mark.parametrize("make, eps", FROZEN_PRECONDITIONERS)
 def test_the_rod_grows_exactly_past_each_optimizers_edge(make, eps):
     """On ½x², the rod's half-vector decays 3% below the optimiser's edge and
@@ -97,6 +98,7 @@ def test_the_rod_grows_exactly_past_each_optimizers_edge(make, eps):
     assert np.max(above[np.isfinite(above)]) > 100 * above[0]
 
 
+@pytest.mark.slow  # (the fast tier's 10 minutes)
 def test_rod_flows_count_their_work_save_their_state_and_run_in_ensembles():
     flow = RodFlow(optimizers.Adam(0.05))
     x0 = jnp.stack([THETA0["x"], -2 * THETA0["x"]])
@@ -128,6 +130,7 @@ def test_a_rod_flow_of_something_else_is_refused_listing_the_optimizers():
         RodFlow(-0.1)
 
 
+@pytest.mark.slow  # (the fast tier's 10 minutes)
 def test_a_stable_flow_restarted_from_its_own_state_goes_on_as_before():
     """From the parameters and moments the flow saved at t_k, `step0` = k steps
     in (Adam's bias corrections go on from there), the flow continues itself."""
@@ -159,6 +162,7 @@ def test_a_stable_flow_restarted_from_its_own_state_goes_on_as_before():
         )  # fmt: skip
 
 
+@pytest.mark.slow  # (the fast tier's 10 minutes)
 def test_a_rod_restarts_from_a_discrete_runs_state_with_its_next_step():
     """A discrete run saves the optimiser's moments at its rows (optax's, after
     k steps); a rod flow restarted there, `step0` = k, starts with half of the
