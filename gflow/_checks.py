@@ -258,6 +258,22 @@ def warn_float64(name: str, tree: Any) -> None:
         )
 
 
+def check_one_dtype(params: Any) -> None:
+    """A ValueError naming the leaves if the trained parameters mix floating
+    dtypes (float32 and float64): a flow's state and its steps take one."""
+    dtypes = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        dtypes.setdefault(str(jnp.result_type(leaf)), jax.tree_util.keystr(path))
+    if len(dtypes) > 1:
+        leaves = ", ".join(f"{path or 'params'} is {d}" for d, path in dtypes.items())
+        raise ValueError(
+            f"the trained parameters mix floating dtypes ({leaves}); cast them to "
+            "one, e.g. jax.tree.map(lambda x: x.astype(jnp.float32), params0) (a "
+            "float32 array times a NumPy float64 number is float64 under "
+            "jax_enable_x64)."
+        )
+
+
 _WARNED: set[str] = set()
 
 

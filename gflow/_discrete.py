@@ -325,7 +325,7 @@ class Descent(eqx.Module):
         loss, grads = value_and_grad(self.loss_fn, params, data)
         return grads, loss
 
-    def row(self, params, data, grads, loss, at_save) -> Row:
+    def row(self, params, data, grads, loss, at_save, from_last) -> Row:
         """The saved row at `params` (meaningful where `at_save`). In full batch
         it reuses the step's gradient, so that the program holds one gradient
         and a row costs no evaluation; it is then computed at every step, being
@@ -336,10 +336,19 @@ class Descent(eqx.Module):
         def full():
             if loss is None:
                 return row_values(
-                    self.loss_fn, flow, self.metrics, None, state, None, data
+                    self.loss_fn, flow, self.metrics, None, state, None, data, from_last
                 )
             return row_from(
-                self.loss_fn, flow, self.metrics, None, state, None, data, loss, grads
+                self.loss_fn,
+                flow,
+                self.metrics,
+                None,
+                state,
+                None,
+                data,
+                from_last,
+                loss,
+                grads,
             )
 
         if loss is not None and not self.metrics.fns:
@@ -387,6 +396,7 @@ class _State(eqx.Module):
     loss: jax.Array  # (n_saves + 1,): every save row, and a spare last one
     grad_norm: jax.Array  # (n_saves + 1,)
     metrics: Any  # (n_saves, ...)
+    metrics_carried: Any  # what the carried metrics left the next save row
     next_save: jax.Array  # the next save row to write (0: nothing ran yet)
     steps: jax.Array  # steps taken
 
@@ -422,9 +432,10 @@ def _blank(problem: Descent, controls: DescentControls, params0, data, n_slots: 
     # The loss's dtype, from the shapes of the jitted gradient: its trace is then
     # the one the loop uses, not a second one.
     loss, _ = eqx.filter_eval_shape(value_and_grad, problem.loss_fn, params0, data)
-    metrics = {}
+    metrics, carried = {}, {}
     if problem.metrics.fns:
-        metrics = eqx.filter_eval_shape(problem.metrics, params0, data)
+        metrics = problem.metrics.shapes(params0, data)
+        carried = eqx.filter_eval_shape(problem.metrics.init, params0, data)
     n_saves = controls.save_steps.shape[0]
     zero = np.zeros((), np.int32)
     return _State(
@@ -436,6 +447,7 @@ def _blank(problem: Descent, controls: DescentControls, params0, data, n_slots: 
         loss=np.zeros(n_saves + 1, loss.dtype),
         grad_norm=np.zeros(n_saves + 1, dtype),
         metrics=tree_zeros(metrics, (n_saves,), xp=np),
+        metrics_carried=tree_zeros(carried, xp=np),
         next_save=zero,
         steps=zero.copy(),
     )
@@ -457,6 +469,13 @@ def _descend(problem: Descent, controls: DescentControls, state: _State, data, b
             lambda: state.opt_state,
         )
         state = eqx.tree_at(lambda s: s.opt_state, state, opt_state)
+    if problem.metrics.carries:
+        carried = jax.lax.cond(
+            state.next_save == 0,
+            lambda: problem.metrics.init(state.params, data),
+            lambda: state.metrics_carried,
+        )
+        state = eqx.tree_at(lambda s: s.metrics_carried, state, carried)
 
     def going(state):
         return (state.next_save < controls.n_saves) & (state.steps < stop_at)
@@ -470,7 +489,7 @@ def _descend(problem: Descent, controls: DescentControls, state: _State, data, b
         k, i, params = state.steps, state.next_save, state.params
         grads, loss = problem.gradient(k, params, data)
         at_save = k == save_steps[i]
-        row = problem.row(params, data, grads, loss, at_save)
+        row = problem.row(params, data, grads, loss, at_save, state.metrics_carried)
         # Written at every step, into a spare last element when not at a save
         # (metrics, rarely there: dropped): no branch around the writes.
         kept = jnp.where(at_save, slot[i], n_slots)
@@ -487,6 +506,11 @@ def _descend(problem: Descent, controls: DescentControls, state: _State, data, b
             loss=write(state.loss, index, row.loss),
             grad_norm=write(state.grad_norm, index, row.grad_norm),
             metrics=tree_set(state.metrics, index, row.metrics),
+            metrics_carried=jax.tree.map(
+                lambda new, old: jnp.where(at_save, new, old),
+                row.metrics_carried,
+                state.metrics_carried,
+            ),
             next_save=i + at_save,
             steps=jnp.minimum(k + 1, last),
         )

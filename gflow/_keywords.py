@@ -86,7 +86,9 @@ KEYWORDS: dict[str, Keyword] = {
         "Mapping[str, Callable] | None",
         "`{name: fn(params, data)}`, each evaluated on every saved state; results in "
         "`traj.metrics[name]` with a leading time axis. Define the functions once "
-        "and reuse them: a new function object recompiles.",
+        "and reuse them: a new function object recompiles. A metric that carries "
+        "a warm start from row to row (`gflow.metrics.AbstractCarriedMetric`, "
+        "e.g. `gflow.metrics.Sharpness(loss)`) goes here too.",
     ),
     "stop_at_loss": Keyword(
         None,

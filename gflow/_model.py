@@ -15,6 +15,7 @@ import equinox as eqx
 import jax
 
 from ._checks import check_keys, check_params, is_int
+from .metrics import AbstractCarriedMetric
 
 LossFn = Callable[[Any, Any], jax.Array]
 
@@ -115,8 +116,25 @@ class Bound(eqx.Module):
         return self.fn(eqx.combine(trained, self.fixed), data)
 
 
+class BoundCarried(AbstractCarriedMetric):
+    """A carried metric (`gflow.metrics.AbstractCarriedMetric`) on the trained
+    leaves alone, as `Bound` is for a function."""
+
+    metric: AbstractCarriedMetric
+    fixed: Any
+
+    def init(self, trained: Any, data: Any) -> Any:
+        return self.metric.init(eqx.combine(trained, self.fixed), data)
+
+    def __call__(self, trained: Any, data: Any, carried: Any) -> tuple[Any, Any]:
+        return self.metric(eqx.combine(trained, self.fixed), data, carried)
+
+
 def bind(fn: Callable | None, fixed: Any) -> Callable | None:
-    """`fn` on the trained leaves (`Bound`), or `fn` itself when nothing is fixed."""
+    """`fn` on the trained leaves (`Bound`, `BoundCarried`), or `fn` itself when
+    nothing is fixed."""
     if fn is None or not jax.tree.leaves(fixed):
         return fn
+    if isinstance(fn, AbstractCarriedMetric):
+        return BoundCarried(fn, fixed)
     return Bound(fn, fixed)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._checks import check_keys, warn, warn_float64
+from ._checks import check_keys, check_one_dtype, warn, warn_float64
 from ._compile import use_persistent_cache
 from ._engine import Controls, Problem, size_class
 from ._keywords import parse
@@ -103,6 +103,7 @@ def prepare(
     else:
         params, seed = initial_params(model, params0, key)
     params, fixed, loss_fn, opts = trained_part(loss_fn, opts, params)
+    check_one_dtype(params)
     # One member's shapes (never its values: indexing would compile a program).
     one = jax.tree.map(_member_shape, params) if batched else params
     members = jax.tree.leaves(params)[0].shape[0] if batched else None
@@ -113,7 +114,7 @@ def prepare(
     # Under the run's precision, which is part of the key of JAX's trace cache.
     with matmul_precision_context(opts.matmul_precision):
         checked_loss(loss_fn, one, data)
-    metric_shapes = jax.eval_shape(opts.metrics, one, data)  # a failing one is named
+    metric_shapes = opts.metrics.shapes(one, data)  # a failing one is named
     if opts.solver is not None:
         opts.solver.warn_precision(dtype)
         opts = checked_solver(opts, loss_fn, flow, one, data)

@@ -239,6 +239,16 @@ def test_compile_benchmarks_hand_written_solves_follow_gflows_flow():
 
 
 @pytest.mark.slow
+def test_sharpness_benchmark_runs(tmp_path):
+    out = load("sharpness").main(["--quick", "--results", str(tmp_path)])
+    # The metric, warm-started with 10 iterations a row inside the flow's program,
+    # and sharpness_along (30 a row) agree with 200 iterations (float32).
+    assert out["max_relative_error"]["metric"] < 1e-3
+    assert out["max_relative_error"]["sharpness_along"] < 1e-4
+    assert set(out["warm_s"]) == {"flow", "flow_with_metric", "sharpness_along"}
+
+
+@pytest.mark.slow
 def test_optimizer_edges_runs(tmp_path):
     results = load("optimizer_edges").main(["--quick", "--results", str(tmp_path)])
     # Every optimiser's edge, measured by bisection on optax's own steps, is its

@@ -25,11 +25,10 @@ def test_every_figure_a_page_shows_is_in_the_docs():
             assert (page.parent / target).resolve().is_file(), (page.name, target)
 
 
+# Pages that compile many programs (half a minute or more): in the slow tier.
+_SLOW_PAGES = ("optimizer-edges.md", "own-models.md")
 PAGES = [
-    # The optimisers page compiles five programs: in the slow tier.
-    pytest.param(page, marks=pytest.mark.slow)
-    if page.name == "optimizer-edges.md"
-    else page
+    pytest.param(page, marks=pytest.mark.slow) if page.name in _SLOW_PAGES else page
     for page in sorted(DOCS.rglob("*.md")) + [DOCS.parent / "README.md"]
 ]
 _BLOCK = re.compile(r"(<!-- not run[^>]*-->\s*)?```python\n(.*?)```", re.S)
@@ -134,6 +133,14 @@ def test_the_edge_of_stability_pages_figures_are_the_benchmark_results():
         f"{cold[0]}–{cold[1]}× slower cold and {warm[0]}–{warm[1]}× slower warm",
         f"({port['work']['num_steps']} steps for 1,000",
     ]
+    sharpness = json.loads((RESULTS / "sharpness_cpu.json").read_text())
+    claims += [
+        f"the metric adds {sharpness['metric_cost_over_flow_warm']:.2f} of the "
+        f"flow's warm time ({sharpness['metric_cost_warm_s']:.2f} s to "
+        f"{sharpness['warm_s']['flow']:.2f} s) and `sharpness_along` takes "
+        f"{sharpness['sharpness_along_over_flow_warm']:.2f} of it",
+    ]
+    assert max(sharpness["max_relative_error"].values()) < 5e-4
     text = " ".join((DOCS / "edge-of-stability.md").read_text().split())
     for claim in claims:
         assert claim in text, claim

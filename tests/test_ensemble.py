@@ -143,7 +143,12 @@ _ONCE_DIVERGED = {
 
 @pytest.mark.parametrize(
     "p, q, seed, solver",
-    [(0.5, 0.8, 0, "auto"), (0.3, 0.6, 2, "auto"), (0.5, 0.8, 0, "rkc2")],
+    [
+        (0.5, 0.8, 0, "auto"),
+        # Their twins, in the slow tier (15 s each).
+        pytest.param(0.3, 0.6, 2, "auto", marks=pytest.mark.slow),
+        pytest.param(0.5, 0.8, 0, "rkc2", marks=pytest.mark.slow),
+    ],
 )
 def test_converged_float32_members_never_diverge_and_match_simulate(p, q, seed, solver):
     points = np.random.default_rng(seed).uniform(-2.0, 2.0, (1000, 2))
@@ -217,7 +222,10 @@ def test_keys_initialise_with_model_init():
     assert ens.ts.shape == (5, 2) and np.all(ens.ts[:, -1] == 10.0)
 
 
-@pytest.mark.parametrize("p, q", [(0.5, 0.8), (0.2, 0.3)])
+# p + q < 1 in the slow tier (20 s).
+@pytest.mark.parametrize(
+    "p, q", [(0.5, 0.8), pytest.param(0.2, 0.3, marks=pytest.mark.slow)]
+)
 def test_basins_of_the_canonical_markov_flow_match_the_separatrix(p, q):
     # A 24 x 24 grid of the (e, w) plane, p + q > 1 and < 1: each flow's limit
     # against the analytical basins of Makkuva et al.

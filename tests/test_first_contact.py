@@ -203,3 +203,25 @@ def test_float64_numpy_parameters_and_data_warn_once_each(monkeypatch):
     with jax.enable_x64(False), warnings.catch_warnings():
         warnings.simplefilter("error")
         run(np.zeros(()))
+
+
+def test_parameters_of_mixed_precision_are_named():
+    # A float32 array scaled by a NumPy float64 number is float64 under x64: the
+    # tree mixes dtypes, which no run takes. Named before anything compiles.
+    def loss(p, d):
+        return jnp.sum((p["layers"][0]["w"] * d) ** 2) + jnp.sum(p["b"] ** 2)
+
+    params0 = {
+        "layers": [{"w": jnp.ones(3, jnp.float32) / np.sqrt(3)}],
+        "b": jnp.zeros(2, jnp.float32),
+    }
+    message = r"mix floating dtypes \(\['b'\] is float32, \['layers'\]\[0\]\['w'\] is"
+    for run in (
+        gflow.simulate,
+        lambda *a, **k: gflow.gradient_descent(*a, lr=0.1, **k),
+    ):
+        with pytest.raises(ValueError, match=message):
+            run(loss, jnp.ones(3, jnp.float32), 1.0, params0=params0)
+    batch = jax.tree.map(lambda x: jnp.stack([x, x]), params0)
+    with pytest.raises(ValueError, match="mix floating dtypes"):
+        gflow.simulate_ensemble(loss, jnp.ones(3, jnp.float32), 1.0, params0=batch)

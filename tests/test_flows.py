@@ -220,6 +220,7 @@ def sme_moments(data, lr, batch, theta0, ts):
     return means, covs
 
 
+@pytest.mark.slow  # 2,048 paths: half a minute
 def test_sde_paths_have_the_closed_form_mean_and_covariance():
     data = regression_data()
     lr, batch, paths, t = 0.1, 8, 2048, 3.0

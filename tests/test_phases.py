@@ -142,6 +142,75 @@ def test_sharpness_when_the_largest_magnitude_is_negative():
     assert abs(abs(float(vector[0])) - 1.0) < 1e-6
 
 
+def test_the_sharpness_metric_is_the_dense_hessian_s_top_eigenvalue_at_every_row():
+    model = CondensationTransformer(d_m=3, s=4, eps=0.5)
+    data = anchor_data(jax.random.key(1), n=16, d_m=3, s=4)
+    params0 = model.init(jax.random.key(2))
+    unravel = ravel_pytree(params0)[1]
+
+    @jax.jit
+    @jax.vmap
+    def exact(params):
+        flat = ravel_pytree(params)[0]
+        hessian = jax.hessian(lambda x: model.loss(unravel(x), data))(flat)
+        return jnp.linalg.eigvalsh(hessian)[-1]
+
+    sharp = {"sharpness": metrics.Sharpness(model.loss, iters=30)}
+    flow = gflow.simulate(model, data, 20.0, params0=params0, n_save=9, metrics=sharp)
+    np.testing.assert_allclose(flow.metrics["sharpness"], exact(flow.params), rtol=1e-6)
+    # Warm-started from row to row (each member of an ensemble from its own: see
+    # the next test), also in gradient descent's program.
+    gd = gflow.gradient_descent(
+        model, data, 20.0, params0=params0, lr=0.05, n_save=9, metrics=sharp
+    )
+    np.testing.assert_allclose(gd.metrics["sharpness"], exact(gd.params), rtol=1e-6)
+
+
+class _RowCount(metrics.AbstractCarriedMetric):
+    """The number of rows evaluated before this one (and a fixed leaf's value)."""
+
+    def init(self, params, data):
+        return jnp.zeros((), jnp.int32)
+
+    def __call__(self, params, data, carried):
+        return {"row": carried, "k": params["k"]}, carried + 1
+
+
+def test_a_carried_metric_sees_each_member_s_rows_in_order():
+    def loss(p, d):
+        return 0.5 * jnp.sum((p["w"] - d) ** 2) * p["k"]
+
+    params0 = {"w": jnp.array([1.0, -2.0]), "k": jnp.asarray(3)}  # k: fixed (int)
+    count = {"count": _RowCount()}
+    traj = gflow.simulate(loss, 0.5, 3.0, params0=params0, n_save=7, metrics=count)
+    np.testing.assert_array_equal(traj.metrics["count"]["row"], np.arange(7))
+    np.testing.assert_array_equal(traj.metrics["count"]["k"], 3)
+    gd = gflow.gradient_descent(
+        loss, 0.5, 3.0, params0=params0, lr=0.1, n_save=7, metrics=count
+    )
+    np.testing.assert_array_equal(gd.metrics["count"]["row"], np.arange(len(gd.ts)))
+    starts = {"w": jnp.linspace(-3.0, 3.0, 40).reshape(20, 2), "k": jnp.asarray(3)}
+    ens = gflow.simulate_ensemble(
+        loss, 0.5, 3.0, params0=starts, n_save=7, metrics=count, lanes=4
+    )
+    np.testing.assert_array_equal(
+        ens.metrics["count"]["row"], np.tile(np.arange(7), (20, 1))
+    )
+
+
+def test_carried_metrics_are_checked():
+    class Incomplete(metrics.AbstractCarriedMetric):
+        def init(self, params, data):
+            return 0
+
+    with pytest.raises(TypeError, match="abstract"):
+        Incomplete()
+    with pytest.raises(TypeError, match="`loss` must be a function"):
+        metrics.Sharpness(3.0)
+    with pytest.raises(ValueError, match="`iters` must be at least 1"):
+        metrics.Sharpness(lambda p, d: p, iters=0)
+
+
 def test_balance_groups_and_norms():
     weights = jnp.array([0.1, 0.2, 0.3, 0.3, 0.5])
     groups = jnp.array([0, 1, 1, 2, 2])

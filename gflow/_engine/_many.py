@@ -184,7 +184,7 @@ def _write_rows(problem, controls, state, accepted, start, limit, dense, data):
         wrote = per_lane(
             lambda p, r, t, g, w: _step.wrote_row(problem, p, r, t, g, w),
             problem.width,
-        )(picked, row, t, regular, values.work)
+        )(picked, row, t, regular, values)
         lanes = tree_set(lanes, index, wrote)
         return eqx.tree_at(lambda s: (s.lanes, s.out), state, (lanes, out))
 

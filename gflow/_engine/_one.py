@@ -121,7 +121,7 @@ def _write_rows(
             problem, controls, lane, start, dense, limit, regular, data
         )
         out = _write(out, row, t, values, slot)
-        return _step.wrote_row(problem, lane, row, t, regular, values.work), out
+        return _step.wrote_row(problem, lane, row, t, regular, values), out
 
     return jax.lax.while_loop(pending, body, (lane, out))
 

@@ -27,6 +27,7 @@ from .._checks import check_functions
 from .._tree import tree_norm, tree_set
 from ..flows import AbstractFlow, FlowState, Work
 from ..flows._base import value_and_grad
+from ..metrics import AbstractCarriedMetric
 
 #: The modes a program steps a solver with two methods (gflow's "auto") in: the
 #: common method only (the program stops when a lane wants the other), the rare
@@ -35,7 +36,9 @@ MODES = (None, "common", "rare", "both")
 
 
 class Metrics(eqx.Module):
-    """`{name: fn(params, data)}` evaluated on every saved state.
+    """`{name: fn(params, data)}` evaluated on every saved state; a
+    `gflow.metrics.AbstractCarriedMetric` entry also takes what the row before
+    left it (`carried`, by name) and returns what the next row starts from.
 
     Attributes:
         fns: the metrics as a tuple of `(name, fn)` pairs (hashable: part of the
@@ -48,11 +51,30 @@ class Metrics(eqx.Module):
     def build(cls, metrics: Mapping[str, Callable] | None) -> Metrics:
         return cls(check_functions("metrics", metrics))
 
-    def __call__(self, params: Any, data: Any) -> dict[str, Any]:
-        values = {}
+    @property
+    def carries(self) -> bool:
+        """Whether a metric carries something from row to row."""
+        return any(isinstance(fn, AbstractCarriedMetric) for _, fn in self.fns)
+
+    def init(self, params: Any, data: Any) -> dict[str, Any]:
+        """What the carried metrics start from at the first row, by name."""
+        return {
+            name: fn.init(params, data)
+            for name, fn in self.fns
+            if isinstance(fn, AbstractCarriedMetric)
+        }
+
+    def __call__(
+        self, params: Any, data: Any, carried: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The metrics' values, and what the carried ones leave the next row."""
+        values, carried = {}, dict(carried)
         for name, fn in self.fns:
             try:
-                value = fn(params, data)
+                if isinstance(fn, AbstractCarriedMetric):
+                    value, carried[name] = fn(params, data, carried[name])
+                else:
+                    value = fn(params, data)
             except Exception as e:  # noqa: BLE001 - re-raised naming the metric
                 raise ValueError(
                     f"metric {name!r} failed on the parameters: {type(e).__name__}: {e}"
@@ -65,7 +87,11 @@ class Metrics(eqx.Module):
                         f"{type(leaf).__name__}."
                     )
             values[name] = value
-        return values
+        return values, carried
+
+    def shapes(self, params: Any, data: Any) -> dict[str, Any]:
+        """The shapes of the metrics' values at one row (nothing compiles)."""
+        return jax.eval_shape(lambda p, d: self(p, d, self.init(p, d))[0], params, data)
 
 
 class Problem(eqx.Module):
@@ -150,6 +176,7 @@ class Lane(eqx.Module):
     hvps: jax.Array
     thirds: jax.Array  # third-order products ∇(uᵀ H v)
     row: jax.Array  # the next row to write
+    metrics_carried: Any  # what the carried metrics left the next row, by name
     last_t: jax.Array  # the time of the last row written
     loss_gap: jax.Array  # loss - stop_at_loss at t
     code: jax.Array  # RESULTS code: "running" until done
@@ -217,30 +244,36 @@ class Row(eqx.Module):
     velocity: Any
     extra: Any  # the flow's own variables (`FlowState.extra`)
     work: Work  # the Hessian-vector and third-order products it spent
+    metrics_carried: Any  # what the carried metrics leave the next row
 
 
 def row_values(
-    loss_fn, flow: AbstractFlow, metrics: Metrics, t, y, carried, data
+    loss_fn, flow: AbstractFlow, metrics: Metrics, t, y, carried, data, from_last
 ) -> Row:
     """What a saved row holds for state `y` at time `t`: one gradient evaluation,
-    and what the flow adds (`AbstractFlow.row`: its velocity and own metrics)."""
+    and what the flow adds (`AbstractFlow.row`: its velocity and own metrics).
+    `from_last`: what the carried metrics left this row (`Metrics.init` at the
+    first)."""
     loss, grad = value_and_grad(loss_fn, y.params, data)
-    return row_from(loss_fn, flow, metrics, t, y, carried, data, loss, grad)
+    return row_from(loss_fn, flow, metrics, t, y, carried, data, from_last, loss, grad)
 
 
 def row_from(
-    loss_fn, flow: AbstractFlow, metrics: Metrics, t, y, carried, data, loss, grad
-):
+    loss_fn, flow: AbstractFlow, metrics: Metrics, t, y, carried, data, from_last,
+    loss, grad,
+):  # fmt: skip
     """`row_values` with the loss and gradient at `y` already computed."""
     velocity, own, work = flow.row(loss_fn, t, y, carried, data, loss, grad)
+    values, metrics_carried = metrics(y.params, data, from_last)
     return Row(
         loss=loss,
         grad_norm=tree_norm(grad),
-        metrics={**metrics(y.params, data), **own},
+        metrics={**values, **own},
         params=y.params,
         velocity=velocity,
         extra=y.extra,
         work=jax.tree.map(lambda w: jnp.asarray(w, jnp.int32), work),
+        metrics_carried=metrics_carried,
     )
 
 

@@ -109,11 +109,11 @@ def initial_step(field, t0, y0, f0, data, controls, error_order):
     return jnp.minimum(100 * h0, h1)
 
 
-def row_at(problem: Problem, t, y, carried, data) -> Row:
+def row_at(problem: Problem, t, y, carried, data, from_last) -> Row:
     """The values of a saved row at time `t` and state `y` (what the flow
-    carries: `carried`)."""
+    carries: `carried`; what the carried metrics left it: `from_last`)."""
     return row_values(
-        problem.loss_fn, problem.flow, problem.metrics, t, y, carried, data
+        problem.loss_fn, problem.flow, problem.metrics, t, y, carried, data, from_last
     )
 
 
@@ -130,7 +130,9 @@ def load(problem: Problem, controls: Controls, entry, data):
     terms = problem.terms(controls, noise, y0, carried, data)
     field = problem.flow.field(problem.loss_fn, carried)
     order = problem.solver.error_order(terms)
-    values = row_at(problem, t0, y0, carried, data)
+    values = row_at(
+        problem, t0, y0, carried, data, problem.metrics.init(y0.params, data)
+    )
     evaluations = 0
     f0 = None
     if needs_f0(problem.solver) or (problem.adaptive and controls.dt0 is None):
@@ -169,6 +171,7 @@ def load(problem: Problem, controls: Controls, entry, data):
         hvps=zero + work.hvps + row_work.hvps,
         thirds=zero + work.thirds + row_work.thirds,
         row=zero + 1,
+        metrics_carried=values.metrics_carried,
         last_t=t0,
         loss_gap=loss_gap,
         code=code,
@@ -406,13 +409,24 @@ def next_row(
     row = jnp.where(replace, lane.row - 1, lane.row)
     slot = jnp.where(regular, controls.slot[row], controls.final_slot)
     interpolation = problem.solver.interpolation_cls(t0=t0, t1=lane.t, **dense)
-    return row, t, slot, row_at(problem, t, interpolation.evaluate(t), carried, data)
+    y = interpolation.evaluate(t)
+    return row, t, slot, row_at(problem, t, y, carried, data, lane.metrics_carried)
 
 
-def wrote_row(problem: Problem, lane: Lane, row, t, regular, work) -> Lane:
-    """The lane after writing `row` at time `t` (its last row unless `regular`)."""
+def wrote_row(problem: Problem, lane: Lane, row, t, regular, values: Row) -> Lane:
+    """The lane after writing `row` (`values`) at time `t` (its last row unless
+    `regular`)."""
+    work = values.work
     return eqx.tree_at(
-        lambda s: (s.row, s.last_t, s.row_grads, s.hvps, s.thirds, s.closed),
+        lambda s: (
+            s.row,
+            s.last_t,
+            s.row_grads,
+            s.hvps,
+            s.thirds,
+            s.closed,
+            s.metrics_carried,
+        ),
         lane,
         (
             row + 1,
@@ -421,6 +435,7 @@ def wrote_row(problem: Problem, lane: Lane, row, t, regular, work) -> Lane:
             lane.hvps + work.hvps,
             lane.thirds + work.thirds,
             lane.closed | ~regular,
+            values.metrics_carried,
         ),
     )
 
