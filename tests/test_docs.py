@@ -128,11 +128,113 @@ def _readme_claims() -> dict[str, str]:
     }
 
 
-def test_the_readmes_performance_figures_are_the_benchmark_results():
-    readme = (DOCS.parent / "README.md").read_text()
-    text = " ".join(readme.split())
-    for claim, figure in _readme_claims().items():
+def _index_claims() -> dict[str, str]:
+    """The figures of the docs' front page, from the same results."""
+    rows = json.loads((RESULTS / "flow_vs_gd_cpu.json").read_text())["problems"]
+    rows = {row["method"]: row for row in rows["cooccurrence"]["rows"]}
+    flow, gd = rows["gflow tsit5 rtol=1e-06"], rows["GD lr=0.01"]
+    return {
+        "evaluations": f"{gd['grad_evals'] / flow['grad_evals']:.0f}× fewer gradient",
+        "accuracy": f"{round(gd['error'] / flow['error'], -2):,.0f}× more accurate",
+    }
+
+
+@pytest.mark.parametrize(
+    "page, claims",
+    [(DOCS.parent / "README.md", _readme_claims), (DOCS / "index.md", _index_claims)],
+    ids=["README.md", "index.md"],
+)
+def test_the_performance_figures_of_the_front_pages_are_the_benchmark_results(
+    page, claims
+):
+    text = " ".join(page.read_text().split())
+    for claim, figure in claims().items():
         assert figure in text, (claim, figure)
+
+
+_NUMBER = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)?(?:e-?\d+)?")
+
+
+def _numbers(tree) -> list[float]:
+    """Every number in a JSON tree."""
+    if isinstance(tree, dict):
+        return [x for v in tree.values() for x in _numbers(v)]
+    if isinstance(tree, list):
+        return [x for v in tree for x in _numbers(v)]
+    if isinstance(tree, int | float) and not isinstance(tree, bool):
+        return [float(tree)]
+    return []
+
+
+def _figure(token: str) -> tuple[float, float]:
+    """A figure as written (`2.5e-7`, `30,000`, `0.531`) and half its last
+    digit: the numbers it stands for are within that of it."""
+    text = token.replace(",", "")
+    mantissa, _, exponent = text.partition("e")
+    decimals = len(mantissa.partition(".")[2])
+    return float(text), 0.5 * 10.0 ** (int(exponent or 0) - decimals) * (1 + 1e-9)
+
+
+def _written(token: str, values) -> bool:
+    """Whether a figure as written is one of `values` rounded to its last digit
+    (or a share of one as a percentage, or seconds written in milliseconds)."""
+    figure, half = _figure(token)
+    return any(
+        abs(scale * x - figure) <= half for x in values for scale in (1, 100, 1000)
+    )
+
+
+def _ratio_of(token: str, before: list[str]) -> bool:
+    """Whether a figure as written is the ratio of two figures written before it
+    in its row, of three significant digits or more (each standing for any
+    number it rounds from)."""
+    figure, half = _figure(token)
+    precise = [
+        _figure(t)
+        for t in before
+        if len(t.replace(",", "").replace(".", "").lstrip("0")) >= 3
+    ]
+    return any(
+        (a - da) / (b + db) - half <= figure <= (a + da) / (b - db) + half
+        for a, da in precise
+        for b, db in precise
+        if b > db
+    )
+
+
+def test_every_figure_of_the_benchmark_tables_is_in_its_results():
+    """Each number in a table of benchmarks/README.md (shown by the docs'
+    benchmarks page) is a number of the results JSON its section names, to the
+    digits written; a speed-up (12.3×) may be the ratio of two figures before it
+    in its row. A rerun that changes a figure fails this test until
+    the table says the new one."""
+    text = (DOCS.parent / "benchmarks" / "README.md").read_text()
+    checked = 0
+    for section in re.split(r"\n## ", text)[1:]:
+        names = set()
+        for stem, devices in re.findall(
+            r"results/(\w+?)(?:_\{([\w,]+)\})?\.json", section
+        ):
+            names |= {f"{stem}_{d}" for d in devices.split(",")} if devices else {stem}
+        results = [json.loads((RESULTS / f"{n}.json").read_text()) for n in names]
+        assert results, f"section {section.splitlines()[0]!r} names no results"
+        values = [x for r in results for x in _numbers(r)]
+        for line in section.splitlines():
+            if not line.startswith("|") or set(line) <= set("|-: "):
+                continue
+            cells = line.strip("|").split("|")[1:]  # the first names the row
+            figures = [
+                (match.group(), cell[match.end() :].startswith("×"))
+                for cell in cells
+                for match in _NUMBER.finditer(cell)
+            ]
+            for k, (token, speedup) in enumerate(figures):
+                before = [t for t, _ in figures[:k]]
+                checked += 1
+                assert _written(token, values) or (
+                    speedup and _ratio_of(token, before)
+                ), (section.splitlines()[0], line, token)
+    assert checked > 300
 
 
 def test_the_docs_benchmark_tables_are_their_results():
