@@ -63,7 +63,10 @@ def power_iteration(
 
 
 def top_eigenpairs(
-    apply_rows: Callable[[jax.Array], jax.Array], start: jax.Array, iters: int
+    apply_rows: Callable[[jax.Array], jax.Array],
+    start: jax.Array,
+    iters: int,
+    count: int | jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """The k largest eigenvalues of a symmetric linear map and their eigenvectors,
     by a fixed number of LOBPCG iterations (Knyazev 2001) from `start`.
@@ -76,6 +79,13 @@ def top_eigenpairs(
     count, as exact work counts want. Directions that have become dependent (a
     residual that is zero: converged) are left out of the Ritz problem.
 
+    `count` (at most k, possibly traced) finds only the top `count` pairs from
+    the first `count` rows of `start`: the other rows are returned as given and
+    their values as 0, `apply_rows` gets zero rows there (`rows_applied` skips
+    them), and the Ritz problems are those of the smallest of the sizes 8, 16,
+    ..., k that holds `count` rows (`block_sizes`), so that the cost follows
+    `count`, not k.
+
     Returns:
         `(values, vectors)`: (k,) in descending order and (k, n) orthonormal rows.
 
@@ -86,28 +96,76 @@ def top_eigenpairs(
         Array([9., 8.], dtype=float32)
     """
     k = start.shape[0]
-    start = _unit_rows(start)
-    c, dropped = _orthonormalising(start)
-    x = c.T @ start
-    ax = apply_rows(x)
-    w, values = _ritz(ax, x, dropped, k)
-    x, ax = w.T @ x, w.T @ ax
+    sizes = block_sizes(k) if count is not None else (k,)
+    count = k if count is None else count
+    active = (jnp.arange(k) < count)[:, None]
+    tier = jnp.searchsorted(jnp.asarray(sizes), count) if len(sizes) > 1 else 0
+
+    def ritz(blocks, applied):
+        """The top Ritz pairs of the span of the first rows of `blocks` (each
+        (k, n)), in the smallest size that holds `count` of them: the new
+        iterates, the map applied to them, their values, and the parts of both
+        along the blocks after the first (the next search directions)."""
+
+        def of_size(size):
+            s = jnp.concatenate([b[:size] for b in blocks])
+            a_s = jnp.concatenate([b[:size] for b in applied])
+            c, dropped = _orthonormalising(s)
+            w, values = _ritz(c.T @ a_s, c.T @ s, dropped, size)
+            w = c @ w  # the Ritz vectors' coefficients on the rows of s
+            grown = [w.T @ s, w.T @ a_s, w[size:].T @ s[size:], w[size:].T @ a_s[size:]]
+            grown = [jnp.zeros_like(start).at[:size].set(x) for x in grown]
+            values = jnp.zeros(k, values.dtype).at[:size].set(values)
+            return *(jnp.where(active, x, 0) for x in grown), jnp.where(
+                active[:, 0], values, 0
+            )
+
+        branches = [lambda size=size: of_size(size) for size in sizes]
+        return jax.lax.switch(tier, branches) if len(sizes) > 1 else branches[0]()
+
+    x = jnp.where(active, _unit_rows(start), 0)
+    x, ax, _, _, values = ritz((x,), (apply_rows(x),))
     zeros = jnp.zeros_like(x)
 
     def body(_, carry):
         x, ax, values, p, ap = carry
         r = _unit_rows(ax - values[:, None] * x)
         p, ap = _unit_rows(p, ap)
-        s = jnp.concatenate([x, r, p])
-        a_s = jnp.concatenate([ax, apply_rows(r), ap])
-        c, dropped = _orthonormalising(s)
-        w, values = _ritz(c.T @ a_s, c.T @ s, dropped, k)
-        w = c @ w  # the Ritz vectors' coefficients on the rows of s
-        return w.T @ s, w.T @ a_s, values, w[k:].T @ s[k:], w[k:].T @ a_s[k:]
+        x, ax, p, ap, values = ritz((x, r, p), (ax, apply_rows(r), ap))
+        return x, ax, values, p, ap
 
-    start = (x, ax, values, zeros, zeros)
-    x, _, values, _, _ = jax.lax.fori_loop(0, iters, body, start)
-    return values, x
+    x, _, values, _, _ = jax.lax.fori_loop(
+        0, iters, body, (x, ax, values, zeros, zeros)
+    )
+    return values, jnp.where(active, x, start)
+
+
+def block_sizes(k: int) -> tuple[int, ...]:
+    """The sizes a problem on the first `count` of k rows is solved in (the
+    smallest that holds `count`): 8, 16, 32, ... below k, and k."""
+    return tuple(8 << i for i in range(max(k - 1, 1).bit_length()) if 8 << i < k) + (k,)
+
+
+def rows_applied(
+    apply: Callable[[jax.Array], jax.Array], rows: jax.Array, count, block: int = 4
+) -> jax.Array:
+    """`apply` (a linear map of one vector) on each of the first `count` rows of
+    `rows` (possibly traced), `block` rows at a time, and zero rows for the
+    others: work in proportion to `count`. A `count` of all the rows is one
+    batched application."""
+    k = rows.shape[0]
+    if isinstance(count, int) and count == k:
+        return jax.vmap(apply)(rows)
+    padded = jnp.pad(rows, ((0, -k % block), (0, 0)))
+
+    def chunk(i, out):
+        at = i * block
+        part = jax.lax.dynamic_slice_in_dim(padded, at, block)
+        return jax.lax.dynamic_update_slice_in_dim(out, jax.vmap(apply)(part), at, 0)
+
+    blocks = (count + block - 1) // block
+    out = jax.lax.fori_loop(0, blocks, chunk, jnp.zeros_like(padded))
+    return jnp.where((jnp.arange(padded.shape[0]) < count)[:, None], out, 0)[:k]
 
 
 def _unit_rows(rows: jax.Array, *along: jax.Array):

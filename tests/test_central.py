@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 
 import gflow
-from gflow._linalg import psd_qp, smat, svec, top_eigenpairs, upper_pairs
+from gflow._linalg import (
+    psd_qp,
+    rows_applied,
+    smat,
+    svec,
+    top_eigenpairs,
+    upper_pairs,
+)
 
 LR = 0.1
 C = -0.5  # the loss's slope along y: the flow sharpens at rate −C
@@ -184,6 +191,35 @@ def test_bad_input_is_refused():
         )
 
 
+def test_the_default_tracks_more_eigenvalues_as_they_reach_the_edge():
+    # A network of 12 outputs, each a two-layer linear chain a_i b_i fitting y_i
+    # > 1/lr: every minimum is sharper than the edge 2/lr, so each output's
+    # eigenvalue rises to the edge and stays; 12 at the edge, more than the 4
+    # the default starts with (or the 8 it once could track). The flow comes to
+    # rest where each block is balanced (a_i = b_i) with its top Hessian
+    # eigenvalue, 3a_i² − y_i, at the edge: a_i² = (2/lr + y_i)/3.
+    y = jnp.linspace(1.1, 1.4, 12) / LR
+
+    def loss(params, data):
+        return 0.5 * jnp.sum((params["a"] * params["b"] - y) ** 2)
+
+    params0 = {"a": jnp.linspace(0.1, 0.2, 12), "b": jnp.linspace(0.15, 0.05, 12)}
+    central = gflow.simulate(
+        loss, None, 80.0 * LR, params0=params0, n_save=41,
+        flow=gflow.flows.CentralFlow(LR),
+    )  # fmt: skip
+    tracked, at_edge = central.metrics["tracked"], central.metrics["edge_count"]
+    assert tracked[0] == 4 and tracked[-1] == 16 and np.all(np.diff(tracked) >= 0)
+    assert at_edge[-1] == 12 and np.all(at_edge <= tracked)
+    a, b = (np.asarray(central.params[k][-1]) for k in "ab")
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    # (The edge is held to about 1e-5 by the relaxation of the constraint.)
+    np.testing.assert_allclose(a**2, (2 / LR + y) / 3, rtol=1e-4)
+    effective = central.metrics["effective_eigenvalues"][-1]
+    np.testing.assert_allclose(effective[:12], 2.0, rtol=1e-4)
+    assert np.all(effective[12:16] < 2 * 0.75) and np.all(np.isnan(effective[16:]))
+
+
 def test_too_few_tracked_eigenvalues_are_refused():
     # Three equal curvatures at the edge, one tracked.
     def loss(params, data):
@@ -198,15 +234,29 @@ def test_too_few_tracked_eigenvalues_are_refused():
     # that, says it cannot model the run. (Its check on a finished run, every
     # tracked eigenvalue at the edge, of 40 parameters.)
     for track, match in ((31, "track=32"), (32, "32 is the most CentralFlow tracks")):
-        crowded = gflow.Trajectory(
-            ts=jnp.asarray([0.0, 0.5]), params={"w": jnp.ones((2, 40))},
-            velocity={"w": jnp.zeros((2, 40))}, loss=jnp.ones(2),
-            grad_norm=jnp.ones(2), result="successful", stats={}, meta={},
-            metrics={"effective_eigenvalues": jnp.full((2, track), 2.0)},
-            param_rows=np.arange(2),
-        )  # fmt: skip
         with pytest.raises(ValueError, match=match):
-            gflow.flows.CentralFlow(LR, track=track).check(crowded)
+            gflow.flows.CentralFlow(LR, track=track).check(_at_edge(track, track))
+    # The default adapts up to 16: 12 tracked, all at the edge, is not a
+    # refusal (it tracks more in the next step); 16 is, naming a fixed track.
+    gflow.flows.CentralFlow(LR).check(_at_edge(12, 16))
+    with pytest.raises(ValueError, match=r"CentralFlow\(\): all 16 .* track=24\)"):
+        gflow.flows.CentralFlow(LR).check(_at_edge(16, 16))
+
+
+def _at_edge(tracked: int, slots: int) -> gflow.Trajectory:
+    """A finished central flow of 40 parameters with `tracked` eigenvalues
+    tracked (of `slots`), all at the edge."""
+    effective = jnp.where(jnp.arange(slots) < tracked, 2.0, jnp.nan)
+    return gflow.Trajectory(
+        ts=jnp.asarray([0.0, 0.5]), params={"w": jnp.ones((2, 40))},
+        velocity={"w": jnp.zeros((2, 40))}, loss=jnp.ones(2),
+        grad_norm=jnp.ones(2), result="successful", stats={}, meta={},
+        metrics={
+            "effective_eigenvalues": jnp.tile(effective, (2, 1)),
+            "tracked": jnp.full(2, tracked),
+        },
+        param_rows=np.arange(2),
+    )  # fmt: skip
 
 
 def test_midpoints_average_out_a_period_two_oscillation():
@@ -250,6 +300,34 @@ def test_top_eigenpairs_match_numpy():
         lambda x: x @ jnp.diag(jnp.arange(6.0)), jnp.eye(6)[4:], 5
     )
     np.testing.assert_array_equal(exact, [5.0, 4.0])
+
+
+def test_top_eigenpairs_of_the_first_rows_only():
+    # With a count, the first `count` rows are iterated (in Ritz problems of
+    # size 8 for 6, and 16 for 12): the top `count` pairs; the other rows come back
+    # as given. `rows_applied` applies the map to the first `count` rows only.
+    rng = np.random.default_rng(2)
+    q = np.linalg.qr(rng.normal(size=(50, 50)))[0]
+    values = np.concatenate([np.linspace(20.0, 9.0, 12), rng.uniform(-1, 5, 38)])
+    a = jnp.asarray(q @ np.diag(values) @ q.T)
+    start = jnp.asarray(rng.normal(size=(32, 50)))
+
+    def apply_rows(rows):
+        return rows_applied(lambda v: a @ v, rows, count)
+
+    for count in (6, 12):
+        found, vectors = jax.jit(
+            lambda s, c: top_eigenpairs(apply_rows, s, 30, c)
+        )(start, count)  # fmt: skip
+        np.testing.assert_allclose(found[:count], values[:count], rtol=1e-9)
+        assert np.all(found[count:] == 0)
+        np.testing.assert_array_equal(vectors[count:], start[count:])
+        tracked = vectors[:count]
+        np.testing.assert_allclose(tracked @ tracked.T, np.eye(count), atol=1e-12)
+    rows = jnp.asarray(rng.normal(size=(10, 50)))
+    applied = rows_applied(lambda v: a @ v, rows, jnp.asarray(7))
+    np.testing.assert_allclose(applied[:7], rows[:7] @ a, atol=1e-12)
+    assert np.all(applied[7:] == 0)
 
 
 def test_svec_is_an_isometry():

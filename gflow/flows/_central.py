@@ -13,7 +13,16 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from .._checks import check_functions, check_int
-from .._linalg import hvp, psd_qp, smat, svec, top_eigenpairs, upper_pairs
+from .._linalg import (
+    block_sizes,
+    hvp,
+    psd_qp,
+    rows_applied,
+    smat,
+    svec,
+    top_eigenpairs,
+    upper_pairs,
+)
 from .._tree import like_dtype, tree_scrambled
 from ..optimizers import GD, AbstractOptimizer
 from ..optimizers._optimizers import describe
@@ -30,6 +39,14 @@ _NEAR_EDGE = 1.8
 _TRACKED_FLOOR = 0.75
 #: The most eigenpairs a central flow tracks.
 _MOST_TRACKED = 32
+#: A central flow that adapts its tracked set (`track=None`) starts with this
+#: many eigenpairs and adds as many whenever the lowest tracked eigenvalue
+#: reaches `_TRACKED_FLOOR` of the edge, up to `_MOST_ADAPTED`: each size class
+#: it may reach (8, 16) compiles its own Ritz and complementarity problems,
+#: about 2.7 s each on the 2-core CPU, so the default stops at 16 (a
+#: 10-class classifier needs about that) and a fixed `track` goes to 32.
+_TRACK_STEP = 4
+_MOST_ADAPTED = 16
 
 
 class CentralFlow(AbstractFlow):
@@ -74,22 +91,33 @@ class CentralFlow(AbstractFlow):
     Hessian-vector products and third-order products exactly
     (`num_third_order_evals`).
 
+    The tracked set must hold every eigenvalue at the edge. By default it
+    adapts inside the run: it starts with the top 4 eigenpairs and takes 4 more
+    (from directions that look random, refined by the next steps' LOBPCG)
+    whenever the lowest tracked eigenvalue reaches 3/4 of the edge, up to 16
+    (or the number of parameters), so that a classifier, which brings about one
+    eigenvalue per class to the edge, needs no setting; the row metric
+    `"tracked"` says how many it tracks. The cost follows the tracked count:
+    its Hessian-vector products, the Ritz problems and the complementarity
+    problem are sized by it (in blocks of 8 and 16).
+
     It stops being accurate where its assumptions fail: GD's oscillation must
     be small enough for a cubic model of the loss around its centre, and the
-    tracked set must hold every eigenvalue at the edge. A run in which all
-    `track` tracked eigenvalues rose above 3/4 of the edge is refused (raise
-    `track`).
+    tracked set must hold every eigenvalue at the edge. A run in which every
+    tracked eigenvalue rose above 3/4 of the edge with no room to track more
+    is refused.
 
     Args:
         lr: the learning rate of the gradient descent it models (> 0), or
             `gflow.optimizers.GD(lr)` (a constant rate: schedules and the other
             optimisers have their rod flows, `gflow.flows.RodFlow(opt)`). A new
             value reuses the compiled program.
-        track: how many top eigenpairs are tracked (1 to 32; default 3). An
-            evaluation costs a gradient, `track` Hessian-vector products and
+        track: how many top eigenpairs are tracked (1 to 32), or None (the
+            default) to adapt it inside the run, 4 to 16. An evaluation costs
+            a gradient, one Hessian-vector product per tracked pair and
             m(m + 1)/2 third-order products for the m tracked eigenvalues near
-            the edge; a step attempt `track * (eig_iters + 1)` more
-            Hessian-vector products.
+            the edge; a step attempt `eig_iters + 1` more Hessian-vector
+            products per tracked pair.
         eig_iters: LOBPCG iterations after every step attempt (default 3).
         observables: `{name: f(params, data)}`: scalar functions whose time
             average over GD's oscillation is predicted at every saved row.
@@ -103,7 +131,8 @@ class CentralFlow(AbstractFlow):
     """
 
     lr: np.ndarray
-    track: int = eqx.field(static=True)
+    track: int = eqx.field(static=True)  # the most it tracks
+    adapts: bool = eqx.field(static=True)  # whether the tracked set grows
     eig_iters: int = eqx.field(static=True)
     observables: tuple[tuple[str, Callable], ...] = ()
     gradient_field: ClassVar[bool] = False
@@ -112,7 +141,7 @@ class CentralFlow(AbstractFlow):
         self,
         lr: float | GD,
         *,
-        track: int = 3,
+        track: int | None = None,
         eig_iters: int = 3,
         observables: Mapping[str, Callable] | None = None,
     ):
@@ -126,13 +155,15 @@ class CentralFlow(AbstractFlow):
                 )
             lr = float(lr.lr)
         self.lr = _rate("lr", lr)
+        self.adapts = track is None
         for name, value, most in (
-            ("track", track, _MOST_TRACKED),
+            ("track", _MOST_TRACKED if track is None else track, _MOST_TRACKED),
             ("eig_iters", eig_iters, 100),
         ):
             if check_int(name, value, 1) > most:
                 raise ValueError(f"`{name}` must be at most {most}; got {value}.")
-        self.track, self.eig_iters = int(track), int(eig_iters)
+        self.track = _MOST_ADAPTED if track is None else int(track)
+        self.eig_iters = int(eig_iters)
         self.observables = check_functions("observables", observables)
 
     @property
@@ -145,7 +176,8 @@ class CentralFlow(AbstractFlow):
         return Work(1, self.track, self._pairs)
 
     def evaluation_cost(self, carried):
-        return Work(1, self.track, _pairs_at_edge(self._at_edge(carried.values)))
+        m = self._at_edge(carried.values)
+        return Work(1, carried.count, _pairs_at_edge(m))
 
     def _at_edge(self, values):
         """How many tracked eigenvalues (descending) are near enough to the edge
@@ -154,22 +186,34 @@ class CentralFlow(AbstractFlow):
         return jnp.sum(lr * values >= _NEAR_EDGE).astype(jnp.int32)
 
     def init(self, loss_fn, params, data):
-        """The parameters; carried, the top `track` Hessian eigenvectors there
-        (rows of a (track, n) array, n the number of trained parameters) with
-        their eigenvalues: what a step starts its eigen-solves from."""
+        """The parameters; carried, the top Hessian eigenvectors there (rows of a
+        (k, n) array, k the most it tracks and n the number of trained
+        parameters; the rows past those it tracks hold the directions it starts
+        the next ones from) with their eigenvalues: what a step starts its
+        eigen-solves from."""
         flat = ravel_pytree(params)[0]
-        start = tree_scrambled(jnp.zeros((self.track, flat.size), flat.dtype))
-        values, vectors = _eigen(loss_fn, params, data, start, _START_ITERS)
-        work = Work(hvps=self.track * (_START_ITERS + 1))
-        return FlowState(params), Eigenpairs(vectors, values), work
+        most = min(self.track, flat.size) if self.adapts else self.track
+        start = tree_scrambled(jnp.zeros((most, flat.size), flat.dtype))
+        count = min(_TRACK_STEP, most) if self.adapts else most
+        carried = Eigenpairs(start, jnp.zeros(most, flat.dtype), jnp.int32(count))
+        carried = _eigen(loss_fn, params, data, carried, _START_ITERS, self.adapts)
+        work = Work(hvps=count * (_START_ITERS + 1))
+        return FlowState(params), carried, work
 
     def update(self, loss_fn, state, carried, data):
         """The tracked eigenpairs at the end of a step attempt, refined by
-        `eig_iters` LOBPCG iterations from the last ones."""
-        values, vectors = _eigen(
-            loss_fn, state.params, data, carried.vectors, self.eig_iters
+        `eig_iters` LOBPCG iterations from the last ones; an adapting flow first
+        tracks `_TRACK_STEP` more if the lowest tracked one neared the edge."""
+        if self.adapts:
+            count, most = carried.count, carried.values.shape[0]
+            lowest = carried.values[count - 1]
+            crowded = like_dtype(self.lr, lowest) * lowest >= 2 * _TRACKED_FLOOR
+            grown = jnp.where(crowded, jnp.minimum(count + _TRACK_STEP, most), count)
+            carried = eqx.tree_at(lambda c: c.count, carried, grown)
+        carried = _eigen(
+            loss_fn, state.params, data, carried, self.eig_iters, self.adapts
         )
-        return Eigenpairs(vectors, values), Work(hvps=self.track * (self.eig_iters + 1))
+        return carried, Work(hvps=carried.count * (self.eig_iters + 1))
 
     def vector_field(self, loss_fn: Callable) -> Callable:
         def field(t, state, data, carried):
@@ -182,7 +226,7 @@ class CentralFlow(AbstractFlow):
             # too long. inf/NaN makes the engine reject it and shrink it, until
             # it ends below the edge; the next step then includes it.
             lr = like_dtype(self.lr, values)
-            outside = jnp.arange(self.track) >= self._at_edge(carried.values)
+            outside = jnp.arange(values.shape[0]) >= self._at_edge(carried.values)
             escaped = jnp.any(outside & (lr * values > 2))
             velocity = jax.tree.map(lambda v: jnp.where(escaped, jnp.nan, v), velocity)
             return FlowState(velocity)
@@ -197,30 +241,43 @@ class CentralFlow(AbstractFlow):
         sigma = smat(x)  # Σ in the basis of the tracked eigenvectors
         spread = jnp.linalg.eigvalsh(sigma)
         support = spread > 1e-6 * spread[-1]
+        tracked = jnp.arange(values.shape[0]) < carried.count
+        effective = like_dtype(self.lr, values) * values
         metrics = {
             "sharpness": values[0],
-            "effective_eigenvalues": like_dtype(self.lr, values) * values,
+            # NaN past the tracked pairs (an adapting flow tracks more later).
+            "effective_eigenvalues": jnp.where(tracked, effective, jnp.nan),
+            "tracked": jnp.asarray(carried.count, jnp.int32),
             "predicted_loss": loss + jnp.sum(jnp.diag(sigma) * values) / 2,
             "oscillation": jnp.trace(sigma),
             "edge_count": jnp.sum(support & (spread[-1] > 0)).astype(jnp.int32),
         }
+        count = carried.count if self.adapts else self.track
         for name, fn in self.observables:
-            metrics[name] = _predicted(fn, params, data, vectors, sigma)
-        hvps = self.track * (1 + len(self.observables))
+            metrics[name] = _predicted(fn, params, data, vectors, sigma, count)
+        hvps = carried.count * (1 + len(self.observables))
         work = Work(hvps=hvps, thirds=_pairs_at_edge(self._at_edge(carried.values)))
         return velocity, metrics, work
 
     def check(self, trajectory) -> None:
-        """Refuse a run in which every tracked eigenvalue neared the edge (unless
-        every eigenvalue is tracked): more may be at the edge than are tracked."""
+        """Refuse a run in which every tracked eigenvalue neared the edge with no
+        room to track more (unless every eigenvalue is tracked): more may be at
+        the edge than are tracked."""
         lead = 1 if trajectory.batch_size is None else 2
         trained = eqx.filter(trajectory.params, eqx.is_inexact_array)
         n = sum(int(np.prod(x.shape[lead:])) for x in jax.tree.leaves(trained))
-        lowest = np.asarray(trajectory.metrics["effective_eigenvalues"])[..., -1]
-        crowded = np.flatnonzero(np.reshape(lowest >= 2 * _TRACKED_FLOOR, -1))
-        if crowded.size and self.track < n:
+        effective = np.asarray(trajectory.metrics["effective_eigenvalues"])
+        tracked = np.asarray(trajectory.metrics["tracked"])
+        with np.errstate(invalid="ignore"):
+            lowest = np.nanmin(np.where(np.isnan(effective), np.inf, effective), -1)
+        most = min(self.track, n)
+        full = (lowest >= 2 * _TRACKED_FLOOR) & (tracked >= most)
+        crowded = np.flatnonzero(np.reshape(full, -1))
+        if crowded.size and most < n:
             ts = np.reshape(np.asarray(trajectory.ts), -1)
-            more = min(self.track + 2, _MOST_TRACKED, n)
+            more = min(
+                self.track + (2 * _TRACK_STEP if self.adapts else 2), _MOST_TRACKED, n
+            )
             advice = (
                 f"Track more: CentralFlow(lr, track={more})."
                 if self.track < _MOST_TRACKED
@@ -228,11 +285,11 @@ class CentralFlow(AbstractFlow):
                 "model this run (more eigenvalues may be at the edge than it can "
                 "track, as on a network of many outputs)."
             )
+            name = "" if self.adapts else f"track={self.track}"
             raise ValueError(
-                f"CentralFlow(track={self.track}): all {self.track} tracked "
-                f"eigenvalues reached lr·λ ≥ {2 * _TRACKED_FLOOR:g} (at t = "
-                f"{ts[crowded[0]]:.4g}); more eigenvalues than are tracked may be at "
-                f"the edge 2/lr. {advice}"
+                f"CentralFlow({name}): all {most} tracked eigenvalues reached "
+                f"lr·λ ≥ {2 * _TRACKED_FLOOR:g} (at t = {ts[crowded[0]]:.4g}); more "
+                f"eigenvalues than are tracked may be at the edge 2/lr. {advice}"
             )
 
 
@@ -242,11 +299,14 @@ def _flat_gradient(loss_fn, unravel, data):
 
 
 class Eigenpairs(eqx.Module):
-    """What a central flow carries: the tracked Hessian eigenvectors (rows) and
-    eigenvalues (descending) at the end of the last step, a warm start."""
+    """What a central flow carries: the tracked Hessian eigenvectors (the first
+    `count` rows) and eigenvalues (descending; 0 past `count`) at the end of the
+    last step, a warm start; the rows past `count` are the directions the next
+    tracked pairs start from."""
 
     vectors: jax.Array
     values: jax.Array
+    count: jax.Array
 
 
 # Jitted, so that the solver's stages and the saved rows share one trace of it.
@@ -255,17 +315,13 @@ def _solve(flow: CentralFlow, loss_fn, params, carried: Eigenpairs, data, gradie
     """dθ/dt at `params`, the tracked eigenpairs there (Rayleigh-Ritz in the
     span of the carried vectors) and svec(X)."""
     flat, unravel = ravel_pytree(params)
-    values, u = _eigen(loss_fn, params, data, carried.vectors, 0)
+    here = _eigen(loss_fn, params, data, carried, 0, flow.adapts)
+    values, u = here.values, here.vectors
     m = flow._at_edge(carried.values)  # fixed over a step: its cost is known
     products = _edge_products(loss_fn, unravel, flat, data, u, m)
     g = ravel_pytree(gradient)[0]
-    lr = like_dtype(flow.lr, flat)
-    # d/dt of svec(UᵀHU) is −(products @ g) − ½ (products productsᵀ) x; the
-    # edge 2/lr is kept by −d/dt ⪰ −(1/lr)(2/lr − UᵀHU) on the support of X.
-    a = products @ g + svec(jnp.diag(2 / lr - values)) / lr
-    x = _complementarity(products @ products.T / 2, a, m)
-    velocity = unravel(-g - products.T @ x / 2)
-    return velocity, values, u, x
+    x, correction = _complementarity(products, g, values, like_dtype(flow.lr, flat), m)
+    return unravel(-g - correction), values, u, x
 
 
 def _pairs_at_edge(m):
@@ -290,44 +346,74 @@ def _edge_products(loss_fn, unravel, flat, data, u, m):
     return jax.lax.fori_loop(0, _pairs_at_edge(m), product, empty)
 
 
-def _complementarity(q, a, m):
+def _complementarity(products, g, values, lr, m):
     """svec(X) of the complementarity problem restricted to the first `m` tracked
-    vectors (X zero outside their block): none, one (closed form) or more
-    (`psd_qp`)."""
-    pairs = len(a)
-    inside = jnp.arange(pairs) < _pairs_at_edge(m)
+    vectors (X zero outside their block), and the flow's correction ½ Gᵀx (G:
+    `products`): none, one (closed form) or more (`psd_qp`), each in the
+    smallest of the blocks 8, 16, ... that holds m, so that its cost follows
+    m, not how many are tracked.
+
+    d/dt of svec(UᵀHU) is −(G g) − ½ (G Gᵀ) x; the edge 2/lr is kept by −d/dt
+    ⪰ −(1/lr)(2/lr − UᵀHU) on the support of X: min a·x + ½ xᵀ(G Gᵀ/2)x over X
+    ⪰ 0, with a = G g + svec(2/lr − UᵀHU)/lr."""
+    k = len(values)
+    pairs = _pairs_at_edge(k)
 
     def one():
-        x = jnp.maximum(0, -a[0] / jnp.where(q[0, 0] > 0, q[0, 0], 1))
-        return jnp.zeros_like(a).at[0].set(jnp.where(m == 1, x, 0))
+        row = products[0]
+        a = row @ g + (2 / lr - values[0]) / lr
+        curvature = row @ row / 2
+        x = jnp.where(
+            m == 1, jnp.maximum(0, -a / jnp.where(curvature > 0, curvature, 1)), 0
+        )
+        return jnp.zeros(pairs, g.dtype).at[0].set(x), row * x / 2
 
-    def several():
-        i, j = upper_pairs(smat(a).shape[-1])
-        # Outside the block: unit curvature and a positive cost on the
+    def block(size):
+        within = _pairs_at_edge(size)
+        i, j = upper_pairs(size)
+        rows = products[:within]
+        a = rows @ g + svec(jnp.diag(2 / lr - values[:size])) / lr
+        inside = jnp.arange(within) < _pairs_at_edge(m)
+        # Outside the edge's block: unit curvature and a positive cost on the
         # diagonal, so X is zero there.
-        held = jnp.where(inside[:, None] & inside[None, :], q, jnp.eye(pairs))
+        q = rows @ rows.T / 2
+        held = jnp.where(inside[:, None] & inside[None, :], q, jnp.eye(within))
         cost = jnp.where(inside, a, jnp.asarray(i == j, a.dtype))
-        return psd_qp(held.astype(a.dtype), cost)
+        x = psd_qp(held.astype(a.dtype), cost)
+        return jnp.zeros(pairs, g.dtype).at[:within].set(x), rows.T @ x / 2
 
-    if pairs == 1:
+    if k == 1:
         return one()
-    return jax.lax.cond(m <= 1, one, several)
+    sizes = block_sizes(k)
+    branches = [one] + [lambda size=size: block(size) for size in sizes]
+    tier = jnp.where(m <= 1, 0, 1 + jnp.searchsorted(jnp.asarray(sizes), m))
+    return jax.lax.switch(tier, branches)
 
 
-def _eigen(loss_fn, params, data, start, iters):
-    """The top eigenpairs of the loss Hessian at `params`, from rows `start`."""
+def _eigen(loss_fn, params, data, carried: Eigenpairs, iters, adapts) -> Eigenpairs:
+    """The top `carried.count` eigenpairs of the loss Hessian at `params`, by
+    `iters` LOBPCG iterations from `carried`'s rows (all of them unless the
+    flow `adapts`: then the tracked ones, the rest kept)."""
     flat, unravel = ravel_pytree(params)
     flat_grad = _flat_gradient(loss_fn, unravel, data)
-    hvps = jax.vmap(lambda v: jax.jvp(flat_grad, (flat,), (v,))[1])
-    return top_eigenpairs(hvps, start.astype(flat.dtype), iters)
+    count = carried.count if adapts else carried.values.shape[0]
+
+    def hvps(rows):
+        return rows_applied(lambda v: jax.jvp(flat_grad, (flat,), (v,))[1], rows, count)
+
+    start = carried.vectors.astype(flat.dtype)
+    values, vectors = top_eigenpairs(hvps, start, iters, count if adapts else None)
+    return Eigenpairs(vectors, values, carried.count)
 
 
-def _predicted(fn, params, data, vectors, sigma):
-    """f(θ) + ½⟨Σ, ∇²f⟩, Σ = Uᵀ sigma U: f's average over the oscillation."""
+def _predicted(fn, params, data, vectors, sigma, count):
+    """f(θ) + ½⟨Σ, ∇²f⟩, Σ = Uᵀ sigma U (U the first `count` rows of
+    `vectors`): f's average over the oscillation."""
     flat, unravel = ravel_pytree(params)
 
     def flat_fn(z, data):
         return fn(unravel(z), data)
 
-    curvature = jax.vmap(lambda v: hvp(flat_fn, flat, data, v))(vectors)
-    return flat_fn(flat, data) + jnp.sum(sigma * (vectors @ curvature.T)) / 2
+    tracked = jnp.where((jnp.arange(len(vectors)) < count)[:, None], vectors, 0)
+    curvature = rows_applied(lambda v: hvp(flat_fn, flat, data, v), tracked, count)
+    return flat_fn(flat, data) + jnp.sum(sigma * (tracked @ curvature.T)) / 2
