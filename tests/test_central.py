@@ -230,6 +230,19 @@ def test_too_few_tracked_eigenvalues_are_refused():
             loss, None, 0.5, params0=jnp.ones(3),
             flow=gflow.flows.CentralFlow(LR, track=1),
         )  # fmt: skip
+    # Refused at the first step that shows it: from there the flow stands still
+    # (it reaches t_max in a few steps), and the call raises at the end.
+    flow = gflow.flows.CentralFlow(LR, track=1)
+    state, carried, _ = flow.init(loss, jnp.ones(3), None)
+    assert not carried.refused
+    carried, _ = flow.update(loss, state, carried, None)
+    assert carried.refused
+    velocity = flow.field(loss, carried)(0.0, state, None).params
+    np.testing.assert_array_equal(velocity, 0.0)
+    # With every parameter tracked, nothing is missing: not refused.
+    full = gflow.flows.CentralFlow(LR, track=3)
+    state, carried, _ = full.init(loss, jnp.ones(3), None)
+    assert not full.update(loss, state, carried, None)[0].refused
     # It suggests only what CentralFlow accepts: 32 at most (not 33), and past
     # that, says it cannot model the run. (Its check on a finished run, every
     # tracked eigenvalue at the edge, of 40 parameters.)

@@ -104,8 +104,10 @@ class CentralFlow(AbstractFlow):
     It stops being accurate where its assumptions fail: GD's oscillation must
     be small enough for a cubic model of the loss around its centre, and the
     tracked set must hold every eigenvalue at the edge. A run in which every
-    tracked eigenvalue rose above 3/4 of the edge with no room to track more
-    is refused.
+    tracked eigenvalue rises above 3/4 of the edge with no room to track more
+    is refused as soon as that happens: the flow stands still from there (so
+    that the run ends in a few steps) and the call raises a ValueError naming
+    the time and a larger `track`.
 
     Args:
         lr: the learning rate of the gradient descent it models (> 0), or
@@ -195,7 +197,9 @@ class CentralFlow(AbstractFlow):
         most = min(self.track, flat.size) if self.adapts else self.track
         start = tree_scrambled(jnp.zeros((most, flat.size), flat.dtype))
         count = min(_TRACK_STEP, most) if self.adapts else most
-        carried = Eigenpairs(start, jnp.zeros(most, flat.dtype), jnp.int32(count))
+        carried = Eigenpairs(
+            start, jnp.zeros(most, flat.dtype), jnp.int32(count), jnp.bool_(False)
+        )
         carried = _eigen(loss_fn, params, data, carried, _START_ITERS, self.adapts)
         work = Work(hvps=count * (_START_ITERS + 1))
         return FlowState(params), carried, work
@@ -213,6 +217,14 @@ class CentralFlow(AbstractFlow):
         carried = _eigen(
             loss_fn, state.params, data, carried, self.eig_iters, self.adapts
         )
+        # Every tracked eigenvalue near the edge with no room to track more: the
+        # run will be refused (`check`). From here the flow stands still, so that
+        # it reaches its end in a few steps instead of computing what is refused.
+        most, n = carried.vectors.shape
+        lowest = carried.values[carried.count - 1]
+        crowded = like_dtype(self.lr, lowest) * lowest >= 2 * _TRACKED_FLOOR
+        refused = carried.refused | (crowded & (carried.count >= most) & (most < n))
+        carried = eqx.tree_at(lambda c: c.refused, carried, refused)
         return carried, Work(hvps=carried.count * (self.eig_iters + 1))
 
     def vector_field(self, loss_fn: Callable) -> Callable:
@@ -228,7 +240,10 @@ class CentralFlow(AbstractFlow):
             lr = like_dtype(self.lr, values)
             outside = jnp.arange(values.shape[0]) >= self._at_edge(carried.values)
             escaped = jnp.any(outside & (lr * values > 2))
-            velocity = jax.tree.map(lambda v: jnp.where(escaped, jnp.nan, v), velocity)
+            velocity = jax.tree.map(
+                lambda v: jnp.where(carried.refused, 0, jnp.where(escaped, jnp.nan, v)),
+                velocity,
+            )
             return FlowState(velocity)
 
         return field
@@ -302,11 +317,13 @@ class Eigenpairs(eqx.Module):
     """What a central flow carries: the tracked Hessian eigenvectors (the first
     `count` rows) and eigenvalues (descending; 0 past `count`) at the end of the
     last step, a warm start; the rows past `count` are the directions the next
-    tracked pairs start from."""
+    tracked pairs start from. `refused`: every tracked eigenvalue neared the
+    edge with no room to track more (the run stands still from then on)."""
 
     vectors: jax.Array
     values: jax.Array
     count: jax.Array
+    refused: jax.Array
 
 
 # Jitted, so that the solver's stages and the saved rows share one trace of it.
@@ -403,7 +420,7 @@ def _eigen(loss_fn, params, data, carried: Eigenpairs, iters, adapts) -> Eigenpa
 
     start = carried.vectors.astype(flat.dtype)
     values, vectors = top_eigenpairs(hvps, start, iters, count if adapts else None)
-    return Eigenpairs(vectors, values, carried.count)
+    return eqx.tree_at(lambda c: (c.vectors, c.values), carried, (vectors, values))
 
 
 def _predicted(fn, params, data, vectors, sigma, count):
