@@ -252,7 +252,7 @@ def test_too_few_tracked_eigenvalues_are_refused():
     # The default adapts up to 16: 12 tracked, all at the edge, is not a
     # refusal (it tracks more in the next step); 16 is, naming a fixed track.
     gflow.flows.CentralFlow(LR).check(_at_edge(12, 16))
-    with pytest.raises(ValueError, match=r"CentralFlow\(\): all 16 .* track=24\)"):
+    with pytest.raises(ValueError, match=r"CentralFlow\(lr\): all 16 .* track=24\)"):
         gflow.flows.CentralFlow(LR).check(_at_edge(16, 16))
 
 

@@ -187,6 +187,12 @@ class CentralFlow(AbstractFlow):
         lr = like_dtype(self.lr, values)
         return jnp.sum(lr * values >= _NEAR_EDGE).astype(jnp.int32)
 
+    def _crowded(self, carried):
+        """Whether the lowest tracked eigenvalue reached `_TRACKED_FLOOR` of the
+        edge: more may be near the edge than are tracked."""
+        lowest = carried.values[carried.count - 1]
+        return like_dtype(self.lr, lowest) * lowest >= 2 * _TRACKED_FLOOR
+
     def init(self, loss_fn, params, data):
         """The parameters; carried, the top Hessian eigenvectors there (rows of a
         (k, n) array, k the most it tracks and n the number of trained
@@ -210,9 +216,8 @@ class CentralFlow(AbstractFlow):
         tracks `_TRACK_STEP` more if the lowest tracked one neared the edge."""
         if self.adapts:
             count, most = carried.count, carried.values.shape[0]
-            lowest = carried.values[count - 1]
-            crowded = like_dtype(self.lr, lowest) * lowest >= 2 * _TRACKED_FLOOR
-            grown = jnp.where(crowded, jnp.minimum(count + _TRACK_STEP, most), count)
+            more = jnp.minimum(count + _TRACK_STEP, most)
+            grown = jnp.where(self._crowded(carried), more, count)
             carried = eqx.tree_at(lambda c: c.count, carried, grown)
         carried = _eigen(
             loss_fn, state.params, data, carried, self.eig_iters, self.adapts
@@ -221,9 +226,8 @@ class CentralFlow(AbstractFlow):
         # run will be refused (`check`). From here the flow stands still, so that
         # it reaches its end in a few steps instead of computing what is refused.
         most, n = carried.vectors.shape
-        lowest = carried.values[carried.count - 1]
-        crowded = like_dtype(self.lr, lowest) * lowest >= 2 * _TRACKED_FLOOR
-        refused = carried.refused | (crowded & (carried.count >= most) & (most < n))
+        full = (carried.count >= most) & (most < n)
+        refused = carried.refused | (self._crowded(carried) & full)
         carried = eqx.tree_at(lambda c: c.refused, carried, refused)
         return carried, Work(hvps=carried.count * (self.eig_iters + 1))
 
@@ -300,7 +304,7 @@ class CentralFlow(AbstractFlow):
                 "model this run (more eigenvalues may be at the edge than it can "
                 "track, as on a network of many outputs)."
             )
-            name = "" if self.adapts else f"track={self.track}"
+            name = "lr" if self.adapts else f"lr, track={self.track}"
             raise ValueError(
                 f"CentralFlow({name}): all {most} tracked eigenvalues reached "
                 f"lr·λ ≥ {2 * _TRACKED_FLOOR:g} (at t = {ts[crowded[0]]:.4g}); more "
