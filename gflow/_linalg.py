@@ -79,7 +79,8 @@ def top_eigenpairs(
     count, as exact work counts want. Directions that have become dependent (a
     residual that is zero: converged) are left out of the Ritz problem.
 
-    `count` (at most k, possibly traced) finds only the top `count` pairs from
+    `count` (at most k, possibly traced; None or k: all) finds only the top
+    `count` pairs from
     the first `count` rows of `start`: the other rows are returned as given and
     their values as 0, `apply_rows` gets zero rows there (`rows_applied` skips
     them), and the Ritz problems are those of the smallest of the sizes 8, 16,
@@ -96,8 +97,8 @@ def top_eigenpairs(
         Array([9., 8.], dtype=float32)
     """
     k = start.shape[0]
-    sizes = block_sizes(k) if count is not None else (k,)
-    count = k if count is None else count
+    every = count is None or (isinstance(count, int) and count == k)
+    sizes, count = ((k,), k) if every else (block_sizes(k), count)
     active = (jnp.arange(k) < count)[:, None]
     tier = jnp.searchsorted(jnp.asarray(sizes), count) if len(sizes) > 1 else 0
 

@@ -187,6 +187,11 @@ class CentralFlow(AbstractFlow):
         lr = like_dtype(self.lr, values)
         return jnp.sum(lr * values >= _NEAR_EDGE).astype(jnp.int32)
 
+    def _tracked(self, carried):
+        """How many eigenpairs it tracks: the carried count if it adapts
+        (traced), else `track` (static, so that its solves are batched whole)."""
+        return carried.count if self.adapts else self.track
+
     def _crowded(self, carried):
         """Whether the lowest tracked eigenvalue reached `_TRACKED_FLOOR` of the
         edge: more may be near the edge than are tracked."""
@@ -206,7 +211,9 @@ class CentralFlow(AbstractFlow):
         carried = Eigenpairs(
             start, jnp.zeros(most, flat.dtype), jnp.int32(count), jnp.bool_(False)
         )
-        carried = _eigen(loss_fn, params, data, carried, _START_ITERS, self.adapts)
+        carried = _eigen(
+            loss_fn, params, data, carried, _START_ITERS, self._tracked(carried)
+        )
         work = Work(hvps=count * (_START_ITERS + 1))
         return FlowState(params), carried, work
 
@@ -220,7 +227,7 @@ class CentralFlow(AbstractFlow):
             grown = jnp.where(self._crowded(carried), more, count)
             carried = eqx.tree_at(lambda c: c.count, carried, grown)
         carried = _eigen(
-            loss_fn, state.params, data, carried, self.eig_iters, self.adapts
+            loss_fn, state.params, data, carried, self.eig_iters, self._tracked(carried)
         )
         # Every tracked eigenvalue near the edge with no room to track more: the
         # run will be refused (`check`). From here the flow stands still, so that
@@ -271,7 +278,7 @@ class CentralFlow(AbstractFlow):
             "oscillation": jnp.trace(sigma),
             "edge_count": jnp.sum(support & (spread[-1] > 0)).astype(jnp.int32),
         }
-        count = carried.count if self.adapts else self.track
+        count = self._tracked(carried)
         for name, fn in self.observables:
             metrics[name] = _predicted(fn, params, data, vectors, sigma, count)
         hvps = carried.count * (1 + len(self.observables))
@@ -287,8 +294,7 @@ class CentralFlow(AbstractFlow):
         n = sum(int(np.prod(x.shape[lead:])) for x in jax.tree.leaves(trained))
         effective = np.asarray(trajectory.metrics["effective_eigenvalues"])
         tracked = np.asarray(trajectory.metrics["tracked"])
-        with np.errstate(invalid="ignore"):
-            lowest = np.nanmin(np.where(np.isnan(effective), np.inf, effective), -1)
+        lowest = np.min(np.where(np.isnan(effective), np.inf, effective), -1)
         most = min(self.track, n)
         full = (lowest >= 2 * _TRACKED_FLOOR) & (tracked >= most)
         crowded = np.flatnonzero(np.reshape(full, -1))
@@ -336,7 +342,7 @@ def _solve(flow: CentralFlow, loss_fn, params, carried: Eigenpairs, data, gradie
     """dθ/dt at `params`, the tracked eigenpairs there (Rayleigh-Ritz in the
     span of the carried vectors) and svec(X)."""
     flat, unravel = ravel_pytree(params)
-    here = _eigen(loss_fn, params, data, carried, 0, flow.adapts)
+    here = _eigen(loss_fn, params, data, carried, 0, flow._tracked(carried))
     values, u = here.values, here.vectors
     m = flow._at_edge(carried.values)  # fixed over a step: its cost is known
     products = _edge_products(loss_fn, unravel, flat, data, u, m)
@@ -411,19 +417,17 @@ def _complementarity(products, g, values, lr, m):
     return jax.lax.switch(tier, branches)
 
 
-def _eigen(loss_fn, params, data, carried: Eigenpairs, iters, adapts) -> Eigenpairs:
-    """The top `carried.count` eigenpairs of the loss Hessian at `params`, by
-    `iters` LOBPCG iterations from `carried`'s rows (all of them unless the
-    flow `adapts`: then the tracked ones, the rest kept)."""
+def _eigen(loss_fn, params, data, carried: Eigenpairs, iters, count) -> Eigenpairs:
+    """The top `count` eigenpairs of the loss Hessian at `params`, by `iters`
+    LOBPCG iterations from `carried`'s first `count` rows (the rest kept)."""
     flat, unravel = ravel_pytree(params)
     flat_grad = _flat_gradient(loss_fn, unravel, data)
-    count = carried.count if adapts else carried.values.shape[0]
 
     def hvps(rows):
         return rows_applied(lambda v: jax.jvp(flat_grad, (flat,), (v,))[1], rows, count)
 
     start = carried.vectors.astype(flat.dtype)
-    values, vectors = top_eigenpairs(hvps, start, iters, count if adapts else None)
+    values, vectors = top_eigenpairs(hvps, start, iters, count)
     return eqx.tree_at(lambda c: (c.vectors, c.values), carried, (vectors, values))
 
 
