@@ -86,7 +86,8 @@ def simulate_ensemble(
             of shape `(B, 2)`.
         flow: what to integrate (`gflow.flows`), as in `gflow.simulate`: the
             gradient flow by default, `ModifiedGD`, `HeavyBall`, `SGD` (one
-            `noise_key` per member), `CentralFlow`, or a flow of your own.
+            `noise_key` per member), `StableFlow`, `RodFlow`, `CentralFlow`, or a
+            flow of your own.
         noise_key: a stochastic flow's keys (`gflow.flows.SGD`): one per member,
             `jax.random.split(key, B)`, so each member follows its own path.
         save: `"trajectory"` (default) saves every save time; `"final"` saves only

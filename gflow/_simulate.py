@@ -55,9 +55,10 @@ def simulate(
             None.
         flow: what to integrate (`gflow.flows`): the gradient flow by default
             (`GradientFlow`), or a continuous model of an optimiser: `ModifiedGD`,
-            `HeavyBall`, `SGD` (stochastic, with `noise_key=`) or `CentralFlow`
-            (gradient descent at the edge of stability); or a flow of your own
-            (`gflow.flows.AbstractFlow`).
+            `HeavyBall`, `SGD` (stochastic, with `noise_key=`), `StableFlow(opt)`
+            and `RodFlow(opt)` (any of `gflow.optimizers`) or `CentralFlow`
+            (gradient descent or RMSProp at the edge of stability); or a flow of
+            your own (`gflow.flows.AbstractFlow`).
         noise_key: the key of a stochastic flow's Brownian path (`gflow.flows.SGD`):
             an int seed or `jax.random.key(seed)`.
 
@@ -112,6 +113,8 @@ def simulate(
             eqx.filter(prepared.fixed, eqx.is_array),
             data,
             controls,
+            # The flow's arrays (a restarted flow's moments0) beside its settings.
+            eqx.filter(prepared.flow, eqx.is_array),
         )
         segments = _run.Segments(
             saving.folder, stamp, saving.every_s, saving.every_steps

@@ -8,6 +8,7 @@ import sys
 import textwrap
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -173,6 +174,19 @@ def test_a_checkpoint_of_another_call_is_refused(tmp_path):
             checkpoint=tmp_path,
             **short,
         )
+
+    # A flow restarted from other moments is another call too.
+    def restarted(nu):
+        opt = gflow.optimizers.RMSProp(0.01)
+        moments = {"nu": jax.tree.map(lambda p: jnp.full_like(p, nu), params0)}
+        flow = gflow.flows.StableFlow(opt, moments0=moments)
+        return gflow.simulate(
+            loss, data, 0.5, params0=params0, checkpoint=tmp_path / "nu", flow=flow
+        )
+
+    restarted(1.0)
+    with pytest.raises(ValueError, match="written by a different call"):
+        restarted(2.0)
 
 
 def test_a_damaged_checkpoint_is_refused(tmp_path):

@@ -294,3 +294,23 @@ def test_the_edge_of_stability_pages_figures_are_the_benchmark_results():
         assert claim in text, claim
     for problem in (port, digits):  # "holds lr·λ_max at 2 (within 1e-4)"
         assert abs(problem["accuracy"]["max_effective_sharpness"] - 2) < 1e-4
+
+
+def test_the_flow_argument_names_every_flow():
+    """`flow=` in simulate's and simulate_ensemble's docstrings lists every flow
+    gflow.flows offers."""
+    import inspect
+
+    flows = [
+        name
+        for name, value in vars(gflow.flows).items()
+        if inspect.isclass(value)
+        and issubclass(value, gflow.flows.AbstractFlow)
+        and not inspect.isabstract(value)
+        and name != "GradientFlow"  # "the gradient flow by default"
+    ]
+    assert len(flows) >= 6
+    for entry in (gflow.simulate, gflow.simulate_ensemble):
+        text = entry.__doc__.split("flow:", 1)[1].split("noise_key:", 1)[0]
+        missing = [name for name in flows if f"`{name}" not in text]
+        assert not missing, (entry.__name__, missing)
