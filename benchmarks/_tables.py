@@ -93,3 +93,41 @@ def optimizer_edges(payload: dict) -> str:
         "learning rate.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def central_rmsprop(payload: dict) -> str:
+    """RMSProp's central flow against the authors' code, as the docs show it
+    (Markdown), from the JSON alone."""
+    backend = payload["machine"]["backend"]
+    eps = f"{payload['eps']:g}".replace("e-0", "e-")  # 1e-8, not 1e-08
+    lines = [
+        f"*Measured by `benchmarks/central_rmsprop.py` on {payload['date']} "
+        f"({backend}, float64; `benchmarks/results/central_rmsprop_{backend}"
+        f".json`). RMSProp with b2 = {payload['b2']:g}, ε = {eps} outside the "
+        "root, 1,000 steps from ν0 = g0². Distance ratio: the median, after the "
+        "edge, of ‖RMSProp midpoint − central flow‖ / ‖RMSProp midpoint − "
+        "stable flow‖; cold: the first call in a process (compiling), warm: "
+        "the second.*",
+        "",
+        "| network | central flow | tracked (most) | distance ratio | warm | cold |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for name in ("port example", "digits"):
+        row = payload[name]
+        label = f"{name} (lr {row['lr']:g}, edge at step {row['edge_step']})"
+        flows = [("gflow `CentralFlow(opt)`", row["gflow"])]
+        if "port" in row:
+            flows.append(("the authors' `Flow.central`", row["port"]))
+        for flow, r in flows:
+            lines.append(
+                f"| {label} | {flow} | {row['tracked_most']} "
+                f"| {r['median_distance_ratio']:.3f} | {r['warm_s']:.1f} s "
+                f"| {r['cold_s']:.1f} s |"
+            )
+        if "speedup" in row:
+            s = row["speedup"]
+            lines.append(
+                f"| {label} | gflow's speed-up | | | {s['warm']:.1f}× "
+                f"| {s['cold']:.1f}× |"
+            )
+    return "\n".join(lines) + "\n"

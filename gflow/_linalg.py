@@ -213,9 +213,13 @@ def svec(x: jax.Array) -> jax.Array:
     """The upper triangle of a symmetric (k, k) matrix as a vector of k(k+1)/2
     entries (`upper_pairs` order), the off-diagonal ones times √2, so that
     ⟨X, Y⟩ = svec(X)·svec(Y)."""
-    k = x.shape[-1]
-    i, j = upper_pairs(k)
-    return x[..., i, j] * np.where(i == j, 1.0, np.sqrt(2.0)).astype(x.dtype)
+    i, j = upper_pairs(x.shape[-1])
+    return x[..., i, j] * svec_weights(i, j).astype(x.dtype)
+
+
+def svec_weights(i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """`svec`'s weights of the pairs (i, j): 1 on the diagonal, √2 off it."""
+    return np.where(i == j, 1.0, np.sqrt(2.0))
 
 
 def smat(v: jax.Array) -> jax.Array:

@@ -263,3 +263,20 @@ def test_optimizer_edges_runs(tmp_path):
     saved = json.loads((tmp_path / f"optimizer_edges_quick_{backend}.json").read_text())
     table = (tmp_path / f"optimizer_edges_quick_{backend}.md").read_text()
     assert table == load("_tables").optimizer_edges(saved)
+
+
+@pytest.mark.slow
+def test_central_rmsprop_benchmark_runs(tmp_path):
+    results = load("central_rmsprop").main(["--quick", "--results", str(tmp_path)])
+    # Both problems reach RMSProp's edge within 200 steps; the central flow there
+    # is measured against the stable flow (the authors' code is skipped: quick).
+    for name in ("port example", "digits"):
+        row = results[name]
+        assert row["edge_step"] is not None, name
+        assert row["gflow"]["work"]["num_third_order_evals"] > 0
+        assert row["gflow"]["median_distance_ratio"] > 0
+        assert "port" not in row
+    backend = jax.default_backend()
+    saved = json.loads((tmp_path / f"central_rmsprop_quick_{backend}.json").read_text())
+    table = (tmp_path / f"central_rmsprop_quick_{backend}.md").read_text()
+    assert table == load("_tables").central_rmsprop(saved)

@@ -4,6 +4,7 @@ the complementarity problem against CVXPY, ensembles, checkpoints, counts, error
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import gflow
@@ -90,12 +91,12 @@ def test_before_the_edge_it_is_the_gradient_flow():
 def test_work_counts_are_exact_before_the_edge():
     traj = run(15.0, t_max=8.0)
     s, track, iters = traj.stats, 2, 3
-    # Start: LOBPCG of 30 iterations; each evaluation: a Rayleigh-Ritz (track
-    # products); each attempt: a refresh (LOBPCG of `iters`); each row: a
-    # Rayleigh-Ritz.
+    # Start: LOBPCG of 30 iterations; each evaluation: a Rayleigh-Ritz of the
+    # pairs near the edge and the next one (none and one here); each attempt: a
+    # refresh (LOBPCG of `iters`); each row: a Rayleigh-Ritz of every pair.
     expected = (
         track * 31
-        + track * s["num_solver_grad_evals"]
+        + s["num_solver_grad_evals"]
         + track * (iters + 1) * s["num_steps"]
         + track * s["num_save_grad_evals"]
     )
@@ -235,14 +236,14 @@ def test_too_few_tracked_eigenvalues_are_refused():
     flow = gflow.flows.CentralFlow(LR, track=1)
     state, carried, _ = flow.init(loss, jnp.ones(3), None)
     assert not carried.refused
-    carried, _ = flow.update(loss, state, carried, None)
+    carried, _ = flow.update(loss, 0.0, state, carried, None)
     assert carried.refused
     velocity = flow.field(loss, carried)(0.0, state, None).params
     np.testing.assert_array_equal(velocity, 0.0)
     # With every parameter tracked, nothing is missing: not refused.
     full = gflow.flows.CentralFlow(LR, track=3)
     state, carried, _ = full.init(loss, jnp.ones(3), None)
-    assert not full.update(loss, state, carried, None)[0].refused
+    assert not full.update(loss, 0.0, state, carried, None)[0].refused
     # It suggests only what CentralFlow accepts: 32 at most (not 33), and past
     # that, says it cannot model the run. (Its check on a finished run, every
     # tracked eigenvalue at the edge, of 40 parameters.)
@@ -394,9 +395,212 @@ def test_psd_qp_matches_cvxpy(k):
         )
 
 
-def test_central_flow_takes_gd_as_a_value_and_refuses_the_others_naming_rod_flows():
-    assert float(gflow.flows.CentralFlow(gflow.optimizers.GD(0.05)).lr) == 0.05
-    schedule = gflow.optimizers.GD(lambda k: 0.1 / (1 + k), base_lr=0.1)
-    for opt in (gflow.optimizers.Adam(1e-3), schedule):
-        with pytest.raises(TypeError, match="constant learning rate.*RodFlow"):
-            gflow.flows.CentralFlow(opt)
+def test_central_flow_takes_gd_and_rmsprop_and_refuses_the_others_naming_rod_flows():
+    gd = gflow.optimizers.GD(0.05)
+    assert gflow.flows.CentralFlow(gd).optimizer is gd
+    assert float(gflow.flows.CentralFlow(0.05).optimizer.lr) == 0.05
+    opt = gflow.optimizers
+    for other in (opt.Adam(1e-3), opt.HeavyBall(0.1, 0.9), opt.Nesterov(0.1, 0.9)):
+        with pytest.raises(TypeError, match="GD and RMSProp.*RodFlow"):
+            gflow.flows.CentralFlow(other)
+
+
+# RMSProp's central flow. L(x, y) = ½ y x² + C y + ½ A y²: RMSProp (ε = 0) settles
+# into a period-2 orbit in which both coordinates oscillate, x because y/P_x
+# sits at the edge and y because its mean gradient vanishes, so that ν_y, and
+# P_y with it, shrink until y's own curvature A/P_y reaches the edge too.
+A_Y = 0.05
+LR_RMS = 0.1
+
+
+def settling(params, data):
+    y = params["y"]
+    return 0.5 * y * params["x"] ** 2 + C * y + 0.5 * A_Y * y**2
+
+
+def rmsprop_run(scalar, t_max=200.0, dtype=jnp.float64, b2=0.9, lr=LR_RMS, **keywords):
+    opt = gflow.optimizers.RMSProp(
+        lr, b2=b2, eps=0.0, eps_in_sqrt=False, scalar=scalar, nu0=0.01
+    )
+    p0 = {"x": jnp.asarray(0.05, dtype), "y": jnp.asarray(5.0, dtype)}
+    options = dict(rtol=1e-10, atol=1e-12) if dtype == jnp.float64 else {}
+    flow = gflow.flows.CentralFlow(opt, track=2)
+    ts = np.arange(round(t_max / LR_RMS) + 1) * LR_RMS
+    traj = gflow.simulate(
+        settling, None, t_max, params0=p0, ts=ts, flow=flow, **options, **keywords
+    )
+    return opt, p0, traj
+
+
+def test_rmsprop_closed_form_with_two_eigenvalues_at_the_edge():
+    # Per coordinate, at rest: lr y/√ν_x = 2 with ν_x = y² σ_x² gives σ_x² = lr²/4;
+    # dy = 0 gives y = −(C + σ_x²/2)/A; lr A/√ν_y = 2 gives ν_y = (lr A/2)², of
+    # which the mean gradient's square (C + A y)² leaves A² σ_y².
+    opt, p0, traj = rmsprop_run(scalar=False)
+    sx = LR_RMS**2 / 4
+    y = -(C + sx / 2) / A_Y
+    nu_y = (LR_RMS * A_Y / 2) ** 2
+    sy = (nu_y - (C + A_Y * y) ** 2) / A_Y**2
+    last = {k: float(v[-1]) for k, v in traj.state["nu"].items()}
+    np.testing.assert_allclose(float(traj.params["y"][-1]), y, rtol=1e-9)
+    np.testing.assert_allclose(float(traj.params["x"][-1]), 0.0, atol=1e-9)
+    np.testing.assert_allclose(last["x"], y**2 * sx, rtol=1e-8)
+    np.testing.assert_allclose(last["y"], nu_y, rtol=1e-8)
+    np.testing.assert_allclose(
+        float(traj.metrics["oscillation"][-1]), sx + sy, rtol=1e-7
+    )
+    np.testing.assert_allclose(
+        traj.metrics["effective_eigenvalues"][-1], 2.0, rtol=1e-9
+    )
+    assert int(traj.metrics["edge_count"][-1]) == 2
+    # RMSProp itself: its midpoints sit at y, and ⟨x²⟩ = σ_x² in its orbit.
+    run = gflow.gradient_descent(
+        settling, None, 200.0, optimizer=opt, params0=p0, ts=traj.ts
+    )
+    np.testing.assert_allclose(float(run.midpoints().params["y"][-2]), y, rtol=1e-6)
+    np.testing.assert_allclose(
+        np.mean(np.asarray(run.params["x"][-100:]) ** 2), sx, rtol=1e-4
+    )
+
+
+def test_scalar_rmsprop_closed_form_at_the_edge():
+    # One ν for both, at rest: ν = (C + A y)² + y² σ² (the oscillation along x),
+    # lr y/√ν = 2 and y = −(C + σ²/2)/A: one equation in σ², solved by bisection.
+    def excess(s):
+        y = -(C + s / 2) / A_Y
+        return y - 2 * np.sqrt((C + A_Y * y) ** 2 + y**2 * s) / LR_RMS
+
+    lo, hi = 1e-8, 0.5
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if excess(mid) * excess(lo) > 0 else (lo, mid)
+    s = (lo + hi) / 2
+    y = -(C + s / 2) / A_Y
+    opt, p0, traj = rmsprop_run(scalar=True, t_max=300.0)
+    np.testing.assert_allclose(float(traj.params["y"][-1]), y, rtol=1e-9)
+    np.testing.assert_allclose(float(traj.metrics["oscillation"][-1]), s, rtol=1e-7)
+    np.testing.assert_allclose(
+        float(traj.state["nu"][-1]), (C + A_Y * y) ** 2 + y**2 * s, rtol=1e-8
+    )
+    assert int(traj.metrics["edge_count"][-1]) == 1
+
+
+def test_rmsprop_below_the_edge_is_its_stable_flow_with_bias_correction_and_schedule():
+    # Far below the edge (no third-order products), with a warm-up schedule and
+    # bias correction: dθ/ds = −g lr(s)/P(s, ν), dν/ds = −ln b2 (g² − ν), P =
+    # √(ν/(1 − b2^(s+1)) + ε), from ν0 after taking in g0² (the moment the
+    # first step uses), against a hand-written diffrax solve; t = s·base_lr.
+    import diffrax
+
+    curvature = jnp.array([0.5, 2.0, 1.0])
+
+    def quadratic(params, data):
+        return 0.5 * jnp.sum(curvature * params**2) + 0.1 * jnp.sum(params**4)
+
+    base, b2, eps, nu0 = 0.02, 0.9, 1e-3, 0.5
+    schedule = optax.linear_schedule(0.01, base, 50)
+    opt = gflow.optimizers.RMSProp(
+        schedule, b2, eps, bias_correction=True, nu0=nu0, base_lr=base
+    )
+    x0, t_max = jnp.array([1.0, -0.5, 0.25]), 2.0
+    traj = gflow.simulate(
+        quadratic, None, t_max, params0=x0, ts=np.linspace(0, t_max, 11),
+        flow=gflow.flows.CentralFlow(opt, track=2), rtol=1e-10, atol=1e-12,
+    )  # fmt: skip
+    assert traj.stats["num_third_order_evals"] == 0
+
+    def field(t, y, args):
+        x, nu = y
+        s = t / base
+        g = jax.grad(quadratic)(x, None)
+        p = jnp.sqrt(nu / -jnp.expm1((s + 1) * jnp.log(b2)) + eps)
+        return (-schedule(s) * g / p / base, -jnp.log(b2) * (g**2 - nu) / base)
+
+    g0 = jax.grad(quadratic)(x0, None)
+    solution = diffrax.diffeqsolve(
+        diffrax.ODETerm(field), diffrax.Tsit5(), 0.0, t_max, 1e-3,
+        (x0, b2 * nu0 + (1 - b2) * g0**2),
+        saveat=diffrax.SaveAt(ts=jnp.linspace(0, t_max, 11)),
+        stepsize_controller=diffrax.PIDController(rtol=1e-10, atol=1e-12),
+    )  # fmt: skip
+    np.testing.assert_allclose(traj.params, solution.ys[0], rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(traj.state["nu"], solution.ys[1], rtol=1e-7)
+
+
+def test_gd_with_a_warm_up_keeps_the_moving_edge():
+    # lr(s) rises linearly: the edge 2/lr(s) falls, and the central flow holds
+    # the sharpness y on it, with σ² from dy/ds = −lr(C + σ²/2) = d(2/lr)/ds.
+    start, base, steps = 0.05, 0.1, 400
+    schedule = optax.linear_schedule(start, base, steps)
+    opt = gflow.optimizers.GD(schedule, base_lr=base)
+    t_max = 30.0
+    traj = gflow.simulate(
+        sharpening, None, t_max, params0={"x": 0.0, "y": 2 / start - 1.0},
+        ts=np.linspace(0, t_max, 61), flow=gflow.flows.CentralFlow(opt, track=2),
+        rtol=1e-10, atol=1e-12,
+    )  # fmt: skip
+    s = np.asarray(traj.ts) / base
+    lr = np.asarray(schedule(s))
+    held = (np.asarray(traj.metrics["edge_count"]) > 0) & (s < steps)
+    held[np.argmax(held)] = False  # the row it reaches the edge at: the onset
+    assert held.sum() > 20
+    y = np.asarray(traj.params["y"])[held]
+    np.testing.assert_allclose(lr[held] * y, 2.0, rtol=2e-3)
+    slope = (base - start) / steps  # d lr/ds
+    sigma2 = 2 * (2 * slope / lr[held] ** 3 - C)
+    np.testing.assert_allclose(traj.metrics["oscillation"][held], sigma2, rtol=2e-2)
+    after = s > steps + 20  # a constant lr: GD's σ² = −2C again
+    np.testing.assert_allclose(traj.metrics["oscillation"][after], -2 * C, rtol=1e-3)
+
+
+def test_rmsprop_work_counts_float32_and_no_recompile():
+    opt, p0, traj = rmsprop_run(scalar=False, t_max=20.0)
+    s, track, iters = traj.stats, 2, 3
+    # Tsit5's six a step and the first stage; one more at the start for ν's
+    # first rate (the first row's dθ/dt does not give it), and one to take g0² in.
+    assert s["num_solver_grad_evals"] == 6 * s["num_steps"] + 3
+    assert s["num_hvp_evals"] == (
+        track * 31
+        + track * (s["num_solver_grad_evals"] - 1)  # not at the g0² one
+        + track * (iters + 1) * s["num_steps"]
+        + track * s["num_save_grad_evals"]
+    )
+    assert s["num_third_order_evals"] > 0
+    _, _, again = rmsprop_run(scalar=False, t_max=20.0, b2=0.95, lr=0.09)
+    assert not again.stats["compiled"]
+    _, _, single = rmsprop_run(scalar=False, dtype=jnp.float32)
+    assert single.succeeded and single.params["y"].dtype == jnp.float32
+    assert single.state["nu"]["x"].dtype == jnp.float32
+    y = -(C + LR_RMS**2 / 8) / A_Y  # the closed form's rest
+    assert abs(float(single.params["y"][-1]) - y) < 1e-3 * y
+
+
+@pytest.mark.slow
+def test_rmsprop_ensemble_members_equal_simulate_and_checkpoints_resume(tmp_path):
+    opt = gflow.optimizers.RMSProp(LR_RMS, b2=0.9, eps=0.0, eps_in_sqrt=False, nu0=0.01)
+    flow = gflow.flows.CentralFlow(opt, track=2)
+    kwargs = dict(ts=np.linspace(0, 20, 21), flow=flow, rtol=1e-10, atol=1e-12)
+    y0 = jnp.array([5.0, 8.0])
+    p0 = {"x": jnp.full(2, 0.05), "y": y0}
+    ensemble = gflow.simulate_ensemble(settling, None, 20.0, params0=p0, **kwargs)
+    for i in range(2):
+        one = gflow.simulate(
+            settling, None, 20.0, params0={"x": 0.05, "y": y0[i]}, **kwargs
+        )
+        member = ensemble.member(i)
+        np.testing.assert_allclose(member.params["y"], one.params["y"], rtol=1e-12)
+        np.testing.assert_allclose(
+            member.state["nu"]["x"], one.state["nu"]["x"], rtol=1e-12
+        )
+        for key in ("num_steps", "num_hvp_evals", "num_third_order_evals"):
+            assert member.stats[key] == one.stats[key], key
+    whole = gflow.simulate(
+        settling, None, 20.0, params0={"x": 0.05, "y": 5.0}, **kwargs
+    )
+    cut = gflow.simulate(
+        settling, None, 20.0, params0={"x": 0.05, "y": 5.0},
+        checkpoint=tmp_path, checkpoint_steps=50, **kwargs,
+    )  # fmt: skip
+    assert cut.stats["checkpoint_writes"] > 1
+    np.testing.assert_array_equal(whole.params["y"], cut.params["y"])
+    np.testing.assert_array_equal(whole.state["nu"]["y"], cut.state["nu"]["y"])

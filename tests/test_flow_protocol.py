@@ -50,7 +50,7 @@ class DampedOscillator(AbstractFlow):
     def row(self, loss_fn, t, state, carried, data, loss, grad):
         return state.extra["v"], {"curvature": carried}, Work()
 
-    def update(self, loss_fn, state, carried, data):
+    def update(self, loss_fn, t, state, carried, data):
         v = state.extra["v"]
         hv = ravel_pytree(flows.hvp(loss_fn, state.params, data, v))[0]
         v = ravel_pytree(v)[0]
@@ -104,7 +104,7 @@ def test_a_flow_written_outside_gflow_follows_its_closed_form_with_exact_counts(
 
 def test_carried_state_is_kept_only_with_accepted_steps():
     class Counting(DampedOscillator):  # (tests only: flows are final)
-        def update(self, loss_fn, state, carried, data):
+        def update(self, loss_fn, t, state, carried, data):
             return carried + 1, Work()
 
         def row(self, loss_fn, t, state, carried, data, loss, grad):

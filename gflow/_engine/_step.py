@@ -291,7 +291,9 @@ def _updated(problem: Problem, solver, solver_state, lane: Lane, y1, data):
     """What the flow carries, brought up to date at the attempt's end state
     (`AbstractFlow.update`), and the work of the attempt."""
     spent = problem.cost(*step_cost(solver, solver_state), lane.carried)
-    carried, work = problem.flow.update(problem.loss_fn, y1, lane.carried, data)
+    carried, work = problem.flow.update(
+        problem.loss_fn, lane.tnext, y1, lane.carried, data
+    )
     return carried, spent + work
 
 

@@ -19,7 +19,8 @@ says which part they are, and `velocity(...)` gives dθ/dt at a saved state, whi
   it follows an optimiser through its edge of stability, at two gradients per
   evaluation.
 - `CentralFlow(lr)`: the central flow, the time average of gradient descent at
-  the edge of stability (lr·λ_max ≈ 2), where it leaves the gradient flow.
+  the edge of stability (lr·λ_max ≈ 2), where it leaves the gradient flow;
+  `CentralFlow(opt)` for `GD` (a schedule too) and `RMSProp`.
 
 To write a flow of your own, subclass `AbstractFlow` (its docstring has an
 example): a `FlowState` is what it integrates, a `Work` what each piece costs,

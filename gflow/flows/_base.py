@@ -95,7 +95,7 @@ class AbstractFlow(eqx.Module):
         ...     def row(self, loss_fn, t, state, carried, data, loss, grad):
         ...         velocity = jax.tree.map(lambda x: -self.scale * x, grad)
         ...         return velocity, {}, gflow.flows.Work()
-        ...     def update(self, loss_fn, state, carried, data):
+        ...     def update(self, loss_fn, t, state, carried, data):
         ...         return carried, gflow.flows.Work()
         ...     def check(self, trajectory):
         ...         pass
@@ -142,10 +142,10 @@ class AbstractFlow(eqx.Module):
 
     @abc.abstractmethod
     def update(
-        self, loss_fn: Callable, state: FlowState, carried: Any, data: Any
+        self, loss_fn: Callable, t: Any, state: FlowState, carried: Any, data: Any
     ) -> tuple[Any, Work]:
-        """What the flow carries, brought up to date at `state` after a step
-        attempt (kept if the step is), and the work that cost."""
+        """What the flow carries, brought up to date at `state`, the end (time
+        `t`) of a step attempt (kept if the step is), and the work that cost."""
 
     @abc.abstractmethod
     def check(self, trajectory: Any) -> None:

@@ -44,7 +44,7 @@ class GradientFlow(AbstractFlow):
     def row(self, loss_fn, t, state, carried, data, loss, grad):
         return jax.tree.map(jnp.negative, grad), {}, Work()
 
-    def update(self, loss_fn, state, carried, data):
+    def update(self, loss_fn, t, state, carried, data):
         return carried, Work()
 
     def check(self, trajectory) -> None:
@@ -91,7 +91,7 @@ class ModifiedGD(AbstractFlow):
     def row(self, loss_fn, t, state, carried, data, loss, grad):
         return _modified_row(loss_fn, self.lr, state, data, grad)
 
-    def update(self, loss_fn, state, carried, data):
+    def update(self, loss_fn, t, state, carried, data):
         return carried, Work()
 
     def check(self, trajectory) -> None:
@@ -228,7 +228,7 @@ class HeavyBall(AbstractFlow):
     def row(self, loss_fn, t, state, carried, data, loss, grad):
         return state.extra["u"], {}, Work()
 
-    def update(self, loss_fn, state, carried, data):
+    def update(self, loss_fn, t, state, carried, data):
         return carried, Work()
 
     def check(self, trajectory) -> None:
@@ -336,7 +336,7 @@ class SGD(AbstractSDEFlow):
         """The drift (the flow's mean velocity)."""
         return _modified_row(loss_fn, self.lr, state, data, grad)
 
-    def update(self, loss_fn, state, carried, data):
+    def update(self, loss_fn, t, state, carried, data):
         return carried, Work()
 
     def check(self, trajectory) -> None:

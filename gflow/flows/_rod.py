@@ -179,7 +179,7 @@ class RodFlow(AbstractFlow):
         metrics = {"predicted_loss": jnp.mean(losses), "rod_length": length}
         return derivative.params, metrics, self.cost
 
-    def update(self, loss_fn, state, carried, data):
+    def update(self, loss_fn, t, state, carried, data):
         return carried, Work()
 
     def check(self, trajectory) -> None:

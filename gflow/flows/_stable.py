@@ -94,7 +94,7 @@ class StableFlow(AbstractFlow):
     def row(self, loss_fn, t, state, carried, data, loss, grad):
         return self._velocity(t, state, grad)[0], {}, Work()
 
-    def update(self, loss_fn, state, carried, data):
+    def update(self, loss_fn, t, state, carried, data):
         return carried, Work()
 
     def check(self, trajectory) -> None:

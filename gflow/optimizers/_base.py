@@ -193,5 +193,11 @@ def taken_in(beta, moment, target):
 def debiased(beta, s, moment, target):
     """A moving average started at 0, after taking in the current target, and
     bias-corrected as the discrete step s + 1 corrects it: m' / (1 − β^(s+1))."""
+    return unbiased(beta, s, taken_in(beta, moment, target))
+
+
+def unbiased(beta, s, moment):
+    """The moment step s + 1 uses (after taking in its target), bias-corrected:
+    m / (1 − β^(s+1))."""
     scale = -jnp.expm1((s + 1) * jnp.log(beta))  # 1 − β^(s+1) without cancellation
-    return jax.tree.map(lambda m: m / scale, taken_in(beta, moment, target))
+    return jax.tree.map(lambda m: m / scale, moment)

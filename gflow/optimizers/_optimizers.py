@@ -20,6 +20,7 @@ from ._base import (
     nonnegative,
     relax,
     taken_in,
+    unbiased,
 )
 
 
@@ -232,8 +233,14 @@ class RMSProp(AbstractOptimizer):
         return {"nu": jax.tree.map(lambda p: jnp.full_like(p, self.nu0), params)}
 
     def preconditioner(self, s, moments, grad):
-        b2, eps = (like_dtype(x, grad) for x in (self.b2, self.eps))
-        nu_hat = self._moment(b2, s, moments["nu"], _squares(grad, self.scalar))
+        b2 = like_dtype(self.b2, grad)
+        return self.scale(s, taken_in(b2, moments["nu"], _squares(grad, self.scalar)))
+
+    def scale(self, s, nu):
+        """P of step s + 1 from the second moment that step uses (ν after it
+        took in g²): √(ν̂ + ε), or √ν̂ + ε; ν̂ bias-corrected if asked."""
+        b2, eps = (like_dtype(x, nu) for x in (self.b2, self.eps))
+        nu_hat = unbiased(b2, s, nu) if self.bias_correction else nu
         if self.eps_in_sqrt:
             return jax.tree.map(lambda n: jnp.sqrt(n + eps), nu_hat)
         return jax.tree.map(lambda n: jnp.sqrt(n) + eps, nu_hat)
