@@ -115,9 +115,9 @@ def central_rmsprop(payload: dict) -> str:
     for name in ("port example", "digits"):
         row = payload[name]
         label = f"{name} (lr {row['lr']:g}, edge at step {row['edge_step']})"
-        flows = [("gflow `CentralFlow(opt)`", row["gflow"])]
+        flows = [("gflow", row["gflow"])]
         if "port" in row:
-            flows.append(("the authors' `Flow.central`", row["port"]))
+            flows.append(("the authors' code", row["port"]))
         for flow, r in flows:
             lines.append(
                 f"| {label} | {flow} | {row['tracked_most']} "
