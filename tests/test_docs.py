@@ -4,6 +4,7 @@ import json
 import pathlib
 import re
 
+import numpy as np
 import pytest
 
 import gflow
@@ -314,3 +315,128 @@ def test_the_flow_argument_names_every_flow():
         text = entry.__doc__.split("flow:", 1)[1].split("noise_key:", 1)[0]
         missing = [name for name in flows if f"`{name}" not in text]
         assert not missing, (entry.__name__, missing)
+
+
+def test_the_pages_performance_figures_are_the_benchmark_results():
+    """The performance figures in the prose of docs/ensembles.md,
+    docs/own-models.md, docs/concepts.md and docs/solvers.md, computed from the
+    results JSON they come from (compilation.md states none)."""
+
+    def results(name):
+        return json.loads((RESULTS / f"{name}_cpu.json").read_text())
+
+    claims = {}
+    ensemble = results("ensemble")
+    compiles = [row["compile_s"] for row in ensemble["scaling"]]
+    claims["ensembles.md"] = [
+        f"compiles again ({min(compiles):.1f}–{max(compiles):.0f} s for the "
+        "canonical Markov flow with the stopping rule on the 2-core CPU on "
+        f"{ensemble['date']}",
+    ]
+
+    gib = 2.0**30
+    memory = results("memory")
+    rows = {(r["parameters"], r["n_save"], r["params_at"]): r for r in memory["rows"]}
+    columns = [
+        (10, "all"),
+        (10, "final"),
+        (100, "all"),
+        (100, "final"),
+        (1000, "final"),
+    ]
+
+    def cell(row):
+        if row.get("skipped"):
+            return f"not run ({row['saved_bytes_needed'] / gib:.0f} GiB of saves)"
+        return f"{row['peak_rss_bytes'] / gib:.2f} GiB"
+
+    table = [
+        f"| {n / 1e6:.1f}M | "
+        + " | ".join(cell(rows[(n, *column)]) for column in columns)
+        + " |"
+        for n in sorted({key[0] for key in rows})
+    ]
+    before = [
+        r["rss_before_simulate_bytes"] / gib
+        for r in memory["rows"]
+        if "rss_before_simulate_bytes" in r
+    ]
+    target = results("memory_target")["target"]
+    checkpoint = results("checkpoint")
+    claims["own-models.md"] = table + [
+        f"about {np.median(before):.1f} GiB before the solve",
+        f"peaks at {target['peak_rss_bytes'] / gib:.2f} GiB",
+        f"Tsit5 to t = {checkpoint['t_max']:.0f}, {checkpoint['num_steps']:,} steps): "
+        f"{checkpoint['checkpointed_run_time_s']:.1f} s checkpointed",
+        f"against {checkpoint['uncut_run_time_s']:.2f} s uncut",
+        f"(−{-100 * checkpoint['overhead']:.1f}%); the "
+        f"{checkpoint['checkpoint_writes']} checkpoints took "
+        f"{checkpoint['checkpoint_write_time_s']:.2f} s to write",
+    ]
+
+    flow_vs_gd = results("flow_vs_gd")["problems"]
+
+    def error_over_rtol(problem):
+        ratios = [
+            row["error"] / float(row["method"].split("rtol=")[1])
+            for row in flow_vs_gd[problem]["rows"]
+            if row["family"] == "gflow tsit5"
+        ]
+        return (
+            f"{min(ratios):.2f}–{max(ratios):.2f}",
+            f"{min(ratios):.1f}–{max(ratios):.1f}",
+        )
+
+    claims["concepts.md"] = [
+        f"Tsit5's trajectory error was {error_over_rtol('cooccurrence')[0]}× rtol on "
+        f"the co-occurrence transformer and {error_over_rtol('markov')[1]}× rtol on "
+        "the Markov transformer",
+    ]
+    stiff = results("stiff_finish")
+    run = {row["method"]: row for row in stiff["rows"]}
+    tsit5, auto, gd = run["tsit5 rtol=1e-06"], run["auto rtol=1e-06"], run["GD lr=0.01"]
+    sharpness = stiff["sharpness"]["values"]
+    papers = stiff["papers"]
+    grid = stiff["markov_grid"]
+    every = [
+        float(r)
+        for p in ("cooccurrence", "markov")
+        for r in error_over_rtol(p)[0].split("–")
+    ]
+    claims["solvers.md"] = [
+        f"λ_max grows from {sharpness[0]:.0f} to {sharpness[-1]:.0f} along the flow",
+        f"needs {tsit5['grad_evals']:,} gradient evaluations "
+        f"({tsit5['run_time_s']:.0f} s on the 2-core CPU) for an error of "
+        f"{tsit5['error']:.1e}",
+        f"({run['tsit5 rtol=0.0001']['grad_evals']:,} and "
+        f"{run['tsit5 rtol=1e-08']['grad_evals']:,})",
+        f"lr 0.01 takes {stiff['t_max'] / 0.01:,.0f} steps ({gd['run_time_s']:.0f} s) "
+        f"and strays by {gd['error']:.1e}",
+        f"reaches an error of {auto['error']:.1e} with {auto['grad_evals']:,} "
+        f"gradient-equivalents in {auto['run_time_s']:.1f} s: "
+        f"**{tsit5['grad_evals'] / auto['grad_evals']:.1f}× fewer** "
+        f"gradient-equivalents and **{tsit5['run_time_s'] / auto['run_time_s']:.1f}× "
+        f"less** run time than Tsit5 at its defaults, and "
+        f"{gd['run_time_s'] / auto['run_time_s']:.1f}× less run time than gradient "
+        f"descent at lr 0.01 (whose error, {gd['error']:.1e}, is "
+        f"{round(gd['error'] / auto['error'], -1):.0f}× larger)",
+        *(
+            f"{papers[name]['ratio']:.3f}× Tsit5's evaluations on the {label} (t = "
+            f"{papers[name]['t_max']:.0f}: {papers[name]['auto']:,} against "
+            f"{papers[name]['tsit5']:,})"
+            for name, label in (
+                ("co-occurrence", "co-occurrence transformer"),
+                ("Markov transformer", "Markov transformer"),
+                ("condensation", "condensation model"),
+            )
+        ),
+        f"the slowest member takes {grid['auto']['max_steps']} steps with auto against "
+        f"{grid['tsit5']['max_steps']:,} with Tsit5 (means "
+        f"{grid['auto']['mean_steps']:.0f} and {grid['tsit5']['mean_steps']:.0f})",
+        f"({min(every):.1f}–{max(every):.1f}× rtol for Tsit5 on the papers' "
+        "transformers",
+    ]
+    for page, expected in claims.items():
+        text = " ".join((DOCS / page).read_text().split())
+        for claim in expected:
+            assert " ".join(claim.split()) in text, (page, claim)
