@@ -245,31 +245,18 @@ class RMSProp(AbstractOptimizer):
             return jax.tree.map(lambda n: jnp.sqrt(n + eps), nu_hat)
         return jax.tree.map(lambda n: jnp.sqrt(n) + eps, nu_hat)
 
-    def _moment(self, b2, s, nu, squares):
-        """ν̂ as step s + 1 uses it: ν after taking in g², bias-corrected if
-        asked."""
-        if self.bias_correction:
-            return debiased(b2, s, nu, squares)
-        return taken_in(b2, nu, squares)
-
-    def _scaled(self, grad, nu_hat):
-        """g / √(ν̂ + ε), or g / (√ν̂ + ε)."""
-        eps = like_dtype(self.eps, grad)
-
-        def scale(g, n):
-            return g / (jnp.sqrt(n + eps) if self.eps_in_sqrt else jnp.sqrt(n) + eps)
-
+    def _divided(self, grad, p):
+        """g / P, P per coordinate or one for all."""
         if self.scalar:
-            return jax.tree.map(lambda g: scale(g, nu_hat), grad)
-        return jax.tree.map(scale, grad, nu_hat)
+            return jax.tree.map(lambda g: g / p, grad)
+        return jax.tree.map(jnp.divide, grad, p)
 
     def increments(self, s, params, moments, grad, discrete):
         lr, b2 = (like_dtype(x, params) for x in (self.rate(s), self.b2))
-        nu = moments["nu"]
+        p = self.preconditioner(s, moments, grad)
+        velocity = jax.tree.map(lambda x: -lr * x, self._divided(grad, p))
         squares = _squares(grad, self.scalar)
-        nu_hat = self._moment(b2, s, nu, squares)
-        velocity = jax.tree.map(lambda x: -lr * x, self._scaled(grad, nu_hat))
-        return velocity, {"nu": relax(b2, squares, nu, discrete)}
+        return velocity, {"nu": relax(b2, squares, moments["nu"], discrete)}
 
 
 def _squares(grad, scalar: bool):
@@ -295,9 +282,8 @@ def _scale_by_scalar_rms(opt: RMSProp) -> optax.GradientTransformation:
         del params
         b2 = jnp.asarray(opt.b2, state.nu.dtype)
         nu = b2 * state.nu + (1 - b2) * _squares(updates, True)
-        count = state.count + 1
-        nu_hat = nu / (1 - b2**count) if opt.bias_correction else nu
-        return opt._scaled(updates, nu_hat), _ScalarRmsState(count, nu)
+        scaled = opt._divided(updates, opt.scale(state.count, nu))  # step count + 1
+        return scaled, _ScalarRmsState(state.count + 1, nu)
 
     return optax.GradientTransformation(init, update)
 
