@@ -166,6 +166,12 @@ def _flat(params):
     )
 
 
+def work_of(stats) -> dict:
+    """A central flow's work counts, from its `stats`."""
+    keys = ("num_steps", "num_rejected_steps", "num_grad_evals", "num_hvp_evals")
+    return {k: int(stats[k]) for k in (*keys, "num_third_order_evals")}
+
+
 def run_gflow(loss, p0, data, lr, steps):
     t_max = steps * lr
     ts = np.arange(steps + 1) * lr
@@ -193,17 +199,7 @@ def run_gflow(loss, p0, data, lr, steps):
         gd,
         flow,
     )
-    s = central.stats
-    work = {
-        k: int(s[k])
-        for k in (
-            "num_steps",
-            "num_rejected_steps",
-            "num_grad_evals",
-            "num_hvp_evals",
-            "num_third_order_evals",
-        )
-    }
+    work = work_of(central.stats)
     timing = dict(
         cold_s=cold, warm_s=warm, compile_s=float(first.stats["compile_time_s"])
     )

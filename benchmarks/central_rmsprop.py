@@ -58,9 +58,11 @@ from _tables import central_rmsprop  # noqa: E402
 from central_flows import (  # noqa: E402
     LR_DIGITS,
     SMOOTHING,
+    _flat,
     mlp,
     port_example,
     timed_twice,
+    work_of,
 )
 
 import gflow  # noqa: E402
@@ -99,11 +101,6 @@ def iterates(loss, w0, nu0, lr, steps):
     )(w0, nu0)
     ws = np.concatenate([np.asarray(w0)[None], np.asarray(ws)])
     return ws, np.concatenate([[float(loss(w0))], np.asarray(losses)])
-
-
-def flat_rows(traj):
-    leaves = jax.tree.leaves(traj.params)
-    return np.concatenate([np.asarray(x).reshape(x.shape[0], -1) for x in leaves], 1)
 
 
 def run_port(loss, w0, nu0, lr, steps, track):
@@ -162,7 +159,6 @@ def problem(make, steps, port):
     at_edge = np.asarray(central.metrics["edge_count"]) > 0
     edge = int(np.argmax(at_edge)) if at_edge.any() else None
     tracked = int(np.max(central.metrics["tracked"]))
-    stats = central.stats
     out = {
         "lr": lr,
         "steps": steps,
@@ -173,23 +169,14 @@ def problem(make, steps, port):
             "cold_s": cold,
             "warm_s": warm,
             "compile_s": float(first.stats["compile_time_s"]),
-            "work": {
-                k: int(stats[k])
-                for k in (
-                    "num_steps",
-                    "num_rejected_steps",
-                    "num_grad_evals",
-                    "num_hvp_evals",
-                    "num_third_order_evals",
-                )
-            },
+            "work": work_of(central.stats),
         },
     }
     if edge is None:
         return name, out
-    rows = flat_rows(central)
+    rows = _flat(central.params)
     out["gflow"]["median_distance_ratio"] = median_ratio(
-        mid, rows, flat_rows(stable), edge
+        mid, rows, _flat(stable.params), edge
     )
     smoothed = gaussian_filter1d(losses, SMOOTHING, mode="nearest")
     settled = slice(edge + 2 * SMOOTHING, None)
@@ -206,7 +193,7 @@ def problem(make, steps, port):
             "warm_s": port_warm,
             "track": tracked,
             "median_distance_ratio": median_ratio(
-                mid, port_rows, flat_rows(stable), edge
+                mid, port_rows, _flat(stable.params), edge
             ),
         }
         out["speedup"] = {"cold": port_cold / cold, "warm": port_warm / warm}
