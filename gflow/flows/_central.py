@@ -26,6 +26,7 @@ from .._linalg import (
 )
 from .._tree import like_dtype, tree_scrambled
 from ..optimizers import GD, AbstractOptimizer, RMSProp
+from ..optimizers._base import relaxation_rate
 from ..optimizers._optimizers import describe
 from ._base import AbstractFlow, FlowState, Work, grad
 from ._stable import checked_step0, start_moments, step_at
@@ -318,8 +319,8 @@ class CentralFlow(AbstractFlow):
         return field
 
     def row(self, loss_fn, t, state, carried, data, loss, grad):
-        count = jnp.asarray(carried.count, jnp.int32)  # every tracked pair
-        solved = _solve(self, loss_fn, t, state, carried, data, grad, count)
+        every = jnp.asarray(carried.count, jnp.int32)  # every tracked pair
+        solved = _solve(self, loss_fn, t, state, carried, data, grad, every)
         values, u = solved.values, solved.vectors
         sigma = smat(solved.x)  # X: Σ = Uᵀ X U, U the rows of `u`
         spread = jnp.linalg.eigvalsh(sigma)
@@ -460,7 +461,7 @@ def _solve(
     if moments:
         ones = jax.tree.map(jnp.ones_like, moments)
         per_nu = jax.jvp(lambda m: _scale_at(opt, s, m, flat), (moments,), (ones,))[1]
-        rate = -jnp.log(like_dtype(opt.b2, flat))  # ν's rate per unit of g²
+        rate = relaxation_rate(like_dtype(opt.b2, flat))  # ν's, per unit of g²
         heard = 4 * jnp.sqrt(rate * _finite(per_nu)) * q  # ≥ 0: P grows with ν
 
         def more(size):  # the curvature ν adds, for the pairs of the first `size`

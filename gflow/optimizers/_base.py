@@ -178,8 +178,14 @@ def relax(beta, target, moment, discrete):
     """The change of an exponential moving average m ← β m + (1 − β) target: per
     step, (1 − β)(target − m); per unit s of its continuous model,
     (−ln β)(target − m), exact between steps for a constant target."""
-    rate = 1 - beta if discrete else -jnp.log(beta)
+    rate = relaxation_rate(beta, discrete)
     return jax.tree.map(lambda x, m: rate * (x - m), target, moment)
+
+
+def relaxation_rate(beta, discrete=False):
+    """How fast a moving average m ← β m + (1 − β) target moves per unit of
+    target − m: 1 − β per step, or −ln β per unit s of its continuous model."""
+    return 1 - beta if discrete else -jnp.log(beta)
 
 
 def taken_in(beta, moment, target):
