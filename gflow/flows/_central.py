@@ -253,8 +253,8 @@ class CentralFlow(AbstractFlow):
         flat = ravel_pytree(params)[0]
         opt, work = self.optimizer, Work()
         moments = start_moments(opt, self.moments0, params)
+        s = like_dtype(self.step0, flat)  # the step at t = 0
         if moments:
-            s = like_dtype(self.step0, flat)
             taken = opt.step(s, params, moments, grad(loss_fn, params, data))[1]
             moments = jax.tree.map(jnp.add, moments, taken)
             work = Work(grads=1)
@@ -264,7 +264,7 @@ class CentralFlow(AbstractFlow):
         carried = Eigenpairs(
             start, jnp.zeros(most, flat.dtype), jnp.int32(count), jnp.bool_(False)
         )
-        q = _step_scale(self, jnp.zeros((), flat.dtype), moments, flat)
+        q = _scale_at(opt, s, moments, flat)
         carried = _eigen(
             loss_fn, params, data, carried, q, _START_ITERS, self._tracked(carried)
         )
@@ -280,7 +280,9 @@ class CentralFlow(AbstractFlow):
             more = jnp.minimum(count + _TRACK_STEP, most)
             grown = jnp.where(self._crowded(carried), more, count)
             carried = eqx.tree_at(lambda c: c.count, carried, grown)
-        q = _step_scale(self, t, state.extra, ravel_pytree(state.params)[0])
+        flat = ravel_pytree(state.params)[0]
+        s = step_at(self.optimizer, self.step0, t, flat)[1]
+        q = _scale_at(self.optimizer, s, state.extra, flat)
         carried = _eigen(
             loss_fn,
             state.params,
@@ -396,17 +398,10 @@ class Eigenpairs(eqx.Module):
     refused: jax.Array
 
 
-def _step_scale(flow: CentralFlow, t, moments, like):
-    """Q = P/lr(s) at flow time t (step s = step0 + t/base_lr): a step moves θ
-    by −Q⁻¹∇L (Q = 1/lr for gradient descent; RMSProp's P from the second
-    moment the step uses), flat like `like`, or of one entry (one for all)."""
-    opt = flow.optimizer
-    s = step_at(opt, flow.step0, t, like)[1]
-    return _scale_at(opt, s, moments, like)
-
-
 def _scale_at(opt, s, moments, like):
-    """Q at step s (see `_step_scale`)."""
+    """Q = P/lr(s) at step s: a step moves θ by −Q⁻¹∇L (Q = 1/lr for gradient
+    descent; RMSProp's P from the second moment the step uses), flat like
+    `like`, or of one entry (one for all)."""
     p = opt.scale(s, moments["nu"]) if moments else 1.0
     return ravel_pytree(p)[0].astype(like.dtype) / like_dtype(opt.rate(s), like)
 
