@@ -35,7 +35,7 @@ def power_iteration(
 
     Examples:
         >>> a = jnp.diag(jnp.array([3.0, 1.0]))
-        >>> q, v, count, residual = gflow.metrics.power_iteration(
+        >>> q, v, count, residual = power_iteration(
         ...     lambda x: a @ x, jnp.ones(2), 100, rtol=1e-6)
         >>> round(float(q), 4)
         3.0
