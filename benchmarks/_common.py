@@ -10,6 +10,7 @@ import statistics
 import time
 
 import jax
+import numpy as np
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 # Figures live once, in the documentation, which shows them.
@@ -53,6 +54,20 @@ def reference_flow(model, data, t_max, params0, ts):
         atol=1e-14,
         max_steps=10**6,
     )
+
+
+def flat_rows(params) -> np.ndarray:
+    """A trajectory's parameters as one (rows, parameters) array."""
+    leaves = jax.tree.leaves(params)
+    return np.concatenate(
+        [np.asarray(x).reshape(x.shape[0], -1) for x in leaves], axis=1
+    )
+
+
+def work_of(stats) -> dict:
+    """A central flow's work counts, from its `stats`."""
+    keys = ("num_steps", "num_rejected_steps", "num_grad_evals", "num_hvp_evals")
+    return {k: int(stats[k]) for k in (*keys, "num_third_order_evals")}
 
 
 def machine() -> dict:

@@ -49,7 +49,7 @@ import numpy as np  # noqa: E402
 from scipy.ndimage import gaussian_filter1d  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from _common import write_results  # noqa: E402
+from _common import flat_rows, work_of, write_results  # noqa: E402
 
 import gflow  # noqa: E402
 
@@ -135,8 +135,8 @@ def accuracy(
 ):
     """The accuracy figures of a central flow (arrays at GD's steps)."""
     mid = gd.midpoints()  # rows 1 .. steps - 1
-    flat_mid = _flat(mid.params)
-    to_flow = np.linalg.norm(flat_mid - _flat(flow.params)[1:-1], axis=1)
+    flat_mid = flat_rows(mid.params)
+    to_flow = np.linalg.norm(flat_mid - flat_rows(flow.params)[1:-1], axis=1)
     to_central = np.linalg.norm(flat_mid - central_params[1:-1], axis=1)
     edge = int(np.argmax(oscillation > 0)) if np.any(oscillation > 0) else None
     smoothed = gaussian_filter1d(np.asarray(gd.loss), SMOOTHING, mode="nearest")
@@ -163,19 +163,6 @@ def accuracy(
     )
 
 
-def _flat(params):
-    leaves = jax.tree.leaves(params)
-    return np.concatenate(
-        [np.asarray(x).reshape(x.shape[0], -1) for x in leaves], axis=1
-    )
-
-
-def work_of(stats) -> dict:
-    """A central flow's work counts, from its `stats`."""
-    keys = ("num_steps", "num_rejected_steps", "num_grad_evals", "num_hvp_evals")
-    return {k: int(stats[k]) for k in (*keys, "num_third_order_evals")}
-
-
 def run_gflow(loss, p0, data, lr, steps):
     t_max = steps * lr
     ts = np.arange(steps + 1) * lr
@@ -196,7 +183,7 @@ def run_gflow(loss, p0, data, lr, steps):
         lr,
         np.asarray(gd.ts),
         sharpness,
-        _flat(central.params),
+        flat_rows(central.params),
         np.asarray(central.metrics["predicted_loss"]),
         np.asarray(central.loss),
         np.asarray(central.metrics["oscillation"]),

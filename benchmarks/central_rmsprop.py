@@ -54,15 +54,13 @@ from jax.flatten_util import ravel_pytree  # noqa: E402
 from scipy.ndimage import gaussian_filter1d  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from _common import RESULTS, write_results  # noqa: E402
+from _common import RESULTS, flat_rows, work_of, write_results  # noqa: E402
 from _tables import central_rmsprop  # noqa: E402
 from central_flows import (  # noqa: E402
     SMOOTHING,
-    _flat,
     digits,
     port_example,
     timed_twice,
-    work_of,
 )
 
 import gflow  # noqa: E402
@@ -159,9 +157,9 @@ def problem(make, steps, port):
     }
     if edge is None:
         return name, out
-    rows = _flat(central.params)
+    rows = flat_rows(central.params)
     out["gflow"]["median_distance_ratio"] = median_ratio(
-        mid, rows, _flat(stable.params), edge
+        mid, rows, flat_rows(stable.params), edge
     )
     smoothed = gaussian_filter1d(losses, SMOOTHING, mode="nearest")
     settled = slice(edge + 2 * SMOOTHING, None)
@@ -178,7 +176,7 @@ def problem(make, steps, port):
             "warm_s": port_warm,
             "track": tracked,
             "median_distance_ratio": median_ratio(
-                mid, port_rows, _flat(stable.params), edge
+                mid, port_rows, flat_rows(stable.params), edge
             ),
         }
         out["speedup"] = {"cold": port_cold / cold, "warm": port_warm / warm}

@@ -59,11 +59,10 @@ from scipy.ndimage import gaussian_filter1d  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import _tables  # noqa: E402
-from _common import RESULTS, write_results  # noqa: E402
+from _common import RESULTS, flat_rows, write_results  # noqa: E402
 from central_flows import (  # noqa: E402
     SMOOTHING,
     TRACK,
-    _flat,
     digits,
     mlp,
     port_example,
@@ -157,8 +156,8 @@ def gd_part(problem, steps):
     name, loss, p0, data, lr = problem()
     t_max, ts = steps * lr, np.arange(steps + 1) * lr
     gd = gflow.gradient_descent(loss, data, t_max, lr=lr, params0=p0, ts=ts)
-    plain = _flat(gflow.simulate(loss, data, t_max, params0=p0, ts=ts).params)
-    mid = _flat(gd.midpoints().params)
+    plain = flat_rows(gflow.simulate(loss, data, t_max, params0=p0, ts=ts).params)
+    mid = flat_rows(gd.midpoints().params)
     row = {"lr": lr, "steps": steps}
     runs = {
         "central": gflow.flows.CentralFlow(lr, track=TRACK),
@@ -174,7 +173,7 @@ def gd_part(problem, steps):
         if kind == "central":
             oscillation = np.asarray(traj.metrics["oscillation"])
             edge = int(np.argmax(oscillation > 0))
-        ratio, count = distance_ratio(mid, _flat(traj.params), plain, edge)
+        ratio, count = distance_ratio(mid, flat_rows(traj.params), plain, edge)
         row[kind] = {
             "cold_s": cold,
             "warm_s": warm,
@@ -198,7 +197,8 @@ def gd_part(problem, steps):
         params0=jax.tree.map(lambda x: x[edge], gd.params),
         flow=gflow.flows.RodFlow(lr, step0=edge),
     )  # fmt: skip
-    padded = np.concatenate([np.full((edge, mid.shape[1]), np.nan), _flat(rest.params)])
+    before = np.full((edge, mid.shape[1]), np.nan)
+    padded = np.concatenate([before, flat_rows(rest.params)])
     row["rod restarted at the edge"] = {
         "median_distance_ratio": distance_ratio(mid, padded, plain, edge)[0]
     }
@@ -237,7 +237,7 @@ def adaptive_part(problem, opt, steps, max_steps):
     lr = float(opt.base_lr)
     ts = np.arange(steps + 1) * lr
     run = gflow.gradient_descent(loss, data, ts[-1], optimizer=opt, params0=p0, ts=ts)
-    mid = _flat(run.midpoints().params)
+    mid = flat_rows(run.midpoints().params)
     sharp = {"iterates": preconditioned_along(loss, data, opt, run)}
     reached = np.flatnonzero(sharp["iterates"][1:] >= 1)  # (step 0: no history)
     edge = int(reached[0]) + 1 if reached.size else None
@@ -258,7 +258,7 @@ def adaptive_part(problem, opt, steps, max_steps):
             )  # fmt: skip
             seconds[kind] = time.perf_counter() - begin
             trajs[kind] = np.concatenate(
-                [np.full((k, mid.shape[1]), np.nan), _flat(traj.params)]
+                [np.full((k, mid.shape[1]), np.nan), flat_rows(traj.params)]
             )
             if k == 0:
                 sharp[kind] = preconditioned_along(loss, data, opt, traj)
@@ -306,7 +306,8 @@ def adam_scaling(lrs, t_max):
             loss, data, ts[-1], params0=p0, ts=ts, flow=gflow.flows.StableFlow(opt),
             rtol=1e-9, atol=1e-12,
         )  # fmt: skip
-        d = float(np.linalg.norm(_flat(run.params)[-1] - _flat(flow.params)[-1]))
+        gap = flat_rows(run.params)[-1] - flat_rows(flow.params)[-1]
+        d = float(np.linalg.norm(gap))
         rows.append({"lr": lr, "distance": d})
         print(f"  Adam lr {lr:g}: stable flow {d:.3e} from Adam at t = {t_max}")
     return {

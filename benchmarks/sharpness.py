@@ -101,8 +101,8 @@ def main(argv=None) -> dict:
         "sharpness_along": float(np.max(np.abs(np.asarray(along) - exact) / exact)),
     }
     payload = {
-        "problem": "Equinox MLP 64-32-32-10 (tanh) on 500 digits, MSE on one-hot labels, "
-        f"float32, gradient flow to t = {t_max:g}, {rows} rows",
+        "problem": "Equinox MLP 64-32-32-10 (tanh) on 500 digits, MSE on one-hot "
+        f"labels, float32, gradient flow to t = {t_max:g}, {rows} rows",
         "rows": rows,
         "sharpness_first_last": [float(exact[0]), float(exact[-1])],
         "cold_s": cold,

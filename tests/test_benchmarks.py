@@ -146,6 +146,18 @@ def test_ensemble_benchmark_runs_and_labels_agree(tmp_path):
 
 
 @pytest.mark.slow
+def test_central_classifier_benchmark_runs(tmp_path):
+    out = load("central_classifier").main(["--quick", "--results", str(tmp_path)])
+    # GD at lr 0.2 brings the 10-class network to the edge near step 75; the
+    # central flow holds lr·λ_max there, at the defaults.
+    assert 60 <= out["edge_step"] <= 90
+    assert 1.99 < out["max_effective_sharpness"] < 2.02
+    assert out["most_tracked"] >= 4 and out["most_at_edge"] >= 1
+    assert out["work"]["num_third_order_evals"] > 0
+    assert 0 < out["median_distance_ratio"] < 2
+
+
+@pytest.mark.slow
 def test_memory_benchmark_runs(tmp_path):
     out = load("memory").main(["--quick", "--results", str(tmp_path)])
     rows = {(r["width"], r["n_save"], r["params_at"]): r for r in out["rows"]}

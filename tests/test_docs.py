@@ -260,6 +260,29 @@ def test_the_docs_benchmark_tables_are_their_results():
         assert (RESULTS / f"{name}.md").read_text() == make(payload), name
 
 
+def test_the_classifier_figures_are_the_benchmark_results():
+    """The 10-class network's central flow as docs/edge-of-stability.md states
+    it, computed from benchmarks/results/central_classifier_cpu.json."""
+    run = json.loads((RESULTS / "central_classifier_cpu.json").read_text())
+    late = run["distance_ratio_every_25_steps"][400 // 25 - 1]  # step 400
+    claims = [
+        f"reaches the edge at step {run['edge_step']}",
+        f"# {run['most_tracked']}, {run['most_at_edge']}",
+        f"in {run['timing']['warm_s']:.0f} s warm, {run['timing']['cold_s']:.0f} s on",
+        f"tracking up to {run['most_tracked']} eigenpairs with up to "
+        f"{run['most_at_edge']} at the edge",
+        f"{run['closer_than_gradient_flow']:.1f}× closer to it",
+        f"the ratio of distances is {run['median_distance_ratio']:.2f}",
+        f"{1 / run['median_distance_ratio_after_onset']:.1f}× after GD's onset at "
+        f"step {run['gd_onset_step']}",
+        f"for about {round(run['gd_onset_step'] - run['edge_step'], -1)} steps",
+        f"(the ratio is {late:.2f} at step 400)",
+    ]
+    text = " ".join((DOCS / "edge-of-stability.md").read_text().split())
+    for claim in claims:
+        assert claim in text, claim
+
+
 def test_the_edge_of_stability_pages_figures_are_the_benchmark_results():
     """The central flow's accuracy and speed as docs/edge-of-stability.md states
     them, computed from benchmarks/results/central_flows_cpu.json."""
