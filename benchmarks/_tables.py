@@ -131,3 +131,29 @@ def central_rmsprop(payload: dict) -> str:
                 f"| {s['cold']:.1f}× |"
             )
     return "\n".join(lines) + "\n"
+
+
+def program_size(payload: dict) -> str:
+    """What each feature adds to a compiled program, as docs/compilation.md shows
+    it (Markdown), from the JSON alone."""
+    backend = payload["machine"]["backend"]
+    lines = [
+        f"*Measured by `benchmarks/program_size.py` on {payload['date']} "
+        f"({backend}; `benchmarks/results/program_size_{backend}.json`): "
+        f"{payload['problem']}, each configuration compiled in a fresh process "
+        "with the cache off. Kernels and IR: the largest program's, as XLA "
+        "compiles it; compile: gflow's `compile_time_s` (the hand-written "
+        "solves: their first call less their second).*",
+        "",
+        "| configuration | kernels | optimised IR | compile | first call |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, what in payload["configs"].items():
+        if name not in payload["rows"]:
+            continue
+        r = payload["rows"][name]
+        lines.append(
+            f"| {what} | {r['kernels']} | {r['ir_mb']:.2f} MB "
+            f"| {r['compile_s']:.2f} s | {r['first_s']:.2f} s |"
+        )
+    return "\n".join(lines) + "\n"

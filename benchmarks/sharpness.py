@@ -49,7 +49,9 @@ def digits_classifier():
     x, labels = load_digits(return_X_y=True)
     x = jnp.asarray(x[:500] / 16.0, jnp.float32)
     y = jax.nn.one_hot(labels[:500], 10, dtype=jnp.float32)
-    model = eqx.nn.MLP(64, 10, 32, 2, activation=jnp.tanh, key=jax.random.key(0))
+    model = eqx.nn.MLP(
+        64, 10, 32, 2, activation=jnp.tanh, dtype=jnp.float32, key=jax.random.key(0)
+    )  # (float32 also under x64: the same initial draw)
     params, static = eqx.partition(model, eqx.is_array)
 
     def loss(params, data):

@@ -158,6 +158,18 @@ def test_central_classifier_benchmark_runs(tmp_path):
 
 
 @pytest.mark.slow
+def test_program_size_benchmark_runs(tmp_path):
+    out = load("program_size").main(
+        ["--only", "hand", "tsit5", "rows", "--results", str(tmp_path)]
+    )
+    kernels = {name: row["kernels"] for name, row in out["rows"].items()}
+    # Save counts are data: 2 and 101 save times compile the same program.
+    assert kernels["tsit5"] == kernels["rows"] > kernels["hand"] > 0
+    table = (tmp_path / "program_size_cpu.md").read_text()
+    assert table.count("\n| ") == 1 + 3  # the header and one row each
+
+
+@pytest.mark.slow
 def test_memory_benchmark_runs(tmp_path):
     out = load("memory").main(["--quick", "--results", str(tmp_path)])
     rows = {(r["width"], r["n_save"], r["params_at"]): r for r in out["rows"]}

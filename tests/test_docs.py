@@ -260,6 +260,26 @@ def test_the_docs_benchmark_tables_are_their_results():
         assert (RESULTS / f"{name}.md").read_text() == make(payload), name
 
 
+def test_the_program_size_figures_are_the_benchmark_results():
+    """What each feature costs, as docs/compilation.md states it, computed from
+    benchmarks/results/program_size_cpu.json."""
+    rows = json.loads((RESULTS / "program_size_cpu.json").read_text())["rows"]
+    kernels = {name: row["kernels"] for name, row in rows.items()}
+    assert kernels["rows"] == kernels["tsit5"]  # save counts are data
+    assert 1.8 <= kernels["rkc2"] / kernels["tsit5"] < 2  # "nearly twice"
+    claims = [
+        f"Tsit5's stiffness detector adds {kernels['auto'] - kernels['tsit5']}.",
+        f"holds {kernels['tsit5'] / kernels['hand']:.1f} times the kernels of the "
+        "hand-written solve",
+        f"{kernels['ensemble_auto']} kernels, "
+        f"{kernels['ensemble_auto'] / kernels['ensemble_tsit5']:.1f} times the "
+        "Tsit5 ensemble's",
+    ]
+    text = " ".join((DOCS / "compilation.md").read_text().split())
+    for claim in claims:
+        assert claim in text, claim
+
+
 def test_the_classifier_figures_are_the_benchmark_results():
     """The 10-class network's central flow as docs/edge-of-stability.md states
     it, computed from benchmarks/results/central_classifier_cpu.json."""
