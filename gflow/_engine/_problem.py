@@ -229,7 +229,8 @@ class State(eqx.Module):
     # While members are still queued: iterations, and lane-steps of running lanes.
     queued_iterations: jax.Array
     queued_busy: jax.Array
-    # Whether the loop stopped because lanes want the solver's other mode.
+    # When the loop stopped because lanes want the solver's other mode: the most
+    # steps they would still take at their step size (else 0).
     switch: jax.Array
 
 

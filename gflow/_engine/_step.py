@@ -66,6 +66,15 @@ def wanting_other_mode(problem: Problem, controls: Controls, lanes: Lane):
     return lanes.running & ~rare
 
 
+def steps_left(controls: Controls, lanes: Lane, wanting):
+    """The most steps the lanes that want the other mode would still take at their
+    present step size (0 when none wants it): the host compiles the other method
+    only when that is worth it."""
+    h = jnp.maximum(lanes.tnext - lanes.t, jnp.finfo(lanes.t.dtype).tiny)
+    left = (controls.ts[-1] - lanes.t) / h
+    return jnp.max(jnp.where(wanting, left, 0.0), initial=0.0)
+
+
 def step_controller(problem: Problem, controls: Controls):
     if problem.adaptive:
         # diffrax's default norm (optimistix's RMS) over all the flow integrates.
@@ -153,7 +162,7 @@ def load(problem: Problem, controls: Controls, entry, data):
         tnext=tnext,
         y=y0,
         carried=carried,
-        solver_state=start(problem.solver, terms, t0, t_max, y0, data, f0),
+        solver_state=start(problem.solver, terms, t0, tnext, y0, data, f0),
         controller_state=controller_state,
         steps=zero,
         accepted=zero,

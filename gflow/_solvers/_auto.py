@@ -111,7 +111,6 @@ class AutoState(eqx.Module):
     stiff_steps: jax.Array  # accepted stabilized steps since the switch
     switched_at: jax.Array  # when the stabilized method last took over
     not_before: jax.Array  # no switch to the stabilized method before this time
-    t_end: jax.Array  # the end of the integration
     failures: jax.Array  # switches undone because the stabilized steps cost more
 
 
@@ -144,14 +143,10 @@ class AutoTsit5(AbstractGflowSolver):
         stiff: the stabilized method.
         threshold: h·ρ above which a Tsit5 step counts as stability-bound.
         patience: how many steps in a row decide a switch.
-        min_steps: a run (an ensemble's member) switches to the stabilized
-            method only where it would still take at least this many Tsit5
-            steps at their present size; a shorter one finishes with Tsit5.
-            Fewer steps would not win back what the switch costs: compiling the
-            stabilized method (`gflow.simulate` starts without it, a second or
-            more), in an ensemble a Tsit5 attempt besides each stabilized step;
-            and a converged float32 member creeping to the end, its steps bound
-            by round-off as much as by stability, is not worth a switch.
+        min_steps: the stabilized method is compiled (`gflow.simulate` starts
+            without it) only for a run that would still take at least this many
+            Tsit5 steps at their present size; a shorter one finishes with Tsit5,
+            which is sooner than compiling (a second or more).
 
     Examples:
         >>> traj = gflow.simulate(model, data, 1000.0)  # solver="auto", the default
@@ -211,7 +206,6 @@ class AutoTsit5(AbstractGflowSolver):
             switched_at=jnp.zeros((), dtype),
             not_before=jnp.zeros((), dtype),
             failures=zero,
-            t_end=jnp.asarray(t1, dtype),
         )
 
     def after_rejection(self, state: AutoState, attempt: AutoState) -> AutoState:
@@ -255,6 +249,7 @@ class AutoTsit5(AbstractGflowSolver):
             dataclasses.replace(self, mode=True),
             cost,
             ("tsit5", type(self.stiff).__name__.lower()),
+            self.min_steps,
         )
 
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
@@ -290,14 +285,7 @@ class AutoTsit5(AbstractGflowSolver):
         )
         h_radius = _tsit5_h_radius(y0, dense["k"])
         streak = jnp.where(h_radius > self.threshold, state.streak + 1, 0)
-        wanted = (streak >= self.patience) & (t0 >= state.not_before)
-        # A switch pays only over a long stretch: with fewer than `min_steps`
-        # Tsit5 steps of this size left, the run finishes with Tsit5, for good
-        # (a converged float32 member creeping to t_end, its steps bound by
-        # round-off as much as by stability, among them).
-        short = state.t_end - t1 < self.min_steps * (t1 - t0)
-        switch = wanted & ~short
-        not_before = jnp.where(wanted & short, jnp.inf, state.not_before)
+        switch = (streak >= self.patience) & (t0 >= state.not_before)
         stabilized = eqx.tree_at(
             lambda s: (s.f0, s.radius, s.vector, s.rejections),
             state.stabilized,
@@ -323,7 +311,6 @@ class AutoTsit5(AbstractGflowSolver):
             stabilized_rate=Rate.zero(state.explicit.cost.dtype),
             stiff_steps=jnp.zeros((), jnp.int32),
             switched_at=jnp.where(switch, t1, state.switched_at),
-            not_before=not_before.astype(state.not_before.dtype),
         )
         return y1, error, dense["k"], new, result
 

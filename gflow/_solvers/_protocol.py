@@ -29,12 +29,15 @@ class Modes(NamedTuple):
         rare_cost: a state's expected cost of a step in the rare mode (> 0), or 0
             for a state in the common mode.
         names: the methods' names, for progress reports.
+        min_steps: the fewest steps a lane must still have to take for the rare
+            method to be worth compiling, once the run has started without it.
     """
 
     common: diffrax.AbstractSolver
     rare: diffrax.AbstractSolver
     rare_cost: Callable[[Any], Any]
     names: tuple[str, str]
+    min_steps: int = 0
 
 
 class AbstractGflowSolver(diffrax.AbstractAdaptiveSolver):
