@@ -16,7 +16,7 @@ program a run starts with); RKC2 alone; an ensemble of 64 members with Tsit5 and
 with "auto" (both methods in one program); and, as the floor, a hand-written
 `jax.jit(diffeqsolve)` (Tsit5) and its `jax.vmap`.
 
-    python benchmarks/program_size.py          # about 2 minutes on the 2-core CPU
+    python benchmarks/program_size.py          # about a minute on the 2-core CPU
 
 Writes benchmarks/results/program_size_<backend>.json and its table
 (`results/program_size_<backend>.md`, shown by docs/compilation.md).

@@ -7,8 +7,8 @@ The network is the one a new user tried first (issue 33): an Equinox MLP
 64-32-32-10 (tanh) on 500 of sklearn's digits, squared error on one-hot
 labels, float32; its gradient flow to t = 100. Times are medians of three warm
 calls, and the first call in this process (compiling; gflow's persistent cache
-off). Accuracy: the largest relative difference of either against power
-iteration to 200 iterations at every row.
+off). Accuracy: the largest relative difference of either against a
+200-iteration solve (`sharpness_along(..., iters=200)`) at every row.
 
     pip install -e ".[bench]"
     python benchmarks/sharpness.py          # about a minute on the 2-core CPU

@@ -55,6 +55,13 @@ def test_every_code_block_of_the_docs_runs(page, tmp_path, monkeypatch):
 RESULTS = DOCS.parent / "benchmarks" / "results"
 
 
+def _page_says(page: str, claims: list[str]) -> None:
+    """Each claim is in the page's text (line breaks read as spaces)."""
+    text = " ".join((DOCS / page).read_text().split())
+    for claim in claims:
+        assert claim in text, (page, claim)
+
+
 def _times(x: float) -> str:
     """A speed-up as the README writes it: 9.0×, 17×."""
     return f"{x:.1f}×" if x < 10 else f"{x:.0f}×"
@@ -275,9 +282,7 @@ def test_the_program_size_figures_are_the_benchmark_results():
         f"{kernels['ensemble_auto'] / kernels['ensemble_tsit5']:.1f} times the "
         "Tsit5 ensemble's",
     ]
-    text = " ".join((DOCS / "compilation.md").read_text().split())
-    for claim in claims:
-        assert claim in text, claim
+    _page_says("compilation.md", claims)
 
 
 def test_the_classifier_figures_are_the_benchmark_results():
@@ -298,9 +303,7 @@ def test_the_classifier_figures_are_the_benchmark_results():
         f"for about {round(run['gd_onset_step'] - run['edge_step'], -1)} steps",
         f"(the ratio is {late:.2f} at step 400)",
     ]
-    text = " ".join((DOCS / "edge-of-stability.md").read_text().split())
-    for claim in claims:
-        assert claim in text, claim
+    _page_says("edge-of-stability.md", claims)
 
 
 def test_the_edge_of_stability_pages_figures_are_the_benchmark_results():
@@ -333,9 +336,7 @@ def test_the_edge_of_stability_pages_figures_are_the_benchmark_results():
         f"{sharpness['sharpness_along_over_flow_warm']:.2f} of it",
     ]
     assert max(sharpness["max_relative_error"].values()) < 1e-5
-    text = " ".join((DOCS / "edge-of-stability.md").read_text().split())
-    for claim in claims:
-        assert claim in text, claim
+    _page_says("edge-of-stability.md", claims)
     for problem in (port, digits):  # "holds lr·λ_max at 2 (within 1e-4)"
         assert abs(problem["accuracy"]["max_effective_sharpness"] - 2) < 1e-4
 
