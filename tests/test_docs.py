@@ -364,7 +364,7 @@ def test_the_flow_argument_names_every_flow():
 def test_the_pages_performance_figures_are_the_benchmark_results():
     """The performance figures in the prose of docs/ensembles.md,
     docs/own-models.md, docs/concepts.md and docs/solvers.md, computed from the
-    results JSON they come from (compilation.md states none)."""
+    results JSON they come from (compilation.md's: in their own test)."""
 
     def results(name):
         return json.loads((RESULTS / f"{name}_cpu.json").read_text())

@@ -242,6 +242,8 @@ def test_basins_of_the_canonical_markov_flow_match_the_separatrix(p, q):
         stop_at_loss=bigram + 1e-4,
         stop_at_grad_norm=1e-8,
     )
+    # Members of two numbers run four to a lane: 576 members, 144 lanes.
+    assert ens.meta["lanes"] == 24 * 24 // 4
     found = gflow.basins(ens, {"local": local, "global": bigram}, atol=1e-3)
     assert found.counts["unresolved"] == 0
     exact = np.asarray(model.reaches_global(params0["e"], params0["w"]))

@@ -4,6 +4,7 @@ automatic switch, negative curvature, bad input, and the stored ROCK4 tables."""
 import warnings
 
 import diffrax
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -276,3 +277,21 @@ def test_stored_rock4_tables_are_the_derivation_and_of_order_4():
     # Stable to about 0.35 s², as ROCK4 (damped: |R| <= 0.9 away from 0).
     lengths = tables["lengths"] / tables["degrees"] ** 2
     assert 0.345 < lengths[-1] < 0.36 and np.all(lengths[10:] > 0.33)
+
+
+def test_auto_in_an_ensemble_counts_the_tsit5_attempt_a_stiff_lane_also_takes():
+    # Lanes of both modes share an ensemble's program: every lane takes Tsit5's
+    # attempt, the stiff ones a stabilized step besides. That attempt's six
+    # gradients are part of what a stabilized step costs such a lane, in the
+    # rate "auto" weighs against Tsit5's; alone (simulate) it is not.
+    split = gflow.AutoTsit5().modes()
+    term = diffrax.ODETerm(lambda t, y, args: -jnp.array([1.0, 400.0]) * y)
+    y0 = jnp.ones(2)
+    t0, t1 = jnp.asarray(0.0), jnp.asarray(0.05)
+    start = split.rare.start(term, t0, 10.0, y0, None, term.vf(t0, y0, None))
+    stiff = eqx.tree_at(lambda s: s.stiff, start, jnp.array(True))
+    costs = [
+        solver.step(term, t0, t1, y0, None, stiff, False)[3].stabilized_rate.cost
+        for solver in (split.rare, split.rare_beside_common)
+    ]
+    assert float(costs[1]) - float(costs[0]) == 6

@@ -115,7 +115,7 @@ def _attempt_all(problem: Problem, controls: Controls, lanes: Lane, data):
         return attempt(problem.solver, problem.lanes)(lanes)
     if problem.mode != "both":
         return attempt(_step.in_mode(problem).solver, problem.lanes)(lanes)
-    attempt_rare = attempt(split.rare, problem.width)
+    attempt_rare = attempt(split.rare_beside_common, problem.width)
     cost = jnp.where(lanes.running, split.rare_cost(lanes.solver_state), 0)
     order = jnp.argsort(-cost)  # positions in this order: the rare lanes first
 

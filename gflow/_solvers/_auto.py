@@ -96,6 +96,8 @@ class Rate(eqx.Module):
 
 # The weight of the past in a `Rate`: about the last five steps count.
 _MEMORY = 0.8
+# The vector fields of a Tsit5 step (FSAL: its first is the last step's last).
+_TSIT5_GRADS = 6
 
 
 class AutoState(eqx.Module):
@@ -163,6 +165,9 @@ class AutoTsit5(AbstractGflowSolver):
     # Set by `modes`: the method every step takes, for lanes an ensemble has
     # already sorted by mode; None: each step picks from the state.
     mode: bool | None = eqx.field(default=None, static=True, repr=False)
+    # Set by `modes`: the gradients of the Tsit5 attempt each stabilized step
+    # also pays (an ensemble's lanes in both modes share a program).
+    beside: int = eqx.field(default=0, static=True, repr=False)
 
     term_structure: ClassVar = diffrax.AbstractTerm
     needs_hvps: ClassVar[bool] = True
@@ -247,6 +252,7 @@ class AutoTsit5(AbstractGflowSolver):
         return Modes(
             dataclasses.replace(self, mode=False),
             dataclasses.replace(self, mode=True),
+            dataclasses.replace(self, mode=True, beside=_TSIT5_GRADS),
             cost,
             ("tsit5", type(self.stiff).__name__.lower()),
             self.min_steps,
@@ -305,9 +311,9 @@ class AutoTsit5(AbstractGflowSolver):
             streak=jnp.where(switch, 0, streak),
             tsit5=tsit5,
             stabilized=stabilized,
-            grads=jnp.asarray(6, jnp.int32),
+            grads=jnp.asarray(_TSIT5_GRADS, jnp.int32),
             hvps=jnp.zeros((), jnp.int32),
-            explicit=state.explicit.accepted(6, t1 - t0),
+            explicit=state.explicit.accepted(_TSIT5_GRADS, t1 - t0),
             stabilized_rate=Rate.zero(state.explicit.cost.dtype),
             stiff_steps=jnp.zeros((), jnp.int32),
             switched_at=jnp.where(switch, t1, state.switched_at),
@@ -327,7 +333,7 @@ class AutoTsit5(AbstractGflowSolver):
         # The first stabilized step's estimate of the spectral radius is an
         # investment of the switch, not a cost of the steps that follow.
         first = state.stiff_steps == 0
-        cost = jnp.where(
+        cost = self.beside + jnp.where(
             first, stabilized.grads, stabilized.grads + 2 * stabilized.hvps
         )
         rate = state.stabilized_rate.accepted(cost, h)

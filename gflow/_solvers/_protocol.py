@@ -26,6 +26,10 @@ class Modes(NamedTuple):
     Attributes:
         common: the solver stepping with the common method only.
         rare: the solver stepping with the rare method only.
+        rare_beside_common: the same, for lanes that share a program with lanes
+            in the common mode: every lane takes the common method's attempt
+            there (under vmap), so each rare step of such a lane also pays one
+            common attempt, which its choice of method must count.
         rare_cost: a state's expected cost of a step in the rare mode (> 0), or 0
             for a state in the common mode.
         names: the methods' names, for progress reports.
@@ -35,6 +39,7 @@ class Modes(NamedTuple):
 
     common: diffrax.AbstractSolver
     rare: diffrax.AbstractSolver
+    rare_beside_common: diffrax.AbstractSolver
     rare_cost: Callable[[Any], Any]
     names: tuple[str, str]
     min_steps: int = 0
