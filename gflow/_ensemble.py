@@ -162,14 +162,13 @@ def simulate_ensemble(
     share = np.array_split(np.arange(batch), processes)[rank]
     devices = _local_devices(devices)
     n_devices = len(devices)
-    small = _elements(prepared.one, data) <= _SMALL_MEMBER
     n_lanes, block = _sizes(
-        lanes, memory_budget, prepared.one, opts, share.size, n_devices, small
+        lanes, memory_budget, prepared.one, data, opts, share.size, n_devices
     )
     mesh = None if n_devices == 1 else Mesh(np.asarray(devices), (_MEMBER_AXIS,))
     per_device = n_lanes // n_devices
     problem, controls, n_slots = build(
-        prepared, lanes=per_device, width=_width(per_device, small)
+        prepared, lanes=per_device, width=_width(per_device, prepared.one, data)
     )
     out, counts, timing = _solve_share(
         problem,
@@ -310,23 +309,23 @@ def _local_devices(devices: Sequence[jax.Device] | None) -> list[jax.Device]:
     return devices
 
 
-def _elements(one, data) -> int:
-    """The numbers of a member's parameters and of the data."""
-    return sum(x.size for x in jax.tree.leaves((one, data)) if hasattr(x, "size"))
+def _small(one, data) -> bool:
+    """Whether a member's parameters and the data hold at most `_SMALL_MEMBER`
+    numbers."""
+    leaves = jax.tree.leaves((one, data))
+    return sum(x.size for x in leaves if hasattr(x, "size")) <= _SMALL_MEMBER
 
 
-def _width(lanes: int, small: bool) -> int:
+def _width(lanes: int, one, data) -> int:
     """How many of a device's `lanes` the loops that serve some lanes take at a
-    time (`small`: members of at most `_SMALL_MEMBER` numbers)."""
+    time."""
     width = max(1, lanes // _MEMBERS_PER_LANE)
-    if small:
+    if _small(one, data):
         width = max(width, min(lanes, _SMALL_MEMBER_WIDTH))
     return width
 
 
-def _sizes(
-    lanes, budget, one, opts: Options, members: int, n_devices: int, small=False
-):
+def _sizes(lanes, budget, one, data, opts: Options, members: int, n_devices: int):
     """The number of lanes (a multiple of the device count) and of members whose
     outputs are kept on the devices at once."""
     if (
@@ -349,7 +348,7 @@ def _sizes(
             "less (save='final', params_at='final', fewer save times)."
         )
     if lanes is None:
-        per_lane = _SMALL_MEMBERS_PER_LANE if small else _MEMBERS_PER_LANE
+        per_lane = _SMALL_MEMBERS_PER_LANE if _small(one, data) else _MEMBERS_PER_LANE
         fits = budget // (2 * (lane_bytes + member_bytes))
         lanes = min(
             max(1, math.ceil(members / per_lane)),
