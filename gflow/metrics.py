@@ -388,12 +388,16 @@ def sharpness_along(traj, loss, data, *, iters: int = 10):
 
 @eqx.filter_jit
 def _sharpness_along(metric: Sharpness, params: Any, data: Any):
-    def row(v, params):
-        value, v = metric(params, data, v)
+    # Rows of the trained leaves; the others (an Equinox model's activation,
+    # say) are the same at every row and have no row axis.
+    trained, fixed = eqx.partition(params, eqx.is_inexact_array)
+
+    def row(v, trained):
+        value, v = metric(eqx.combine(trained, fixed), data, v)
         return v, value
 
-    first = jax.tree.map(lambda x: x[0], params)
-    return jax.lax.scan(row, metric.init(first, data), params)[1]
+    first = eqx.combine(jax.tree.map(lambda x: x[0], trained), fixed)
+    return jax.lax.scan(row, metric.init(first, data), trained)[1]
 
 
 def moving_average(values: Any, width: float) -> np.ndarray:

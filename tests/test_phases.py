@@ -142,6 +142,25 @@ def test_sharpness_when_the_largest_magnitude_is_negative():
     assert abs(abs(float(vector[0])) - 1.0) < 1e-6
 
 
+def test_sharpness_along_an_equinox_model_s_trajectory():
+    # An Equinox model's parameters hold non-array leaves (its activation),
+    # which have no row axis: only the trained leaves are rows.
+    import equinox as eqx
+
+    model = eqx.nn.MLP(2, 1, 3, 1, activation=jnp.tanh, key=jax.random.key(0))
+    data = (jnp.linspace(-1.0, 1.0, 8).reshape(4, 2), jnp.ones((4, 1)))
+
+    def loss(m, d):
+        return jnp.mean((jax.vmap(m)(d[0]) - d[1]) ** 2)
+
+    traj = gflow.simulate(loss, data, 1.0, params0=model, n_save=3)
+    along = metrics.sharpness_along(traj, loss, data, iters=30)
+    rows = [traj.at(t) for t in traj.ts]  # exact at the save times
+    for value, params in zip(along, rows, strict=True):
+        exact, _ = metrics.sharpness(loss, params, data, iters=200)
+        assert abs(float(value) - float(exact)) <= 1e-8 * abs(float(exact))
+
+
 def test_sharpness_separates_close_top_eigenvalues_in_few_iterations():
     # λ_max 10 and the next 9.9: power iteration's error shrinks by 0.99² an
     # iteration (0.045 off after 10, 0.040 after 20); LOBPCG's, as a Krylov
