@@ -56,6 +56,17 @@ def reference_flow(model, data, t_max, params0, ts):
     )
 
 
+def timed_twice(run):
+    """(first result, second result, cold seconds, warm seconds): a first call
+    (compiling), then a second."""
+    start = time.perf_counter()
+    first = jax.block_until_ready(run())
+    cold = time.perf_counter() - start
+    start = time.perf_counter()
+    result = jax.block_until_ready(run())
+    return first, result, cold, time.perf_counter() - start
+
+
 def flat_rows(params) -> np.ndarray:
     """A trajectory's parameters as one (rows, parameters) array."""
     leaves = jax.tree.leaves(params)

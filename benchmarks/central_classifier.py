@@ -31,28 +31,16 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
-import time
 
-import jax
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from _common import RESULTS, flat_rows, work_of, write_results  # noqa: E402
+from _common import RESULTS, flat_rows, timed_twice, work_of, write_results  # noqa: E402
 from sharpness import digits_classifier  # noqa: E402 (cache off, as cold wants)
 
 import gflow  # noqa: E402
 
 LR = 0.2
-
-
-def first_and_second(run):
-    """(first result, cold seconds, warm seconds): a first call, compiling, then
-    a second."""
-    runs = []
-    for _ in range(2):
-        start = time.perf_counter()
-        runs.append((jax.block_until_ready(run()), time.perf_counter() - start))
-    return runs[0][0], runs[0][1], runs[1][1]
 
 
 def median_after(ratio, row):
@@ -69,7 +57,7 @@ def main(argv=None) -> dict:
     t_max, ts = steps * LR, np.arange(steps + 1) * LR
     gd = gflow.gradient_descent(loss, data, t_max, lr=LR, params0=params0, ts=ts)
     flow = gflow.simulate(loss, data, t_max, params0=params0, ts=ts)
-    central, cold, warm = first_and_second(
+    central, _, cold, warm = timed_twice(
         lambda: gflow.simulate(
             loss, data, t_max, params0=params0, ts=ts,
             flow=gflow.flows.CentralFlow(LR),

@@ -35,7 +35,6 @@ import argparse
 import os
 import pathlib
 import sys
-import time
 
 # Cold means compiling: gflow's persistent compilation cache stays off.
 os.environ["GFLOW_COMPILATION_CACHE"] = "0"
@@ -49,7 +48,7 @@ import numpy as np  # noqa: E402
 from scipy.ndimage import gaussian_filter1d  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from _common import flat_rows, work_of, write_results  # noqa: E402
+from _common import flat_rows, timed_twice, work_of, write_results  # noqa: E402
 
 import gflow  # noqa: E402
 
@@ -117,17 +116,6 @@ def digits(varying_pixels: bool = False):
     data = (jnp.asarray(x), jnp.asarray(labels[:500, None] / 4.5 - 1.0))
     loss, init = mlp([x.shape[1], 32, 1], jnp.tanh)
     return "digits", loss, init(jax.random.key(1)), data, LR_DIGITS
-
-
-def timed_twice(run):
-    """(first result, second result, cold seconds, warm seconds): a first call
-    (compiling), then a second."""
-    start = time.perf_counter()
-    first = jax.block_until_ready(run())
-    cold = time.perf_counter() - start
-    start = time.perf_counter()
-    result = jax.block_until_ready(run())
-    return first, result, cold, time.perf_counter() - start
 
 
 def accuracy(

@@ -54,13 +54,12 @@ from jax.flatten_util import ravel_pytree  # noqa: E402
 from scipy.ndimage import gaussian_filter1d  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from _common import RESULTS, flat_rows, work_of, write_results  # noqa: E402
+from _common import RESULTS, flat_rows, timed_twice, work_of, write_results  # noqa: E402
 from _tables import central_rmsprop  # noqa: E402
 from central_flows import (  # noqa: E402
     SMOOTHING,
     digits,
     port_example,
-    timed_twice,
 )
 
 import gflow  # noqa: E402

@@ -59,14 +59,13 @@ from scipy.ndimage import gaussian_filter1d  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import _tables  # noqa: E402
-from _common import RESULTS, flat_rows, write_results  # noqa: E402
+from _common import RESULTS, flat_rows, timed_twice, write_results  # noqa: E402
 from central_flows import (  # noqa: E402
     SMOOTHING,
     TRACK,
     digits,
     mlp,
     port_example,
-    timed_twice,
 )
 
 import gflow  # noqa: E402
