@@ -3,7 +3,8 @@ serve the lanes that need something, a few at a time."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Iterable
 
 import equinox as eqx
 import jax
@@ -68,3 +69,29 @@ def for_some(pending: Callable, work: Callable, carry, width: int):
         return work(carry, select(pending(carry), width))
 
     return jax.lax.while_loop(lambda c: jnp.any(pending(c)), body, carry)
+
+
+def fields(module: eqx.Module, names: Iterable[str]):
+    """`module` with only the fields `names` (the others None): the part of the
+    lanes' state that a loop serving a few lanes at a time reads, or writes.
+    Gathering and scattering that part, instead of every leaf, keeps the program
+    small: XLA compiles each gather and each scatter into a kernel of its own,
+    and a lane's state has dozens of leaves (its solver's stages and controller,
+    its counters)."""
+    names = set(names)
+    return dataclasses.replace(
+        module,
+        **{f.name: None for f in dataclasses.fields(module) if f.name not in names},
+    )
+
+
+def with_fields(module: eqx.Module, part: eqx.Module):
+    """`module` with the fields that `part` (made by `fields`) holds."""
+    return dataclasses.replace(
+        module,
+        **{
+            f.name: getattr(part, f.name)
+            for f in dataclasses.fields(part)
+            if getattr(part, f.name) is not None
+        },
+    )

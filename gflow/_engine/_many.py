@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from .._solvers import modes
 from .._tree import tree_set, tree_take
 from . import _step
-from ._batch import for_some, if_any, per_lane, where
+from ._batch import fields, for_some, if_any, per_lane, where, with_fields
 from ._problem import Controls, Lane, Outputs, Problem, Row, State, write_slot
 
 
@@ -123,9 +123,18 @@ def _attempt_all(problem: Problem, controls: Controls, lanes: Lane, data):
         todo, result = carry
         lane = order[jnp.minimum(position, problem.lanes - 1)]
         target = jnp.where(position < problem.lanes, lane, problem.lanes)
+        stepped, dense, keep = attempt_rare(tree_take(lanes, lane))
+        written = tree_set(
+            fields(result[0], _step.ATTEMPT_WRITES),
+            target,
+            fields(stepped, _step.ATTEMPT_WRITES),
+        )
         return (
             todo.at[position].set(False, mode="drop"),
-            tree_set(result, target, attempt_rare(tree_take(lanes, lane))),
+            (
+                with_fields(result[0], written),
+                *tree_set(result[1:], target, (dense, keep)),
+            ),
         )
 
     result = attempt(split.common, problem.lanes)(lanes)
@@ -164,7 +173,7 @@ def _write_rows(problem, controls, state, accepted, start, limit, dense, data):
     def work(state, index):
         lanes, out = state.lanes, state.out
         lane = jnp.minimum(index, problem.lanes - 1)
-        picked = tree_take(lanes, lane)
+        picked = tree_take(fields(lanes, _ROW_READS + _ROW_WRITES), lane)
         regular = _step.row_due(controls, picked, accepted[lane], limit[lane])
 
         def next_row(picked, start, dense, limit, regular):
@@ -185,10 +194,20 @@ def _write_rows(problem, controls, state, accepted, start, limit, dense, data):
             lambda p, r, t, g, w: _step.wrote_row(problem, p, r, t, g, w),
             problem.width,
         )(picked, row, t, regular, values)
-        lanes = tree_set(lanes, index, wrote)
+        written = tree_set(
+            fields(lanes, _ROW_WRITES), index, fields(wrote, _ROW_WRITES)
+        )
+        lanes = with_fields(lanes, written)
         return eqx.tree_at(lambda s: (s.lanes, s.out), state, (lanes, out))
 
     return for_some(pending, work, state, problem.width)
+
+
+# What `_write_rows` reads of a lane, besides what it writes.
+_ROW_READS = ("member", "t", "done")
+_ROW_WRITES = (
+    "row", "last_t", "row_grads", "hvps", "thirds", "closed", "metrics_carried"
+)  # fmt: skip
 
 
 def _write(out: Outputs, member, row, t, values: Row, slot) -> Outputs:
@@ -209,6 +228,7 @@ def _write(out: Outputs, member, row, t, values: Row, slot) -> Outputs:
 
 
 _COUNTERS = ("code", "steps", "accepted", "grads", "row_grads", "hvps", "thirds")
+_IDLE = ("member", "running", "done")
 
 
 def _finish_and_refill(problem, controls, queue, state, data):
@@ -221,7 +241,10 @@ def _finish_and_refill(problem, controls, queue, state, data):
     def work(state, index):
         lanes = state.lanes
         real = index < problem.lanes
-        picked = tree_take(lanes, jnp.minimum(index, problem.lanes - 1))
+        picked = tree_take(
+            fields(lanes, ("member", "row", *_COUNTERS)),
+            jnp.minimum(index, problem.lanes - 1),
+        )
         member = jnp.where(real & (picked.member < n_members), picked.member, n_members)
         counters = dict(n_rows=picked.row, **{k: getattr(picked, k) for k in _COUNTERS})
         out = eqx.tree_at(
@@ -240,16 +263,15 @@ def _finish_and_refill(problem, controls, queue, state, data):
             takes, load, tree_take(queue, jnp.minimum(members, n_members - 1))
         )
         loaded = eqx.tree_at(lambda s: s.member, loaded, members)
+        # Lanes left without a member are idle: only these fields change.
         idle = eqx.tree_at(
             lambda s: (s.member, s.running, s.done),
-            picked,
-            (
-                jnp.full_like(picked.member, n_members),
-                jnp.zeros_like(picked.running),
-                jnp.zeros_like(picked.done),
-            ),
+            fields(loaded, _IDLE),
+            (members, jnp.zeros_like(takes), jnp.zeros_like(takes)),
         )
-        lanes = tree_set(lanes, index, where(takes, loaded, idle))
+        lanes = tree_set(lanes, jnp.where(takes, index, problem.lanes), loaded)
+        left = jnp.where(takes, problem.lanes, index)
+        lanes = with_fields(lanes, tree_set(fields(lanes, _IDLE), left, idle))
         out = _write(
             out,
             members,

@@ -205,6 +205,14 @@ def condition(problem, y, data):
     return jnp.asarray(problem.stop_when(y.params, data), dtype=bool)
 
 
+# The fields of a lane that a step attempt changes (an ensemble writes these back
+# for the lanes it steps apart).
+ATTEMPT_WRITES = (
+    "t", "tnext", "y", "carried", "solver_state", "controller_state", "steps",
+    "accepted", "grads", "hvps", "thirds", "code",
+)  # fmt: skip
+
+
 def attempt(problem: Problem, controls: Controls, lane: Lane, data):
     """One step attempt of one lane: the lane after it, the step's dense output,
     whether it was accepted, and where it started."""
@@ -235,20 +243,7 @@ def attempt(problem: Problem, controls: Controls, lane: Lane, data):
         solver_result, controller_result, keep, tprev, tnext, lane, t_max
     )
     new = eqx.tree_at(
-        lambda s: (
-            s.t,
-            s.tnext,
-            s.y,
-            s.carried,
-            s.solver_state,
-            s.controller_state,
-            s.steps,
-            s.accepted,
-            s.grads,
-            s.hvps,
-            s.thirds,
-            s.code,
-        ),
+        lambda s: tuple(getattr(s, name) for name in ATTEMPT_WRITES),
         lane,
         (
             tprev,
