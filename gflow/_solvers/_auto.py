@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._compat import fsal_state, fsal_value, unvmap_all, unvmap_any
-from .._tree import tree_norm
+from .._tree import tree_norm, tree_zeros
 from ._protocol import AbstractGflowSolver, Modes
 from ._rkc2 import RKC2
 from ._stabilized import AbstractStabilized, StabilizedState
@@ -262,23 +262,22 @@ class AutoTsit5(AbstractGflowSolver):
         state = solver_state
         step = (terms, t0, t1, y0, args, state, made_jump)
 
-        def either():  # lanes of an ensemble in both modes: take both, keep one
-            return jax.tree.map(
-                lambda a, b: jnp.where(state.stiff, a, b),
-                self._stiff_step(*step),
-                self._tsit5_step(*step),
-            )
-
         if self.mode is not None:
             take = self._stiff_step if self.mode else self._tsit5_step
             y1, error, k, new, result = take(*step)
-        else:  # Real branches when every lane (or the only one) agrees.
-            y1, error, k, new, result = jax.lax.cond(
-                unvmap_all(state.stiff),
-                lambda: self._stiff_step(*step),
-                lambda: jax.lax.cond(
-                    unvmap_any(state.stiff), either, lambda: self._tsit5_step(*step)
-                ),
+        else:
+            # Each method once, a real branch taken when any lane (or the only
+            # one) needs it; lanes in both modes keep their own method's step.
+            def only_if(needed, method):
+                def skip():
+                    return tree_zeros(eqx.filter_eval_shape(method, *step))
+
+                return jax.lax.cond(needed, lambda: method(*step), skip)
+
+            stiff = only_if(unvmap_any(state.stiff), self._stiff_step)
+            tsit5 = only_if(~unvmap_all(state.stiff), self._tsit5_step)
+            y1, error, k, new, result = jax.tree.map(
+                lambda a, b: jnp.where(state.stiff, a, b), stiff, tsit5
             )
         dense = dict(y0=y0, y1=y1, k=k, stiff=new.last_stiff)
         return y1, error, dense, new, result
