@@ -95,3 +95,24 @@ def with_fields(module: eqx.Module, part: eqx.Module):
             if getattr(part, f.name) is not None
         },
     )
+
+
+def set_lanes(lanes, index, values):
+    """`lanes[index] = values` along the lane axis (indices past the end dropped),
+    written as a select of every lane from its old value or its new one.
+
+    A scatter per leaf would be a kernel of its own for each (XLA compiles every
+    scatter apart), where selects of leaves of the same shape and dtype are one
+    kernel, compiled once: a lane's state has dozens of leaves, most of them
+    scalars. A lane is then read and written whole, which costs little beside the
+    work that made the values."""
+    n = jax.tree.leaves(lanes)[0].shape[0]
+    width = index.shape[0]
+    source = jnp.full((n,), width, jnp.int32)
+    source = source.at[index].set(jnp.arange(width, dtype=jnp.int32), mode="drop")
+    written = source < width
+    source = jnp.minimum(source, width - 1)
+    # (A leaf without the batch axis, such as a flag that was a Python scalar,
+    # holds for every lane of the batch.)
+    picked = jax.tree.map(lambda v: v[source] if jnp.ndim(v) else v, values)
+    return where(written, picked, lanes)

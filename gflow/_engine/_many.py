@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from .._solvers import modes
 from .._tree import tree_set, tree_take
 from . import _step
-from ._batch import fields, for_some, if_any, per_lane, where, with_fields
+from ._batch import fields, for_some, if_any, per_lane, set_lanes, where, with_fields
 from ._problem import Controls, Lane, Outputs, Problem, Row, State, write_slot
 
 
@@ -194,7 +194,7 @@ def _write_rows(problem, controls, state, accepted, start, limit, dense, data):
             lambda p, r, t, g, w: _step.wrote_row(problem, p, r, t, g, w),
             problem.width,
         )(picked, row, t, regular, values)
-        written = tree_set(
+        written = set_lanes(
             fields(lanes, _ROW_WRITES), index, fields(wrote, _ROW_WRITES)
         )
         lanes = with_fields(lanes, written)
@@ -269,9 +269,9 @@ def _finish_and_refill(problem, controls, queue, state, data):
             fields(loaded, _IDLE),
             (members, jnp.zeros_like(takes), jnp.zeros_like(takes)),
         )
-        lanes = tree_set(lanes, jnp.where(takes, index, problem.lanes), loaded)
+        lanes = set_lanes(lanes, jnp.where(takes, index, problem.lanes), loaded)
         left = jnp.where(takes, problem.lanes, index)
-        lanes = with_fields(lanes, tree_set(fields(lanes, _IDLE), left, idle))
+        lanes = with_fields(lanes, set_lanes(fields(lanes, _IDLE), left, idle))
         out = _write(
             out,
             members,
