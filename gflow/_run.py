@@ -125,10 +125,9 @@ def solve(
     program of its common method alone; only when the member wants the other is
     the program that holds it compiled, and the run goes on from the same state (a
     program per method, switching back and forth). Compiling it costs time, and a
-    run that is nearly done would not win it back: when the member would take fewer
-    than `Modes.min_steps` more steps in it, the run finishes in the common method
-    instead. The choice depends on the run's state alone, so it is the same on any
-    machine.
+    run that is nearly done would not win it back: while the member would take
+    fewer than `Modes.min_steps` more steps, it goes on in the common method
+    (`_step.wanting_other_mode`).
 
     An ensemble compiles the program of both methods at once. Its lanes in both
     modes need that program, which holds the common one; and among many members
@@ -138,7 +137,6 @@ def solve(
     """
     n_members = 1 if single else jax.tree.leaves(queue)[0].shape[0]
     mode = first_mode(problem, single)
-    split = modes(problem.solver)
     checked = False  # whether the rare method's derivatives were checked
 
     def rare_usable(state) -> bool:
@@ -174,14 +172,11 @@ def solve(
         state = _engine.advance(
             stepping, controls, queue, data, state, budget, mesh, single
         )
-        # Only one member switches (an ensemble's lanes are in both modes).
-        steps_left = jax.device_get(state.switch)
-        if not np.any(steps_left):
-            return state
-        if mode == "common" and np.max(steps_left) < split.min_steps:
-            # Not worth compiling the other method: finish in this one.
-            controls = _no_switch(controls)
-        elif mode != "common" or rare_usable(state):
+        # Some lane wants the other method, and enough steps are left to be
+        # worth compiling it (`_step.wanting_other_mode`).
+        if np.any(jax.device_get(state.switch)) and (
+            mode != "common" or rare_usable(state)
+        ):
             mode = other_mode(mode)
         return state
 

@@ -55,24 +55,33 @@ def in_mode(problem: Problem) -> Problem:
 
 def wanting_other_mode(problem: Problem, controls: Controls, lanes: Lane):
     """Which running lanes (of a batch) want the method their program does not
-    step with (in the common mode, from `controls.switch_after` on): the program
-    then stops, and the next one takes the other mode."""
+    step with: the program then stops, and the next one takes the other mode.
+
+    In the common mode, a lane wants the rare method from `controls.switch_after`
+    on, and only while it would still take at least `Modes.min_steps` steps at
+    its present step size: compiling the rare method takes time (a second or
+    more) that a run nearly done would not win back. The choice depends on the
+    run's state alone, so it is the same on any machine."""
     split = modes(problem.solver)
     if split is None or problem.mode in (None, "both"):
         return jnp.zeros_like(lanes.running)
     rare = split.rare_cost(lanes.solver_state) > 0
     if problem.mode == "common":
-        return lanes.running & rare & (lanes.t >= controls.switch_after)
+        worth = _steps_left_each(controls, lanes) >= split.min_steps
+        return lanes.running & rare & (lanes.t >= controls.switch_after) & worth
     return lanes.running & ~rare
 
 
 def steps_left(controls: Controls, lanes: Lane, wanting):
     """The most steps the lanes that want the other mode would still take at their
-    present step size (0 when none wants it): the host compiles the other method
-    only when that is worth it."""
-    h = jnp.maximum(lanes.tnext - lanes.t, jnp.finfo(lanes.t.dtype).tiny)
-    left = (controls.ts[-1] - lanes.t) / h
+    present step size (0 when none wants it)."""
+    left = _steps_left_each(controls, lanes)
     return jnp.max(jnp.where(wanting, left, 0.0), initial=0.0)
+
+
+def _steps_left_each(controls: Controls, lanes: Lane):
+    h = jnp.maximum(lanes.tnext - lanes.t, jnp.finfo(lanes.t.dtype).tiny)
+    return (controls.ts[-1] - lanes.t) / h
 
 
 def step_controller(problem: Problem, controls: Controls):
