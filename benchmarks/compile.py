@@ -11,8 +11,9 @@ Every measurement is its own fresh process with an empty compilation cache:
 * a second process that finds gflow's programs in the persistent cache the first
   one wrote: its first call, without and with `progress=True`;
 * `gradient_descent` against a hand-written `lax.scan` of optax updates;
-* a 1,000-member ensemble of the canonical Markov flow against the straightforward
-  `jax.jit(jax.vmap(diffeqsolve))`.
+* two ensembles against the straightforward `jax.jit(jax.vmap(diffeqsolve))`,
+  at gflow's defaults and with Tsit5 alone: 1,000 members of the canonical Markov
+  flow, and 512 small tanh networks (`ensemble_problem`).
 
 Where the compile time goes is read from JAX's monitoring events: tracing (jaxpr),
 lowering (to StableHLO) and the backend's compilation (XLA passes and code).
@@ -39,6 +40,9 @@ MODELS = ("cooccurrence", "markov", "condensation", "digits", "equinox_mlp")
 T_MAX = {"cooccurrence": 30.0, "markov": 60.0, "condensation": 100.0}
 RTOL, ATOL = 1e-6, 1e-8  # gflow's defaults
 ENSEMBLE_MEMBERS = 1000
+NETWORK_MEMBERS = 512
+#: The ensembles measured against the straightforward vmap (`ensemble_problem`).
+ENSEMBLES = ("ensemble", "networks")
 GD_LR = 0.1
 
 
@@ -145,7 +149,7 @@ def measure_one(model: str, way: str) -> dict:
     import jax
 
     loss, data, params0, t_max = (
-        problem(model) if model != "ensemble" else ((None,) * 4)
+        problem(model) if model not in ENSEMBLES else ((None,) * 4)
     )
     events.take()
     if way.startswith("gflow"):
@@ -157,9 +161,11 @@ def measure_one(model: str, way: str) -> dict:
     elif way == "gd_hand":
         calls = scan_calls(loss, data, params0, t_max)
     elif way == "ensemble":
-        calls = ensemble_calls()
+        calls = ensemble_calls(model)
+    elif way == "ensemble_tsit5":
+        calls = ensemble_calls(model, solver="tsit5")
     else:
-        calls = vmap_calls()
+        calls = vmap_calls(model)
     first, result = timed(calls)
     compile_events = events.take()
     warm, _ = timed(calls)
@@ -276,25 +282,56 @@ def scan_calls(loss, data, params0, t_max):
     return call
 
 
-def ensemble_points():
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    return rng.uniform(-2.0, 2.0, (ENSEMBLE_MEMBERS, 2)).astype(np.float32)
-
-
-def ensemble_calls():
+def ensemble_problem(kind: str):
+    """(loss, data, params0 with a member axis, t_max) of an ensemble, float32:
+    "ensemble", 1,000 random points of the canonical Markov plane to t = 2000;
+    "networks", 512 small tanh networks (2-16-1, 65 parameters) from random
+    starts, fitting a tanh teacher on 64 points, to t = 200."""
+    import jax
     import jax.numpy as jnp
+    import numpy as np
 
     import gflow
 
-    model = gflow.models.MarkovCanonical(0.5, 0.8)
-    points = ensemble_points()
-    params0 = {"e": jnp.asarray(points[:, 0]), "w": jnp.asarray(points[:, 1])}
+    if kind == "ensemble":
+        model = gflow.models.MarkovCanonical(0.5, 0.8)
+        rng = np.random.default_rng(0)
+        points = rng.uniform(-2.0, 2.0, (ENSEMBLE_MEMBERS, 2)).astype(np.float32)
+        params0 = {"e": jnp.asarray(points[:, 0]), "w": jnp.asarray(points[:, 1])}
+        return model.loss, None, params0, 2000.0
+
+    def net(params, x):
+        hidden = jnp.tanh(x @ params["w1"] + params["b1"])
+        return hidden @ params["w2"] + params["b2"]
+
+    def start(key, scale=1.0):
+        k1, k2 = jax.random.split(key)
+        return {
+            "w1": jax.random.normal(k1, (2, 16)) * scale / jnp.sqrt(2.0),
+            "b1": jnp.zeros(16),
+            "w2": jax.random.normal(k2, (16, 1)) * scale / 4.0,
+            "b2": jnp.zeros(1),
+        }
+
+    def loss(params, data):
+        x, y = data
+        return 0.5 * jnp.mean((net(params, x) - y) ** 2)
+
+    kx, kt, km = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (64, 2))
+    data = (x, net(start(kt, scale=2.0), x))
+    params0 = jax.vmap(start)(jax.random.split(km, NETWORK_MEMBERS))
+    return loss, data, params0, 200.0
+
+
+def ensemble_calls(kind: str, solver: str = "auto"):
+    import gflow
+
+    loss, data, params0, t_max = ensemble_problem(kind)
 
     def call():
         ens = gflow.simulate_ensemble(
-            model, None, 2000.0, params0=params0, save="final"
+            loss, data, t_max, params0=params0, save="final", solver=solver
         )
         return dict(
             member_steps=int(ens.stats["member_steps"]),
@@ -304,35 +341,37 @@ def ensemble_calls():
     return call
 
 
-def vmap_calls():
+def vmap_calls(kind: str):
+    """The straightforward `jax.jit(jax.vmap(diffeqsolve))` of the ensemble."""
     import diffrax
     import jax
     import jax.numpy as jnp
 
-    import gflow
-
-    model = gflow.models.MarkovCanonical(0.5, 0.8)
-    grad = jax.grad(model.loss)
-    points = ensemble_points()
+    loss, data, params0, t_max = ensemble_problem(kind)
+    grad = jax.grad(loss)
 
     @jax.jit
-    @jax.vmap
-    def solve(y0):
-        sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(lambda t, y, args: jax.tree.map(jnp.negative, grad(y))),
-            diffrax.Tsit5(),
-            0.0,
-            2000.0,
-            None,
-            y0,
-            stepsize_controller=diffrax.PIDController(rtol=RTOL, atol=ATOL),
-            max_steps=100_000,
-        )
-        return model.loss(jax.tree.map(lambda y: y[-1], sol.ys))
+    def solve(params0, data):
+        def one(y0):
+            sol = diffrax.diffeqsolve(
+                diffrax.ODETerm(
+                    lambda t, y, data: jax.tree.map(jnp.negative, grad(y, data))
+                ),
+                diffrax.Tsit5(),
+                0.0,
+                t_max,
+                None,
+                y0,
+                args=data,
+                stepsize_controller=diffrax.PIDController(rtol=RTOL, atol=ATOL),
+                max_steps=100_000,
+            )
+            return loss(jax.tree.map(lambda y: y[-1], sol.ys), data)
+
+        return jax.vmap(one)(params0)
 
     def call():
-        final = solve({"e": jnp.asarray(points[:, 0]), "w": jnp.asarray(points[:, 1])})
-        return dict(final_loss=float(final.mean()))
+        return dict(final_loss=float(solve(params0, data).mean()))
 
     return call
 
@@ -371,16 +410,20 @@ def measure(model, repeats) -> dict:
     return {way: median_run(runs) for way, runs in ways.items()}
 
 
-def measure_ensemble(repeats) -> dict:
-    """The ensemble and the straightforward vmap, `repeats` fresh processes each,
-    each with an empty cache (a shared one would make every run after the first a
-    cache hit)."""
-    runs = {"vmap": [], "ensemble": []}
+def measure_ensemble(kind, repeats) -> dict:
+    """The ensemble at gflow's defaults, with Tsit5 alone, and the straightforward
+    vmap, `repeats` fresh processes each, each with an empty cache (a shared one
+    would make every run after the first a cache hit)."""
+    runs = {"vmap": [], "ensemble": [], "ensemble_tsit5": []}
     for _ in range(repeats):
         for way, done in runs.items():
             with tempfile.TemporaryDirectory() as cache:
-                done.append(in_fresh_process("ensemble", way, cache))
-    return {"vmap": median_run(runs["vmap"]), "gflow": median_run(runs["ensemble"])}
+                done.append(in_fresh_process(kind, way, cache))
+    return {
+        "vmap": median_run(runs["vmap"]),
+        "gflow": median_run(runs["ensemble"]),
+        "gflow_tsit5": median_run(runs["ensemble_tsit5"]),
+    }
 
 
 def jax_backend() -> str:
@@ -407,7 +450,7 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--models",
         nargs="+",
-        choices=(*MODELS, "ensemble"),
+        choices=(*MODELS, *ENSEMBLES),
         help="measure only these; their rows replace those of the results file",
     )
     args = parser.parse_args(argv)
@@ -418,12 +461,12 @@ def main(argv=None) -> dict:
     from _common import RESULTS, write_results
 
     repeats = 1 if args.quick else args.repeats
-    models = ("markov", "digits", "ensemble") if args.quick else (*MODELS, "ensemble")
+    models = ("markov", "digits", "ensemble") if args.quick else (*MODELS, *ENSEMBLES)
     rows = {}
     for model in args.models or models:
-        if model == "ensemble":
-            rows[model] = row = measure_ensemble(repeats)
-            print(describe_ensemble(row), flush=True)
+        if model in ENSEMBLES:
+            rows[model] = row = measure_ensemble(model, repeats)
+            print(describe_ensemble(model, row), flush=True)
         else:
             rows[model] = row = measure(model, repeats)
             print(describe(model, row), flush=True)
@@ -460,13 +503,19 @@ def describe(model, row) -> str:
     return "\n".join(lines)
 
 
-def describe_ensemble(row) -> str:
-    vmap, gf = row["vmap"], row["gflow"]
+def describe_ensemble(kind, row) -> str:
+    vmap, gf, tsit5 = row["vmap"], row["gflow"], row["gflow_tsit5"]
+    name = {
+        "ensemble": f"ensemble of {ENSEMBLE_MEMBERS} Markov flows",
+        "networks": f"ensemble of {NETWORK_MEMBERS} tanh networks",
+    }[kind]
     return (
-        f"ensemble of {ENSEMBLE_MEMBERS}: first call gflow {gf['first_s']:.2f} s / "
-        f"vmap {vmap['first_s']:.2f} s ({vmap['first_s'] / gf['first_s']:.1f}x faster);"
+        f"{name}: first call gflow {gf['first_s']:.2f} s / vmap "
+        f"{vmap['first_s']:.2f} s ({vmap['first_s'] / gf['first_s']:.2f}x faster);"
         f" warm {gf['warm_s']:.3f} s / {vmap['warm_s']:.3f} s "
-        f"({vmap['warm_s'] / gf['warm_s']:.1f}x)"
+        f"({vmap['warm_s'] / gf['warm_s']:.2f}x); with Tsit5 alone first call "
+        f"{tsit5['first_s']:.2f} s, warm {tsit5['warm_s']:.3f} s (the defaults "
+        f"{gf['warm_s'] / tsit5['warm_s']:.2f}x its warm time)"
     )
 
 
