@@ -147,8 +147,8 @@ class AutoTsit5(AbstractGflowSolver):
         patience: how many steps in a row decide a switch.
         min_steps: the stabilized method is compiled (`gflow.simulate` starts
             without it) only for a run that would still take at least this many
-            Tsit5 steps at their present size; a shorter one finishes with Tsit5,
-            which is sooner than compiling (a second or more).
+            Tsit5 steps at their present size; until then the run goes on with
+            Tsit5, which is sooner than compiling (a second or more).
 
     Examples:
         >>> traj = gflow.simulate(model, data, 1000.0)  # solver="auto", the default
