@@ -192,6 +192,7 @@ def test_bad_input_is_refused():
         )
 
 
+@pytest.mark.slow  # a minute and more: the slow tier
 def test_the_default_tracks_more_eigenvalues_as_they_reach_the_edge():
     # A network of 12 outputs, each a two-layer linear chain a_i b_i fitting y_i
     # > 1/lr: every minimum is sharper than the edge 2/lr, so each output's

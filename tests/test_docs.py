@@ -27,7 +27,7 @@ def test_every_figure_a_page_shows_is_in_the_docs():
 
 
 # Pages that compile many programs (half a minute or more): in the slow tier.
-_SLOW_PAGES = ("optimizer-edges.md", "own-models.md")
+_SLOW_PAGES = ("edge-of-stability.md", "optimizer-edges.md", "own-models.md")
 PAGES = [
     pytest.param(page, marks=pytest.mark.slow) if page.name in _SLOW_PAGES else page
     for page in sorted(DOCS.rglob("*.md")) + [DOCS.parent / "README.md"]
