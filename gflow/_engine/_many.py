@@ -118,35 +118,37 @@ def _attempt_all(problem: Problem, controls: Controls, lanes: Lane, data):
     attempt_rare = attempt(split.rare_beside_common, problem.width)
     cost = jnp.where(lanes.running, split.rare_cost(lanes.solver_state), 0)
 
-    def rare_steps(result):
-        order = jnp.argsort(-cost)  # positions in this order: the rare lanes first
+    # Positions in this order: the rare lanes first. Sorting the lanes costs more
+    # than a step of small members does (1,000 float32 members that never
+    # switched ran 1.2x faster without it), so only iterations in which some lane
+    # is in the rare mode sort them.
+    order = jax.lax.cond(
+        jnp.any(cost > 0),
+        lambda: jnp.argsort(-cost),
+        lambda: jnp.arange(problem.lanes),
+    )
 
-        def work(carry, position):
-            todo, result = carry
-            lane = order[jnp.minimum(position, problem.lanes - 1)]
-            target = jnp.where(position < problem.lanes, lane, problem.lanes)
-            stepped, dense, keep = attempt_rare(tree_take(lanes, lane))
-            written = tree_set(
-                fields(result[0], _step.ATTEMPT_WRITES),
-                target,
-                fields(stepped, _step.ATTEMPT_WRITES),
-            )
-            return (
-                todo.at[position].set(False, mode="drop"),
-                (
-                    with_fields(result[0], written),
-                    *tree_set(result[1:], target, (dense, keep)),
-                ),
-            )
-
-        carry = (cost[order] > 0, result)
-        return for_some(lambda c: c[0], work, carry, problem.width)[1]
+    def work(carry, position):
+        todo, result = carry
+        lane = order[jnp.minimum(position, problem.lanes - 1)]
+        target = jnp.where(position < problem.lanes, lane, problem.lanes)
+        stepped, dense, keep = attempt_rare(tree_take(lanes, lane))
+        written = tree_set(
+            fields(result[0], _step.ATTEMPT_WRITES),
+            target,
+            fields(stepped, _step.ATTEMPT_WRITES),
+        )
+        return (
+            todo.at[position].set(False, mode="drop"),
+            (
+                with_fields(result[0], written),
+                *tree_set(result[1:], target, (dense, keep)),
+            ),
+        )
 
     result = attempt(split.common, problem.lanes)(lanes)
-    # Sorting the lanes costs more than a step of small members does (a 1,000
-    # member float32 ensemble that never switched ran 1.19x faster without it):
-    # only iterations in which some lane is in the rare mode sort them.
-    return jax.lax.cond(jnp.any(cost > 0), rare_steps, lambda r: r, result)
+    carry = (cost[order] > 0, result)
+    return for_some(lambda c: c[0], work, carry, problem.width)[1]
 
 
 def _locate_crossings(problem, controls, crossed, t0, t1, dense, t_end, data):
