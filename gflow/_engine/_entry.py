@@ -64,7 +64,7 @@ def blank_state(
         iterations=zero.copy(),
         queued_iterations=zero.copy(),
         queued_busy=zero.copy(),
-        switch=np.zeros(zero.shape, controls.ts.dtype),
+        switch=np.zeros(zero.shape, bool),
     )
 
 

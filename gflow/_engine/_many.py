@@ -46,9 +46,7 @@ def loop(problem: Problem, controls: Controls, queue, data, state: State, budget
         going, lambda s: _step_all(problem, controls, queue, s, data), state
     )
     wanting = _step.wanting_other_mode(problem, controls, state.lanes)
-    return eqx.tree_at(
-        lambda s: s.switch, state, _step.steps_left(controls, state.lanes, wanting)
-    )
+    return eqx.tree_at(lambda s: s.switch, state, jnp.any(wanting))
 
 
 def _step_all(problem: Problem, controls: Controls, queue, state: State, data):

@@ -56,7 +56,7 @@ def loop(problem: Problem, controls: Controls, queue, data, state: State, budget
             _batch_of_one(out),
             jnp.ones_like(state.next_member),  # the member was taken
             iterations,
-            _step.steps_left(controls, lanes, wanting),
+            jnp.any(wanting),
         ),
     )
 

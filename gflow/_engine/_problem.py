@@ -229,8 +229,7 @@ class State(eqx.Module):
     # While members are still queued: iterations, and lane-steps of running lanes.
     queued_iterations: jax.Array
     queued_busy: jax.Array
-    # When the loop stopped because lanes want the solver's other mode: the most
-    # steps they would still take at their step size (else 0).
+    # Whether the loop stopped because some lane wants the solver's other mode.
     switch: jax.Array
 
 

@@ -67,19 +67,13 @@ def wanting_other_mode(problem: Problem, controls: Controls, lanes: Lane):
         return jnp.zeros_like(lanes.running)
     rare = split.rare_cost(lanes.solver_state) > 0
     if problem.mode == "common":
-        worth = _steps_left_each(controls, lanes) >= split.min_steps
+        worth = _steps_left(controls, lanes) >= split.min_steps
         return lanes.running & rare & (lanes.t >= controls.switch_after) & worth
     return lanes.running & ~rare
 
 
-def steps_left(controls: Controls, lanes: Lane, wanting):
-    """The most steps the lanes that want the other mode would still take at their
-    present step size (0 when none wants it)."""
-    left = _steps_left_each(controls, lanes)
-    return jnp.max(jnp.where(wanting, left, 0.0), initial=0.0)
-
-
-def _steps_left_each(controls: Controls, lanes: Lane):
+def _steps_left(controls: Controls, lanes: Lane):
+    """The steps each lane would still take to t_max at its present step size."""
     h = jnp.maximum(lanes.tnext - lanes.t, jnp.finfo(lanes.t.dtype).tiny)
     return (controls.ts[-1] - lanes.t) / h
 
