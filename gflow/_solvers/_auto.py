@@ -135,7 +135,9 @@ class AutoTsit5(AbstractGflowSolver):
     the second-order stabilized steps short), Tsit5 takes over again and the
     stabilized method is not tried again for 8 times as long as that trial lasted,
     twice as long after each further failed trial: a flow on which it never pays
-    costs at most a few percent more than Tsit5 alone.
+    costs at most a few percent more than Tsit5 alone. (In an ensemble a trial
+    costs more, in gathered batches: for members that never turn stiff,
+    `solver="tsit5"` is faster; the "Ensembles" page has figures.)
 
     Its stiff steps need Hessian-vector products: for a loss without forward-mode
     derivatives, `gflow.simulate` runs Tsit5 instead and says so in a warning.
