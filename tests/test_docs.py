@@ -375,6 +375,11 @@ def test_the_pages_performance_figures_are_the_benchmark_results():
     first = results("compile")
     nets, markov = first["models"]["networks"], first["models"]["ensemble"]
     grid = ensemble["grids"][0]
+    defaults = next(
+        row
+        for row in grid["gflow"]
+        if row["way"] == "gflow default" and row["devices"] == 1
+    )
     claims["ensembles.md"] = [
         f"compiles again ({min(compiles):.1f}–{max(compiles):.0f} s for the "
         "canonical Markov flow with the stopping rule on the 2-core CPU on "
@@ -387,8 +392,7 @@ def test_the_pages_performance_figures_are_the_benchmark_results():
         f"{markov['gflow']['warm_s']:.2f} s, against "
         f"{markov['gflow_tsit5']['first_s']:.2f} s and "
         f"{markov['gflow_tsit5']['warm_s']:.3f} s",
-        f"defaults ran ({grid['p']}, {grid['q']}) in "
-        f"{grid['gflow'][0]['warm_s']:.2f} s warm",
+        f"defaults ran ({grid['p']}, {grid['q']}) in {defaults['warm_s']:.2f} s warm",
         f"took {grid['naive']['warm_s']:.1f} s.",
     ]
 
